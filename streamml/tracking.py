@@ -79,14 +79,48 @@ def plot_per_query(per_query: pd.DataFrame, metric: str = "auc"):
     return fig
 
 
-def log_results(metrics: dict[str, float], per_query: pd.DataFrame, splits: pd.DataFrame) -> None:
-    mlflow.log_metrics(metrics)
+def log_metrics(metrics: dict[str, float]) -> None:
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+
+
+def log_table(table: pd.DataFrame, artifact_file: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        per_query.to_csv(Path(tmp) / "per_query.csv", index=False)
-        splits.to_csv(Path(tmp) / "per_split.csv", index=False)
-        mlflow.log_artifacts(tmp, "results")
+        path = Path(tmp) / Path(artifact_file).name
+        table.to_csv(path, index=False)
+        mlflow.log_artifact(str(path), str(Path(artifact_file).parent))
+
+
+def log_results(metrics: dict[str, float], per_query: pd.DataFrame, splits: pd.DataFrame) -> None:
+    log_metrics(metrics)
+    log_table(per_query, "results/per_query.csv")
+    log_table(splits, "results/per_split.csv")
     fig = plot_per_query(per_query)
     mlflow.log_figure(fig, "plots/per_query_auc.png")
+    plt.close(fig)
+
+
+def plot_curves(curves: pd.DataFrame, title: str = ""):
+    """One panel per metric, one line per learner: the learning curves with baselines overlaid."""
+    metrics = list(dict.fromkeys(curves["metric"]))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.5), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for learner, part in curves[curves.metric == metric].groupby("learner", sort=False):
+            ax.plot(part["step"], part["value"], marker="o", ms=3, label=learner, lw=2.5 if learner == "residual" else 1.2)
+        ax.set_xlabel("events" if metric == "prequential_auc" else "round")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def log_curves(curves: pd.DataFrame, title: str = "") -> None:
+    """Log each curve point as ``<metric>.<learner>`` at its step, and the plot."""
+    for step, part in curves.groupby("step"):
+        mlflow.log_metrics({f"{m}.{lr}": float(v) for m, lr, v in zip(part.metric, part.learner, part.value)}, step=int(step))
+    fig = plot_curves(curves, title)
+    mlflow.log_figure(fig, "plots/learning_curves.png")
     plt.close(fig)
 
 

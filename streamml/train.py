@@ -3,7 +3,7 @@
 ``main`` only composes the config; ``train(cfg)`` does the work, so tests and notebooks
 call it directly. It loads the queries, cross-validates the configured learner on
 per-query stratified folds, fits it once more on all the data, and records everything
-in MLflow. It returns the run's metrics; ``main`` returns the mean AUC for sweepers.
+in MLflow. It returns the run's metrics; ``main`` returns ``cfg.objective`` for sweepers.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from streamml import tracking
+from streamml import simulate, tracking
 from streamml.data import cv_splits, load_queries
 from streamml.evaluate import cross_validate, summarize
 
@@ -29,7 +29,12 @@ def _run_name(cfg: DictConfig) -> str:
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Cross-validate, fit on everything, log to MLflow; returns the metrics."""
+    """Cross-validate, fit on everything, log to MLflow; returns the metrics.
+
+    A config with a ``scenario`` (the ``online_*`` experiments) runs the user simulator.
+    """
+    if "scenario" in cfg:
+        return simulate.run(cfg)
     data = load_queries(cfg.data.dir, cfg.data.embedding_dim, cfg.data.min_per_class)
     splits = cv_splits(data, **cfg.cv)
     print(f"{len(data.query_ids)} queries, {len(data.frame)} unique texts ({data.n_duplicates} duplicates merged) from {cfg.data.dir}")
@@ -49,7 +54,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
 def main(cfg: DictConfig) -> float:
-    return train(cfg)["auc"]
+    return train(cfg)[cfg.objective]
 
 
 if __name__ == "__main__":

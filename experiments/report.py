@@ -1,0 +1,65 @@
+"""Write a results file from the MLflow runs of one experiment, so no figure is typed by hand.
+
+    python experiments/report.py sweep_learners --command "python -m streamml.train -m ..." \
+        --out experiments/sweep_learners.md [--tracking-uri sqlite:///mlflow.db]
+
+The table has one row per run (newest run per run name), the metrics given by
+``--metrics``, and a footer with the command, the machine and the date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+from datetime import datetime, timezone
+
+import mlflow
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    import numpy
+    import torch
+
+    return (f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, torch {torch.__version__}, "
+            f"numpy {numpy.__version__}, mlflow {mlflow.__version__}")
+
+
+def table(experiment: str, metrics: list[str], tracking_uri: str) -> str:
+    mlflow.set_tracking_uri(tracking_uri)
+    runs = mlflow.search_runs(experiment_names=[experiment], filter_string="attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time DESC"])
+    if runs.empty:
+        raise SystemExit(f"no finished runs in experiment {experiment!r} at {tracking_uri}")
+    runs = runs.drop_duplicates("tags.mlflow.runName")
+    cols = [f"metrics.{m}" for m in metrics if f"metrics.{m}" in runs]
+    runs = runs.sort_values(cols[0], ascending=False)
+    lines = ["| run | " + " | ".join(c.removeprefix("metrics.") for c in cols) + " |",
+             "|---" * (len(cols) + 1) + "|"]
+    for _, run in runs.iterrows():
+        lines.append(f"| {run['tags.mlflow.runName']} | " + " | ".join(f"{run[c]:.4f}" for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("experiment")
+    parser.add_argument("--command", required=True, help="the command that produced the runs")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--metrics", default="auc,auc_std,ndcg_at_5,ndcg_at_10,map,precision_at_5")
+    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
+    parser.add_argument("--title", default=None)
+    args = parser.parse_args()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    body = table(args.experiment, args.metrics.split(","), args.tracking_uri)
+    with open(args.out, "w") as out:
+        out.write(f"# {args.title or args.experiment}\n\n{body}\n\n")
+        out.write(f"- Command: `{args.command}`\n- Machine: {machine()}\n")
+        out.write(f"- Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit}\n")
+    print(open(args.out).read())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""Contract tests every state store passes.
+
+Add an implementation by adding a factory to ``STORES``: each factory takes a
+schema and returns an empty store (SQLite: a temp file; Redis: a fresh db).
+"""
+
+import pickle
+
+import numpy as np
+import pytest
+
+from streamml.store import Field, InMemoryStore, Store, as_key_list
+
+SCHEMA = {
+    "residual": Field((4,), "float16", fill=0),
+    "buffer": Field((2, 3), "int32", fill=-1),
+    "n": Field((), "int32", fill=0),
+}
+
+STORES = {
+    "memory": lambda schema: InMemoryStore(schema),
+    "memory-tiny": lambda schema: InMemoryStore(schema, capacity=1),  # grows on every batch
+}
+
+
+@pytest.fixture(params=sorted(STORES))
+def make_store(request):
+    return STORES[request.param]
+
+
+@pytest.fixture
+def store(make_store):
+    return make_store(SCHEMA)
+
+
+def values(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "residual": rng.standard_normal((n, 4)).astype(np.float16),
+        "buffer": rng.integers(-1, 100, (n, 2, 3)).astype(np.int32),
+        "n": rng.integers(0, 100, n).astype(np.int32),
+    }
+
+
+KEYS = [1, 2**40, -5, "alice", (3, 7), (3, 8, 1), ("bob", 2), (1,)]
+
+
+def test_is_a_store(store):
+    assert isinstance(store, Store)
+    assert dict(store.schema) == SCHEMA
+
+
+def test_missing_keys_read_as_fill_and_are_not_stored(store):
+    out = store.get_many(KEYS)
+    assert set(out) == set(SCHEMA)
+    for name, f in SCHEMA.items():
+        assert out[name].shape == (len(KEYS), *f.shape)
+        assert out[name].dtype == f.dtype
+        assert (out[name] == f.fill).all()
+    assert len(store) == 0
+    assert all(k not in store for k in KEYS)
+
+
+def test_round_trip_preserves_values_and_dtypes(store):
+    v = values(len(KEYS))
+    store.put_many(KEYS, v)
+    assert len(store) == len(KEYS)
+    out = store.get_many(KEYS)
+    for name in SCHEMA:
+        assert out[name].dtype == SCHEMA[name].dtype
+        np.testing.assert_array_equal(out[name], v[name])
+    # a different order and a subset
+    order = [5, 0, 3]
+    out = store.get_many([KEYS[i] for i in order])
+    np.testing.assert_array_equal(out["buffer"], v["buffer"][order])
+
+
+def test_values_are_cast_to_the_field_dtype(store):
+    store.put_many([1], {"residual": np.full((1, 4), 0.1, np.float64), "n": np.array([3], np.int64)})
+    out = store.get_many([1])
+    assert out["residual"].dtype == np.float16 and out["n"].dtype == np.int32
+    np.testing.assert_array_equal(out["residual"], np.float16(0.1))
+
+
+def test_rejects_unsafe_casts_and_bad_shapes(store):
+    with pytest.raises(TypeError):
+        store.put_many([1], {"buffer": np.full((1, 2, 3), 0.5)})  # float -> int
+    with pytest.raises(ValueError):
+        store.put_many([1, 2], {"n": np.zeros(3, np.int32)})
+    with pytest.raises(KeyError):
+        store.put_many([1], {"nope": np.zeros(1)})
+    assert len(store) == 0
+
+
+def test_overwrite_and_partial_put(store):
+    store.put_many(KEYS, values(len(KEYS), seed=0))
+    v1 = values(2, seed=1)
+    store.put_many(KEYS[:2], {"n": v1["n"]})  # only one field
+    out = store.get_many(KEYS)
+    np.testing.assert_array_equal(out["n"][:2], v1["n"])
+    np.testing.assert_array_equal(out["residual"], values(len(KEYS), seed=0)["residual"])
+    # a partial put on a new key fills the other fields
+    store.put_many(["new"], {"n": np.array([9])})
+    out = store.get_many(["new"])
+    assert out["n"][0] == 9 and (out["buffer"] == -1).all() and (out["residual"] == 0).all()
+    assert len(store) == len(KEYS) + 1
+
+
+def test_delete(store):
+    v = values(len(KEYS))
+    store.put_many(KEYS, v)
+    store.delete_many([KEYS[0], KEYS[4], KEYS[4], "never-stored"])  # repeats and misses are ignored
+    assert len(store) == len(KEYS) - 2
+    assert KEYS[0] not in store and KEYS[4] not in store and KEYS[1] in store
+    out = store.get_many(KEYS)
+    assert (out["buffer"][[0, 4]] == -1).all()
+    np.testing.assert_array_equal(out["buffer"][1], v["buffer"][1])
+    # a deleted key comes back fresh: fill for the fields not put
+    store.put_many([KEYS[0]], {"n": np.array([1])})
+    assert (store.get_many([KEYS[0]])["buffer"] == -1).all()
+
+
+def test_duplicate_keys_in_put_are_rejected_before_writing(store):
+    store.put_many([1], {"n": np.array([5])})
+    for batch in ([1, 2, 1], [2, 3, 2], [(3, 7), "x", (3, 7)], np.array([[1, 2], [1, 2]])):
+        with pytest.raises(ValueError, match="more than once"):
+            store.put_many(batch, {"n": np.arange(len(batch))})
+    assert len(store) == 1 and store.get_many([1])["n"][0] == 5
+
+
+def test_duplicate_keys_in_get_are_fine(store):
+    store.put_many([1], {"n": np.array([5])})
+    np.testing.assert_array_equal(store.get_many([1, 2, 1])["n"], [5, 0, 5])
+
+
+def test_int_arrays_and_python_keys_are_the_same_keys(store):
+    store.put_many(np.array([[3, 7], [4, 8]]), {"n": np.array([1, 2])})
+    store.put_many(np.array([10, 11]), {"n": np.array([3, 4])})
+    assert (3, 7) in store and (np.int64(4), 8) in store and 10 in store and np.int32(11) in store
+    np.testing.assert_array_equal(store.get_many([(4, 8), 11, (3, 7), 10])["n"], [2, 4, 1, 3])
+    np.testing.assert_array_equal(store.get_many(np.array([[4, 8]]))["n"], [2])
+
+
+def test_empty_batches(store):
+    assert store.get_many([])["residual"].shape == (0, 4)
+    store.put_many([], {"n": np.zeros(0, np.int32)})
+    store.delete_many([])
+    assert len(store) == 0
+
+
+def test_matches_a_dict_under_random_operations(make_store):
+    """Model-based: many random batches of puts and deletes, checked against a dict."""
+    store = make_store({"v": Field((), "int64", fill=-1)})
+    model: dict = {}
+    rng = np.random.default_rng(0)
+    universe = [int(i) for i in range(300)] + [(int(i), int(i % 7)) for i in range(300)] + [f"s{i}" for i in range(50)]
+    for step in range(200):
+        size = int(rng.integers(1, 40)) if step % 10 else 400  # some batches take the vectorised path
+        idx = rng.choice(len(universe), size=min(size, len(universe)), replace=False)
+        batch = [universe[i] for i in idx]
+        if rng.random() < 0.3:
+            store.delete_many(batch)
+            for k in batch:
+                model.pop(k, None)
+        else:
+            v = rng.integers(0, 10**9, len(batch))
+            store.put_many(batch, {"v": v})
+            model.update(zip(batch, v.tolist()))
+        assert len(store) == len(model)
+    got = store.get_many(universe)["v"].tolist()
+    assert got == [model.get(k, -1) for k in universe]
+
+
+def test_pickle_round_trip(store):
+    store.put_many(KEYS, values(len(KEYS)))
+    clone = pickle.loads(pickle.dumps(store))
+    assert len(clone) == len(store)
+    np.testing.assert_array_equal(clone.get_many(KEYS)["residual"], store.get_many(KEYS)["residual"])
+
+
+def test_as_key_list():
+    assert as_key_list(np.array([1, 2])) == [1, 2]
+    assert as_key_list(np.array([[1, 2]])) == [(1, 2)]
+
+
+def test_in_memory_store_memory_per_key():
+    """1M keys of (fp16 384-d residual + 8 int32 buffer slots) fit in 1 KB per key."""
+    schema = {"residual": Field((384,), "float16"), "buffer": Field((2, 4), "int32", -1)}
+    store = InMemoryStore(schema)
+    n = 1_000_000
+    keys = np.stack([np.arange(n) * 7919, np.arange(n) % 97], 1)
+    for chunk in np.array_split(keys, 4):
+        store.put_many(chunk, {"buffer": np.zeros((len(chunk), 2, 4), np.int32)})
+    assert len(store) == n
+    assert store.nbytes / n <= 1024
+    np.testing.assert_array_equal(store.get_many(keys[-3:])["buffer"], 0)
+    np.testing.assert_array_equal(store.get_many(keys[-3:])["residual"], 0)
+
+
+def test_field_validation():
+    with pytest.raises(ValueError):
+        Field((4,), "int8", fill=1000)
+    with pytest.raises(ValueError):
+        InMemoryStore({})
+
+
+def test_in_memory_row_views_write_through():
+    store = InMemoryStore(SCHEMA)
+    assert store.row_views(1) is None
+    store.put_many([1, (2, 3)], {"n": np.array([4, 5])})
+    views = store.row_views((2, 3))
+    assert views["n"] == 5 and views["buffer"].shape == (2, 3)
+    views["n"][...] = 7
+    views["residual"][:] = 0.5
+    out = store.get_many([(2, 3), 1])
+    assert out["n"].tolist() == [7, 4]
+    np.testing.assert_array_equal(out["residual"][0], 0.5)
+    np.testing.assert_array_equal(out["residual"][1], 0)
