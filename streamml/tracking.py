@@ -116,9 +116,9 @@ def plot_curves(curves: pd.DataFrame, title: str = ""):
 
 
 def log_curves(curves: pd.DataFrame, title: str = "") -> None:
-    """Log each curve point as ``<metric>.<learner>`` at its step, and the plot."""
+    """Log each curve point as ``curve.<metric>.<learner>`` at its step, and the plot."""
     for step, part in curves.groupby("step"):
-        mlflow.log_metrics({f"{m}.{lr}": float(v) for m, lr, v in zip(part.metric, part.learner, part.value)}, step=int(step))
+        mlflow.log_metrics({f"curve.{m}.{lr}": float(v) for m, lr, v in zip(part.metric, part.learner, part.value)}, step=int(step))
     fig = plot_curves(curves, title)
     mlflow.log_figure(fig, "plots/learning_curves.png")
     plt.close(fig)

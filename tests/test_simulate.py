@@ -80,3 +80,32 @@ def test_user_auc_at_and_rounds_to_recover_by_hand():
     assert simulate.user_auc_at(table, 10).to_dict() == {"a": 0.8, "b": 0.7}
     # drift after round 2: a is back within 0.02 of 0.8 at round 4 (2 rounds); b never (censored: 2 + 1)
     assert simulate.rounds_to_recover(table, drift_round=2).to_dict() == {"a": 2.0, "b": 3.0}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "experiment, key, overrides",
+    [
+        ("online_coldstart", "prequential_auc", ["scenario.n_orders=1"]),
+        ("online_personalize", "user_auc_at_10", ["scenario.n_users=1"]),
+        ("online_drift", "rounds_to_recover", ["scenario.n_users=1", "scenario.n_rounds=4", "scenario.drift_round=2"]),
+    ],
+)
+def test_online_experiments_log_their_metric_curves_and_plot(mlflow_uri, experiment, key, overrides):
+    import mlflow
+
+    from conftest import REPO, compose_cfg
+    from streamml.train import train
+
+    cfg = compose_cfg([f"+experiment={experiment}", f"data.dir={REPO / 'data' / 'queries'}", *overrides])
+    metrics = train(cfg)
+    runs = mlflow.search_runs(experiment_names=[experiment], output_format="list")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    logged = runs[0].data.metrics
+    baselines = ["river", "sklearn_refit"] + ([] if experiment == "online_coldstart" else ["head_only"])
+    for name in [key] + [f"{key}.{b}" for b in baselines]:
+        assert np.isfinite(logged[name]) and logged[name] == pytest.approx(metrics[name])
+    client = mlflow.MlflowClient(mlflow_uri)
+    curve = "curve.prequential_auc.residual" if experiment == "online_coldstart" else "curve.user_auc.residual"
+    assert len(client.get_metric_history(runs[0].info.run_id, curve)) > 1
+    assert "plots/learning_curves.png" in {a.path for a in client.list_artifacts(runs[0].info.run_id, "plots")}
