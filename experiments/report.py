@@ -3,8 +3,9 @@
     python experiments/report.py sweep_learners --command "python -m streamml.train -m ..." \
         --out experiments/sweep_learners.md [--tracking-uri sqlite:///mlflow.db]
 
-The table has one row per run (newest run per run name), the metrics given by
-``--metrics``, and a footer with the command, the machine and the date.
+The table has one row per run (newest run per run name), or with ``--by-learner`` one
+row per learner of the newest run, the metrics given by ``--metrics``, and a footer with
+the command, the machine and the date.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import subprocess
 from datetime import datetime, timezone
 
 import mlflow
@@ -43,6 +43,23 @@ def table(experiment: str, metrics: list[str], tracking_uri: str) -> str:
     return "\n".join(lines)
 
 
+def learner_table(experiment: str, metrics: list[str], tracking_uri: str, ours: str = "residual") -> str:
+    """The newest finished run, one row per learner: ``key`` is ours, ``key.<learner>`` a baseline's."""
+    mlflow.set_tracking_uri(tracking_uri)
+    runs = mlflow.search_runs(experiment_names=[experiment], filter_string="attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
+    if not runs:
+        raise SystemExit(f"no finished runs in experiment {experiment!r} at {tracking_uri}")
+    logged = runs[0].data.metrics
+    learners = [ours] + sorted({k.split(".", 1)[1] for k in logged if "." in k and k.split(".", 1)[0] in metrics} - {ours})
+    cols = [m for m in metrics if m in logged]
+    lines = ["| learner | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for learner in learners:
+        values = [logged.get(m if learner == ours else f"{m}.{learner}") for m in cols]
+        lines.append(f"| {learner} | " + " | ".join("" if v is None else f"{v:.3f}" for v in values) + " |")
+    return f"Run `{runs[0].info.run_id}`, {runs[0].data.tags.get('mlflow.runName', '')}.\n\n" + "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("experiment")
@@ -51,13 +68,16 @@ def main() -> None:
     parser.add_argument("--metrics", default="auc,auc_std,ndcg_at_5,ndcg_at_10,map,precision_at_5")
     parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
     parser.add_argument("--title", default=None)
+    parser.add_argument("--by-learner", action="store_true", help="rows = learners of the newest run (online experiments)")
     args = parser.parse_args()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    body = table(args.experiment, args.metrics.split(","), args.tracking_uri)
+    make = learner_table if args.by_learner else table
+    body = make(args.experiment, args.metrics.split(","), args.tracking_uri)
+    runs = mlflow.search_runs(experiment_names=[args.experiment], filter_string="attributes.status = 'FINISHED'")
+    commit = ", ".join(sorted(set(runs["tags.git_commit"].dropna()))) or "unknown"
     with open(args.out, "w") as out:
         out.write(f"# {args.title or args.experiment}\n\n{body}\n\n")
         out.write(f"- Command: `{args.command}`\n- Machine: {machine()}\n")
-        out.write(f"- Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit}\n")
+        out.write(f"- Written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from runs at commit {commit}\n")
     print(open(args.out).read())
 
 

@@ -113,8 +113,13 @@ def _auc(truth, scores) -> float:
 
 def personalize(data: QueryData, learners: dict, policy, simulated_users: list[dict], head_scores: np.ndarray,
                 k: int = 5, n_rounds: int = 4, drift_round: int | None = None, seed: int = 0):
-    """Run every learner over the same users; returns one row per (learner, user, round)."""
-    rows = []
+    """Run every learner over the same users.
+
+    Returns ``(rounds, impressions)``: one row per (learner, user, round) with the metrics,
+    and one row per shown item with its position, the policy's propensity for it there
+    and the user's answer, the log that off-policy evaluation needs.
+    """
+    rows, impressions = [], []
     for name, make in learners.items():
         model = make(head_scores)
         for index, u in enumerate(simulated_users):
@@ -132,8 +137,9 @@ def personalize(data: QueryData, learners: dict, policy, simulated_users: list[d
                 shown = avail[np.asarray(slate.items)]
                 pool[shown] = False
                 answered[shown] = True
-                for i in shown:
+                for i, position, propensity in zip(shown, slate.positions, slate.propensities):
                     model.learn_one(user, q, int(cand[i]), int(truth[i]))
+                    impressions.append((name, user, r + 1, int(cand[i]), int(position), float(propensity), int(truth[i])))
                 events += len(shown)
                 gains = truth[shown][None, :]
                 rows.append({
@@ -142,9 +148,9 @@ def personalize(data: QueryData, learners: dict, policy, simulated_users: list[d
                     "user_auc_unseen": _auc(truth[~answered], scores[~answered]),
                     f"ndcg_at_{k}": ndcg_score(gains, -np.arange(len(shown))[None, :].astype(float)) if gains.any() else 0.0,
                     "accepted": int(truth[shown].sum()),
-                    "min_propensity": float(np.min(slate.propensities)),
                 })
-    return pd.DataFrame(rows)
+    columns = ["learner", "user", "round", "item", "position", "propensity", "label"]
+    return pd.DataFrame(rows), pd.DataFrame(impressions, columns=columns)
 
 
 def user_auc_at(table: pd.DataFrame, events: int, column: str = "user_auc") -> pd.Series:
@@ -210,8 +216,9 @@ def run(cfg) -> dict[str, float]:
             head_scores = halves_head_scores(data, instantiate(cfg.learner), simulated)
             learners["head_only"] = HeadOnly
             drift_round = scenario.drift_round if scenario.kind == "drift" else None
-            table = personalize(data, learners, instantiate(cfg.explore), simulated, head_scores,
-                                scenario.k, scenario.n_rounds, drift_round, cfg.seed)
+            table, impressions = personalize(data, learners, instantiate(cfg.explore), simulated, head_scores,
+                                             scenario.k, scenario.n_rounds, drift_round, cfg.seed)
+            tracking.log_table(impressions, "results/impressions.csv")
             metric_cols = ["user_auc", "user_auc_unseen", f"ndcg_at_{scenario.k}", "accepted"]
             curves = table.groupby(["learner", "round"])[metric_cols].mean().reset_index().melt(
                 ["learner", "round"], var_name="metric").rename(columns={"round": "step"})

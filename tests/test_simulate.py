@@ -64,8 +64,11 @@ def test_personalize_is_deterministic_and_same_streams(data):
     head = simulate.halves_head_scores(data, SklearnLR(), users)
     run = lambda: simulate.personalize(data, learners(data), EpsilonSlots(n_explore=2), users, head,  # noqa: E731
                                        k=3, n_rounds=6, drift_round=3, seed=0)
-    a, b = run(), run()
+    (a, shown_a), (b, shown_b) = run(), run()
     pd.testing.assert_frame_equal(a, b)
+    pd.testing.assert_frame_equal(shown_a, shown_b)
+    assert len(shown_a) == len(a) * 3 and shown_a.position.between(0, 2).all()
+    assert shown_a.propensity.between(0, 1).all() and (shown_a.propensity < 1).any()  # 2 of 3 slots explored
     assert set(a.learner) == {"residual", "river", "sklearn_refit", "head_only"}
     assert (a.groupby("learner").size() == len(users) * 6).all()
     # no adaptation: one AUC per truth (before and after the drift)
