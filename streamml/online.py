@@ -13,12 +13,16 @@ clipped gradient step on ``r``: river's ``reco.BiasedMF`` in miniature, with the
 per-key state in a :class:`~streamml.store.Store`.
 
 The update rules (:class:`PointwiseSGD`, :class:`PairwiseSGD`) are small classes
-with plain keyword arguments, so Hydra can build them from ``_target_``.
+with plain keyword arguments, so Hydra can build them from ``_target_``. Each has a
+numpy ``step`` (any store: batched get, step, put) and a numba kernel that updates an
+:class:`~streamml.store.InMemoryStore`'s arrays in place, one event after the other;
+tests check that both compute the same thing.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
@@ -26,14 +30,21 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from llvmlite import ir
+import numba
+from numba import njit, types
+from numba.extending import intrinsic, overload
 
-from streamml.store import Field, InMemoryStore, Schema, Store, occurrences
+from streamml.store import Field, InMemoryStore, Schema, Store, occurrences, prefetch
 
 __all__ = ["Catalog", "PointwiseSGD", "PairwiseSGD", "ResidualLearner", "sampled_dots", "weighted_rows"]
 
 # Gathers of more rows than this run through torch's fused kernels (no (B, k, D)
 # temporary, fast float16 casts); smaller ones through numpy (lower per-call cost).
 TORCH_MIN_ROWS = 2048
+# The built-in rules update an InMemoryStore's arrays in place with their numba kernel;
+# False forces the numpy path that every other store takes (tests and benchmarks).
+USE_NUMBA = True
 
 
 # --------------------------------------------------------------------------- kernels
@@ -105,6 +116,283 @@ class Catalog:
 
     embeddings: np.ndarray
     head: np.ndarray
+
+
+# --------------------------------------------------------------------------- compiled kernels
+# One numba kernel per rule applies a batch of events to an InMemoryStore's arrays in
+# place, strictly in event order, so a key's events apply one after the other without
+# the wave splitting of the numpy path. The math is that of the rules' ``step`` below
+# (tests/test_online.py checks both paths agree). Numba has no float16 on the CPU: a
+# float16 residual column is passed as its uint16 bits and converted per element, by the
+# CPU's own instructions (F16C on x86, always present on arm64) or else in software.
+_FASTMATH = {"reassoc", "contract"}  # vectorised dot products; no change to inf/nan handling
+
+
+def _native_half() -> bool:
+    """Can LLVM lower float16 <-> float32 conversions to instructions on the target CPU?
+    (Without them it emits calls to compiler-rt helpers that numba does not link.)"""
+    import llvmlite.binding as ll
+    from numba.core import config
+
+    if ll.get_process_triple().startswith(("aarch64", "arm64")):
+        return True
+    if config.CPU_NAME and config.CPU_NAME != "host":  # NUMBA_CPU_NAME pins another target
+        return "+f16c" in (config.CPU_FEATURES or "")
+    return "+f16c" in ll.get_host_cpu_features().flatten()
+
+
+NATIVE_HALF = _native_half()
+
+
+@intrinsic
+def _h2f_native(typingctx, h):
+    def codegen(context, builder, sig, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(types.uint16), codegen
+
+
+@intrinsic
+def _f2h_native(typingctx, x):
+    def codegen(context, builder, sig, args):  # fptrunc rounds to nearest even, as numpy does
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return types.uint16(types.float32), codegen
+
+
+@njit(cache=True)
+def _h2f_soft(h):
+    """float16 bits -> float32, by arithmetic (exact for all 65536 inputs)."""
+    h = np.int32(h)
+    e, m = (h >> 10) & 0x1F, h & 0x3FF
+    if e == 0:
+        v = np.float32(m) * np.float32(2.0**-24)
+    elif e == 31:
+        v = np.float32(np.inf) if m == 0 else np.float32(np.nan)
+    else:
+        v = np.float32(m + 1024) * np.float32(2.0) ** np.float32(e - 25)
+    return -v if h & 0x8000 else v
+
+
+@njit(cache=True)
+def _f2h_soft(x):
+    """float32 -> float16 bits, rounded to nearest even, by arithmetic."""
+    sign = 0x8000 if x < 0 or (x == 0 and math.copysign(1.0, x) < 0) else 0
+    a = abs(np.float64(x))
+    if a != a:
+        return np.uint16(0x7E00)
+    if a >= 65520.0:  # rounds past the largest float16, 65504
+        return np.uint16(sign | 0x7C00)
+    if a < 2.0**-14:  # subnormal: the bits are the multiple of 2^-24 (1024 = the smallest normal)
+        return np.uint16(sign | int(np.rint(a * 2.0**24)))
+    mant, exp = math.frexp(a)  # a = mant 2^exp, mant in [0.5, 1)
+    q = int(np.rint(mant * 2048.0))  # 11 significant bits; exact scaling, then round half to even
+    return np.uint16(sign | ((exp + 14) << 10) + q - 1024)  # q == 2048 carries into the exponent
+
+
+def _to_f32(v):  # a stored residual element -> float32 (typed in numba only)
+    raise NotImplementedError
+
+
+def _from_f32(x, dtype):  # float32 -> an element of an array of ``dtype``
+    raise NotImplementedError
+
+
+@overload(_to_f32)
+def _to_f32_impl(v):
+    if v == types.uint16:
+        return (lambda v: _h2f_native(v)) if NATIVE_HALF else (lambda v: _h2f_soft(v))
+    return lambda v: np.float32(v)
+
+
+@overload(_from_f32)
+def _from_f32_impl(x, dtype):  # dtype: the array's .dtype, not the array (no refcounting per element)
+    if dtype.dtype == types.uint16:
+        return (lambda x, dtype: _f2h_native(x)) if NATIVE_HALF else (lambda x, dtype: _f2h_soft(x))
+    return lambda x, dtype: x
+
+
+# Each kernel is one loop over the events with the per-event work written out in it:
+# calls to helpers that take arrays are not inlined and cost reference counting. The
+# work is a few passes over D, each fusing what it can (the residual row is read once
+# and written once, a pass reads up to 5 catalog rows), and the rows of the event
+# ``_AHEAD`` places on are prefetched: at 1M keys the residual rows are nowhere in the
+# caches, and waiting for them one event at a time cost more than all the arithmetic.
+_AHEAD = 4
+
+
+@njit(cache=True)
+def _sigmoid1(a):
+    return 0.5 * (1.0 + math.tanh(0.5 * a))
+
+
+@njit(cache=True, nogil=True)
+def _my_events(rows, part, parts):
+    """Positions of the events of part ``part`` of ``parts``, in order: those whose row is in
+    a block of 8 consecutive rows numbered ``part`` mod ``parts``. A key has one row, so
+    its events stay in one part, in order; blocks, not single rows, so that two parts
+    share a cache line of the arrays only at block edges."""
+    if parts == 1:
+        return np.arange(rows.shape[0])
+    mine = np.empty(rows.shape[0], np.int64)
+    n = 0
+    for e in range(rows.shape[0]):
+        if (rows[e] >> 3) % parts == part:
+            mine[n] = e
+            n += 1
+    return mine[:n]
+
+
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def _pointwise_events(res, rows, items, labels, X, z, lr, shrink, max_norm, part, parts):
+    """Pointwise SGD steps of events ``(rows[e], items[e], labels[e])``, in order, in place
+    (only the events of ``part`` of ``parts``: see ``_my_events``).
+
+    ``res``: (n_rows, D) residual rows (float32, or float16 bits as uint16); X, z: the catalog.
+    """
+    mine = _my_events(rows, part, parts)
+    n, D = mine.shape[0], X.shape[1]
+    r = np.empty(D, np.float32)
+    sh, dt = np.float32(shrink), res.dtype
+    for t in range(n):
+        if t + _AHEAD < n:
+            nxt = mine[t + _AHEAD]
+            for off in range(0, D * res.itemsize, 64):
+                prefetch(res, rows[nxt], off)
+            for off in range(0, D * X.itemsize, 64):
+                prefetch(X, items[nxt], off)
+        e = mine[t]
+        row, i = rows[e], items[e]
+        s = np.float32(0.0)
+        for d in range(D):  # load r, and x_i · r
+            v = _to_f32(res[row, d])
+            r[d] = v
+            s += X[i, d] * v
+        c = np.float32(-lr * (_sigmoid1(s + z[i]) - (1.0 if labels[e] else 0.0)))
+        n2 = np.float32(0.0)
+        for d in range(D):  # r <- shrink r - lr (sigmoid(s) - y) x_i, stored unscaled
+            v = sh * r[d] + c * X[i, d]
+            r[d] = v
+            n2 += v * v
+            res[row, d] = _from_f32(v, dt)
+        norm = math.sqrt(n2)
+        if norm > max_norm:  # cap ||r||: store again, scaled
+            scale = np.float32(max_norm / norm)
+            for d in range(D):
+                res[row, d] = _from_f32(r[d] * scale, dt)
+
+
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def _pairwise_events(res, buf, rows, items, labels, X, z, lr, shrink, max_norm, part, parts):
+    """Pairwise SGD steps of events ``(rows[e], items[e], labels[e])``, in order, in place
+    (only the events of ``part`` of ``parts``: see ``_my_events``).
+
+    ``buf``: (n_rows, 2, m) item-id rings, row y for label y, newest first, -1 empty.
+    """
+    mine = _my_events(rows, part, parts)
+    n, D, m = mine.shape[0], X.shape[1], buf.shape[2]
+    width = (m + 3) // 4 * 4  # the opposite items, padded to whole groups of 4
+    r = np.empty(D, np.float32)
+    opp = np.empty(width, np.int64)
+    coef = np.zeros(width, np.float32)
+    sh, dt = np.float32(shrink), res.dtype
+    for t in range(n):
+        if t + _AHEAD < n:
+            nxt = mine[t + _AHEAD]
+            for off in range(0, D * res.itemsize, 64):
+                prefetch(res, rows[nxt], off)
+            for off in range(0, D * X.itemsize, 64):
+                prefetch(X, items[nxt], off)
+            prefetch(buf, rows[mine[min(t + 2 * _AHEAD, n - 1)]], 0)
+        e = mine[t]
+        row, i = rows[e], items[e]
+        y = 1 if labels[e] else 0
+        k = 0
+        for j in range(m):  # the opposite label's ring
+            o = buf[row, 1 - y, j]
+            if o >= 0:
+                opp[k] = o
+                k += 1
+        for j in range(k, width):  # padding: the item itself, at weight 0
+            opp[j] = i
+            coef[j] = 0.0
+        s_i = np.float32(0.0)
+        for d in range(D):  # load r, and x_i · r
+            v = _to_f32(res[row, d])
+            r[d] = v
+            s_i += X[i, d] * v
+        s_i += z[i]
+        sign = 1.0 if y else -1.0
+        total = 0.0
+        for g in range(0, k, 4):  # x_j · r, four at a time; w_j = sigmoid(-sign (s_i - s_j)) / k
+            a, b, c, f = opp[g], opp[g + 1], opp[g + 2], opp[g + 3]
+            sa = sb = sc = sf = np.float32(0.0)
+            for d in range(D):
+                v = r[d]
+                sa += X[a, d] * v
+                sb += X[b, d] * v
+                sc += X[c, d] * v
+                sf += X[f, d] * v
+            for j, s_j in enumerate((sa, sb, sc, sf)):
+                if g + j < k:
+                    w = _sigmoid1(-sign * (s_i - (s_j + z[opp[g + j]]))) / k
+                    total += w
+                    coef[g + j] = -lr * sign * w
+        # r <- shrink r - lr sign (sum_j w_j x_j - (sum_j w_j) x_i), one group of 4 x_j per pass
+        c_i, sh_g = np.float32(lr * sign * total), sh
+        n2 = np.float32(0.0)
+        for g in range(0, max(k, 1), 4):
+            a, b, c, f = opp[g], opp[g + 1], opp[g + 2], opp[g + 3]
+            ca, cb, cc, cf = coef[g], coef[g + 1], coef[g + 2], coef[g + 3]
+            n2 = np.float32(0.0)
+            for d in range(D):
+                v = sh_g * r[d] + c_i * X[i, d] + ca * X[a, d] + cb * X[b, d] + cc * X[c, d] + cf * X[f, d]
+                r[d] = v
+                n2 += v * v
+            c_i, sh_g = np.float32(0.0), np.float32(1.0)
+        scale = np.float32(1.0)
+        norm = math.sqrt(n2)
+        if norm > max_norm:
+            scale = np.float32(max_norm / norm)
+        for d in range(D):
+            res[row, d] = _from_f32(r[d] * scale, dt)
+        for j in range(m - 1, 0, -1):  # push the item, newest first
+            buf[row, y, j] = buf[row, y, j - 1]
+        buf[row, y, 0] = i
+
+
+@njit(cache=True)
+def _pointwise_one(res, row, item, label, X, z, lr, shrink, max_norm):
+    _pointwise_events(res, np.full(1, row), np.full(1, item), np.full(1, label), X, z, lr, shrink, max_norm, 0, 1)
+
+
+@njit(cache=True)
+def _pairwise_one(res, buf, row, item, label, X, z, lr, shrink, max_norm):
+    rows, items, labels = np.full(1, row), np.full(1, item), np.full(1, label)
+    _pairwise_events(res, buf, rows, items, labels, X, z, lr, shrink, max_norm, 0, 1)
+
+
+# Big batches are split over up to THREADS threads, at least PARALLEL_MIN_EVENTS events
+# each, every thread applying the events of its part (``_my_events``) with the GIL
+# released. Plain Python threads, not numba's parallel=True: GNU OpenMP (numba's usual
+# threading layer) kills a forked child that uses it once the parent has.
+PARALLEL_MIN_EVENTS = 4096
+THREADS = numba.config.NUMBA_NUM_THREADS  # the CPU count, or NUMBA_NUM_THREADS
+
+
+def _n_parts(n_events: int) -> int:
+    return max(1, min(THREADS, n_events // PARALLEL_MIN_EVENTS))
+
+
+def _in_parts(kernel, n_events: int, *args) -> None:
+    """``kernel(*args, part, parts)`` for every part, on as many threads."""
+    parts = _n_parts(n_events)
+    others = [threading.Thread(target=kernel, args=(*args, p, parts)) for p in range(1, parts)]
+    for t in others:
+        t.start()
+    kernel(*args, 0, parts)
+    for t in others:
+        t.join()
 
 
 # --------------------------------------------------------------------------- rules
@@ -191,6 +479,10 @@ class _SGDRule:
     def _push_one(self, item, label, state) -> dict[str, np.ndarray]:
         return {}
 
+    def _hyper(self) -> tuple[float, float, float]:
+        """(lr, shrink, max_norm) for the compiled kernels: ``r <- shrink r - lr grad_pair``."""
+        return self.lr, 1.0 - self.decay - self.lr * self.l2, self.max_norm
+
 
 class PointwiseSGD(_SGDRule):
     """Logistic loss on the single event: ``softplus(-(2y-1) s)``, ``s = z + r·x``.
@@ -233,6 +525,13 @@ class PointwiseSGD(_SGDRule):
         x = cat.embeddings[item]
         s = float(x @ r) + cat.head.item(item)
         return (scale * (0.5 * (1.0 + math.tanh(0.5 * s)) - label)) * x
+
+    def _run_kernel(self, cols, rows, items, labels, cat):
+        args = cols["residual"], rows, items, labels, cat.embeddings, cat.head, *self._hyper()
+        _in_parts(_pointwise_events, len(rows), *args)
+
+    def _run_kernel_one(self, cols, row, item, label, cat):
+        _pointwise_one(cols["residual"], row, item, label, cat.embeddings, cat.head, *self._hyper())
 
 
 class PairwiseSGD(_SGDRule):
@@ -335,6 +634,13 @@ class PairwiseSGD(_SGDRule):
         buf[y, 0] = item
         return {"buffer": buf}
 
+    def _run_kernel(self, cols, rows, items, labels, cat):
+        args = cols["residual"], cols["buffer"], rows, items, labels, cat.embeddings, cat.head, *self._hyper()
+        _in_parts(_pairwise_events, len(rows), *args)
+
+    def _run_kernel_one(self, cols, row, item, label, cat):
+        _pairwise_one(cols["residual"], cols["buffer"], row, item, label, cat.embeddings, cat.head, *self._hyper())
+
 
 # --------------------------------------------------------------------------- learner
 class ResidualLearner:
@@ -366,7 +672,8 @@ class ResidualLearner:
         Standardise head scores per query (mean 0, std 1 over the query's catalog
         items; a query whose head scores are constant gets std 1).
     chunk_size
-        Events per store round trip in :meth:`learn_many`.
+        Events per store round trip in :meth:`learn_many`, for stores other than
+        :class:`~streamml.store.InMemoryStore` (which the compiled kernels update in place).
 
     Examples
     --------
@@ -537,6 +844,19 @@ class ResidualLearner:
 
         return fn
 
+    def _compiled(self) -> bool:
+        """Update through the rule's numba kernel? Only for the built-in rules (a subclass
+        may change the math) and an in-process store, whose arrays the kernel writes."""
+        return USE_NUMBA and type(self.rule) in _COMPILED_RULES and isinstance(self.store, InMemoryStore)
+
+    def _columns(self) -> dict[str, np.ndarray]:
+        """The store's arrays as the kernels take them: float16 as its uint16 bits. Not
+        cached: a reference kept past a store's growth would keep the old arrays alive."""
+        cols = self.store.columns
+        if self.dtype == np.float16:
+            cols["residual"] = cols["residual"].view(np.uint16)
+        return cols
+
     def learn_one(self, user: Hashable, query: Hashable, item: int, label: int) -> None:
         """One feedback event: ``user`` accepted (1) or rejected (0) catalog ``item`` shown for ``query``."""
         if not isinstance(item, (int, np.integer)) or not 0 <= item < len(self._item_query_list):
@@ -547,6 +867,10 @@ class ResidualLearner:
             raise ValueError("labels must be 1 (accepted) or 0 (rejected)")
         item, label = int(item), bool(label)
         key = self._key(user, query)
+        if self._compiled():
+            row = self.store.row_for(key)
+            self.rule._run_kernel_one(self._columns(), row, item, label, self.catalog)
+            return
         row_views = getattr(self.store, "row_views", None)
         views = row_views(key) if row_views is not None else None
         if views is not None:  # a stored key in an in-process store: update it in place
@@ -566,9 +890,12 @@ class ResidualLearner:
     def learn_many(self, users, queries, items, labels) -> None:
         """Many events at once, equal to calling :meth:`learn_one` on each in order.
 
-        Vectorised across keys: the events are split into waves (wave ``w`` holds the
-        ``w``-th event of every key), so a key's events apply in their given order,
-        and each wave runs as chunks of distinct keys, one store round trip each.
+        With an :class:`~streamml.store.InMemoryStore`, the rule's compiled kernel
+        applies the events in their order, split by key over up to ``THREADS`` threads
+        (``PARALLEL_MIN_EVENTS`` events or more each). With any other store, the events
+        are split into waves (wave ``w`` holds the ``w``-th event of every key), so a
+        key's events apply in their given order, and each wave runs as chunks of
+        distinct keys, one store round trip each.
         """
         users, queries = np.asarray(users), np.asarray(queries)
         items = np.asarray(items)
@@ -577,6 +904,11 @@ class ResidualLearner:
         self._check_items(items, queries)
         labels = self._check_labels(labels)
         keys = self._keys(users, queries)
+        if self._compiled():
+            rows = self.store.rows_for(keys)
+            items = np.asarray(items, np.int64)
+            self.rule._run_kernel(self._columns(), rows, items, labels, self.catalog)
+            return
         for events in _waves(occurrences(keys)):
             for start in range(0, len(events), self.chunk_size):
                 ev = events[start : start + self.chunk_size]
@@ -593,6 +925,9 @@ class ResidualLearner:
             self.store.delete_many([(user, q) for q in self.queries.tolist()])
         else:
             self.store.delete_many([(user, query)])
+
+
+_COMPILED_RULES = (PointwiseSGD, PairwiseSGD)
 
 
 def _waves(occurrence: np.ndarray) -> list[np.ndarray]:

@@ -20,6 +20,9 @@ from dataclasses import dataclass
 from typing import Protocol, Union, runtime_checkable
 
 import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
 
 __all__ = ["Field", "Schema", "Store", "InMemoryStore", "as_key_list", "occurrences"]
 
@@ -161,12 +164,71 @@ def _hash64(k: np.ndarray) -> np.ndarray:
     return h
 
 
+@intrinsic
+def prefetch(typingctx, arr, row, offset):
+    """Ask the cache for byte ``offset`` of row ``row`` of a C-contiguous array (in numba code)."""
+
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        at = builder.add(builder.mul(args[1], builder.extract_value(ary.strides, 0)), args[2])
+        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = builder.module.declare_intrinsic("llvm.prefetch", [i8p], fnty=fnty)
+        builder.call(fn, [builder.gep(builder.bitcast(ary.data, i8p), [at]), i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return types.none(arr, types.intp, types.intp), codegen
+
+
+_AHEAD = 8  # keys hashed and prefetched this far ahead of the probe
+
+
+@njit(cache=True)
+def _lookup_kernel(k, keys, vals, rows, slots):
+    """Probe each key of ``k`` (B, w): ``rows[b]`` (-1 if absent) and ``slots[b]``.
+
+    The same hash and probe sequence as ``_IntTable.lookup_one``, compiled: the table
+    rows of key ``b + _AHEAD`` are prefetched while key ``b`` is probed, so the cache
+    misses of a big table overlap instead of queueing.
+    """
+    n, w = k.shape
+    mask = np.uint64(vals.shape[0] - 1)
+    for b in range(n):
+        h = np.uint64(_SEED)
+        for c in range(w):
+            h ^= np.uint64(k[b, c])
+            h = (h ^ (h >> np.uint64(30))) * np.uint64(_C1)
+            h = (h ^ (h >> np.uint64(27))) * np.uint64(_C2)
+            h ^= h >> np.uint64(31)
+        slots[b] = np.int64(h & mask)
+    for b in range(n):
+        if b + _AHEAD < n:
+            prefetch(vals, slots[b + _AHEAD], 0)
+            prefetch(keys, slots[b + _AHEAD], 0)
+        s = slots[b]
+        while True:
+            v = vals[s]
+            if v == _EMPTY:
+                rows[b] = -1
+                break
+            if v >= 0:
+                same = True
+                for c in range(w):
+                    same = same and keys[s, c] == k[b, c]
+                if same:
+                    rows[b] = v
+                    break
+            s = (s + 1) & np.int64(mask)
+        slots[b] = s
+
+
 class _IntTable:
     """Open-addressing (linear probing) hash table from w-tuples of int64 to row ids.
 
-    Vectorised over a batch of keys: each probe round is a handful of numpy ops over
-    the keys still unresolved. It costs ~24 bytes per slot at load <= 1/2, against
-    ~150 bytes per key for a Python dict of tuples, and needs no Python object per key.
+    A batch of keys is probed by a compiled loop (``_lookup_kernel``), one key in pure
+    Python (``lookup_one``), a batch of new keys is inserted by numpy ops over the keys
+    still unplaced. It costs ~24 bytes per slot at load <= 1/2, against ~150 bytes per
+    key for a Python dict of tuples, and needs no Python object per key.
     """
 
     max_load = 0.5
@@ -200,19 +262,9 @@ class _IntTable:
         n = len(k)
         if n <= _SMALL:
             return self._lookup_small(k)
-        mask = len(self.vals) - 1
-        slot = self._hash(k)
-        rows = np.full(n, -1, np.int64)
-        pending = np.arange(n)
-        while pending.size:
-            s = slot[pending]
-            v = self.vals[s]
-            hit = (v >= 0) & (self.keys[s] == k[pending]).all(1)
-            rows[pending[hit]] = v[hit]
-            keep = ~(hit | (v == _EMPTY))
-            pending = pending[keep]
-            slot[pending] = (s[keep] + 1) & mask
-        return rows, slot
+        rows, slots = np.empty(n, np.int64), np.empty(n, np.int64)
+        _lookup_kernel(np.ascontiguousarray(k), self.keys, self.vals, rows, slots)
+        return rows, slots
 
     def _lookup_small(self, k: np.ndarray):
         found = [self.lookup_one(tuple(key)) for key in k.tolist()]
@@ -387,7 +439,7 @@ def _int_occurrences(k: np.ndarray) -> np.ndarray:
 class InMemoryStore(Store):
     """Columnar in-process store: one preallocated numpy array per field, rows reused.
 
-    Integer keys and tuples of integers are indexed by a vectorised hash table
+    Integer keys and tuples of integers are indexed by an open-addressing hash table
     (no Python object per key, ~50 bytes per key); other hashable keys by a dict.
     Keys that are equal as Python values but of different kinds (``3`` and
     ``3.0``) are different keys here.
@@ -504,6 +556,47 @@ class InMemoryStore(Store):
         if row < 0:
             return None
         return {name: c[row, ...] for name, c in self._cols.items()}  # 0-d views for scalar fields too
+
+    # In-process fast path for compiled updates (not part of the Store protocol): find
+    # or create the keys' rows, then write ``columns[field][row]`` directly.
+    @property
+    def columns(self) -> dict[str, np.ndarray]:
+        """The field arrays themselves, ``(capacity + 1, *shape)``; the last row holds the
+        fill values and must not be written. They move when the store grows, so fetch them
+        after :meth:`rows_for` and use them before the next write."""
+        return dict(self._cols)
+
+    def rows_for(self, keys: Keys) -> np.ndarray:
+        """Rows of ``keys`` (B,), creating absent keys with the fill values.
+
+        Unlike ``put_many``, repeated keys are allowed: they get the same row.
+
+        >>> store = InMemoryStore({"n": Field((), "int32", fill=-1)})
+        >>> rows = store.rows_for([(1, 2), "a", (1, 2)])
+        >>> rows.tolist(), len(store), store.columns["n"][rows].tolist()
+        ([0, 1, 0], 2, [-1, -1, -1])
+        """
+        rows, located = self._locate(keys)
+        missing = np.flatnonzero(rows < 0)
+        if len(missing):
+            sub = keys[missing] if isinstance(keys, np.ndarray) else [keys[i] for i in missing.tolist()]
+            first = np.flatnonzero(occurrences(sub) == 0)
+            if len(first) == len(missing):  # no repeats among the new keys: insert them as located
+                self._write(rows, located, {})  # fills in their rows
+            else:
+                self.put_many(sub[first] if isinstance(sub, np.ndarray) else [sub[i] for i in first.tolist()], {})
+                rows[missing] = self._locate(sub)[0]
+        return rows
+
+    def row_for(self, key: Hashable) -> int:
+        """:meth:`rows_for` of one key, without numpy's per-call cost."""
+        row, kind, enc = self._locate_one(key)
+        if row < 0:
+            row = int(self._alloc(1)[0])
+            self._insert_one(kind, enc, row)
+            for name, f in self.schema.items():
+                self._cols[name][row] = f.fill
+        return row
 
     # ---- reads
     def get_many(self, keys: Keys) -> dict[str, np.ndarray]:

@@ -1,5 +1,9 @@
+import os
 import pickle
+import subprocess
+import sys
 
+import numba
 import numpy as np
 import pytest
 import torch
@@ -7,7 +11,7 @@ from sklearn.metrics import roc_auc_score
 
 import streamml.online as online
 from streamml.online import Catalog, PairwiseSGD, PointwiseSGD, ResidualLearner, sampled_dots, weighted_rows
-from streamml.store import InMemoryStore
+from streamml.store import InMemoryStore, Store
 
 RULES = {
     "pointwise": lambda **kw: PointwiseSGD(**kw),
@@ -178,7 +182,114 @@ def test_kernels_agree_between_numpy_and_torch(monkeypatch):
     np.testing.assert_array_equal(online._cast(a, np.float16), a.astype(np.float16))
 
 
+# ------------------------------------------------------------------ float16 in the kernels
+@numba.njit
+def _f16_round_trip(bits, x):
+    out_f, out_h = np.empty(len(bits), np.float32), np.empty(len(x), np.uint16)
+    for i in range(len(bits)):
+        out_f[i] = online._to_f32(bits[i])
+    for i in range(len(x)):
+        out_h[i] = online._from_f32(x[i], out_h.dtype)
+    return out_f, out_h
+
+
+def float16_cases():
+    """Every float16 bit pattern, and float32s around every float16: ties, overflow, subnormals."""
+    bits = np.arange(2**16, dtype=np.uint32).astype(np.uint16)
+    f = bits.view(np.float16).astype(np.float32)
+    f = f[np.isfinite(f)]
+    with np.errstate(invalid="ignore"):
+        mid = ((f[:-1].astype(np.float64) + f[1:]) / 2).astype(np.float32)  # exact ties (RNE decides)
+    x = np.concatenate([f, mid, np.nextafter(mid, np.float32(np.inf)), np.nextafter(mid, -np.float32(np.inf))])
+    rng = np.random.default_rng(0)
+    x = np.concatenate([x, (rng.standard_normal(10_000) * 10.0 ** rng.integers(-9, 6, 10_000)).astype(np.float32)])
+    x = np.concatenate([x, np.float32([65519.0, 65520.0, 1e30, -1e30, 0.0, -0.0, np.inf, -np.inf])])
+    return bits, x
+
+
+def test_float16_conversions_match_numpy():
+    bits, x = float16_cases()
+    with np.errstate(over="ignore"):
+        want_h = x.astype(np.float16).view(np.uint16)
+    want_f = bits.view(np.float16).astype(np.float32)
+    nan = np.isnan(want_f)  # (the CPU quietens signalling NaNs; numpy keeps their payload)
+    got_f, got_h = _f16_round_trip(bits, x)  # what the kernels use on this machine
+    np.testing.assert_array_equal(got_f.view(np.uint32)[~nan], want_f.view(np.uint32)[~nan])  # -0 too
+    assert np.isnan(got_f[nan]).all()
+    np.testing.assert_array_equal(got_h, want_h)
+    # the software fallback (CPUs without float16 instructions), element by element
+    soft_f = np.array([online._h2f_soft(b) for b in bits.tolist()], np.float32)
+    np.testing.assert_array_equal(soft_f.view(np.uint32)[~nan], want_f.view(np.uint32)[~nan])
+    assert np.isnan(soft_f[nan]).all()
+    soft_h = np.array([online._f2h_soft(v) for v in x[::7].tolist()], np.uint16)
+    np.testing.assert_array_equal(soft_h, want_h[::7])
+
+
+@pytest.mark.slow
+def test_kernels_without_float16_instructions(tmp_path):
+    """A CPU target without F16C takes the software conversions; the learner still agrees."""
+    code = """
+import numpy as np, streamml.online as online
+from streamml.online import ResidualLearner, PairwiseSGD
+assert not online.NATIVE_HALF
+rng = np.random.default_rng(0)
+X = rng.standard_normal((50, 16)).astype(np.float32)
+q, head = np.repeat([0, 1], 25), rng.standard_normal(50)
+ev = rng.integers(0, 5, 3000), rng.integers(0, 50, 3000), rng.integers(0, 2, 3000)
+out = []
+for use in (True, False):
+    online.USE_NUMBA = use
+    learner = ResidualLearner(X, q, rule=PairwiseSGD(lr=3.0, max_norm=2.0), head_scores=head)
+    learner.learn_many(ev[0], q[ev[1]], ev[1], ev[2])
+    out.append(learner.store.get_many([(u, v) for u in range(5) for v in (0, 1)])["residual"].astype(np.float32))
+np.testing.assert_allclose(out[0], out[1], rtol=2**-10, atol=2**-10)
+"""
+    repo = os.path.dirname(os.path.dirname(online.__file__))  # this checkout, not an installed copy
+    env = dict(os.environ, NUMBA_CPU_NAME="generic", NUMBA_CACHE_DIR=str(tmp_path), PYTHONPATH=repo)
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=600)
+
+
 # ------------------------------------------------------------------ learner
+class PlainStore(Store):
+    """An InMemoryStore behind the bare Store protocol: the learner's generic path,
+    the one SQLite and Redis stores will take (no compiled kernel, no row views)."""
+
+    def __init__(self, schema):
+        self._inner = InMemoryStore(schema)
+        self.schema = self._inner.schema
+
+    def get_many(self, keys):
+        return self._inner.get_many(keys)
+
+    def put_many(self, keys, values):
+        self._inner.put_many(keys, values)
+
+    def delete_many(self, keys):
+        self._inner.delete_many(keys)
+
+    def __contains__(self, key):
+        return key in self._inner
+
+    def __len__(self):
+        return len(self._inner)
+
+
+# how learn_one / learn_many run: compiled (one thread, or split over 3 parts), the numpy
+# path on an InMemoryStore (row views, waves; numpy or torch gathers), the generic store path
+PATHS = ["numba", "numba-parts", "numpy", "numpy-torch", "generic-store"]
+
+
+def use_path(path, monkeypatch) -> dict:
+    """Set the module switches for ``path``; returns extra ResidualLearner kwargs."""
+    if path == "numba-parts":
+        monkeypatch.setattr(online, "_n_parts", lambda n: 3)  # more parts than threads is fine
+    if path.startswith("numpy"):
+        monkeypatch.setattr(online, "USE_NUMBA", False)
+    if path == "numpy-torch":
+        monkeypatch.setattr(online, "TORCH_MIN_ROWS", 0)
+    return {"store": PlainStore} if path == "generic-store" else {}
+
+
 def make_catalog(seed=0, n_queries=3, per_query=20, d=16):
     rng = np.random.default_rng(seed)
     X = unit_rows(rng, n_queries * per_query, d)
@@ -194,15 +305,15 @@ def random_events(rng, item_query, n, users):
 
 @pytest.mark.parametrize("name", sorted(RULES))
 @pytest.mark.parametrize("key", ["user_query", "user"])
-@pytest.mark.parametrize("torch_path", [False, True])
-def test_learn_many_equals_learn_one_in_order(name, key, torch_path, monkeypatch):
-    if torch_path:
-        monkeypatch.setattr(online, "TORCH_MIN_ROWS", 0)
+@pytest.mark.parametrize("path", PATHS)
+def test_learn_many_equals_learn_one_in_order(name, key, path, monkeypatch):
     X, item_query, head = make_catalog()
     rng = np.random.default_rng(3)
     # few users: many repeated keys, interleaved
     users, queries, items, labels = random_events(rng, item_query, 400, users=np.arange(7))
     kw = dict(rule=RULES[name](lr=2.0, l2=0.01, decay=0.01, max_norm=3.0), head_scores=head, key=key)
+    kw |= use_path(path, monkeypatch)
+    assert isinstance(ResidualLearner(X, item_query, **kw).store, PlainStore) == (path == "generic-store")
     one = ResidualLearner(X, item_query, **kw)
     for u, q, i, y in zip(users, queries, items, labels):
         one.learn_one(u, q, i, y)
@@ -223,6 +334,37 @@ def test_learn_many_equals_learn_one_in_order(name, key, torch_path, monkeypatch
         if k != "residual":
             np.testing.assert_array_equal(a[k], b[k])
     assert len(one.store) == len(many.store)
+
+
+@pytest.mark.parametrize("name", sorted(RULES))
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_compiled_path_equals_numpy_path(name, dtype, monkeypatch):
+    """The numba kernels against the numpy rules, on random events with many repeated keys."""
+    X, item_query, head = make_catalog(seed=6, d=64)
+    rng = np.random.default_rng(7)
+    rule = RULES[name](lr=3.0, l2=0.02, decay=0.01, max_norm=2.0)  # the cap binds on some steps
+    kw = dict(rule=rule, head_scores=head, dtype=dtype)
+    learners = {path: ResidualLearner(X, item_query, **kw) for path in ("numba", "numba-parts", "numpy")}
+    stream = [random_events(rng, item_query, n, users=np.arange(40)) for n in (1, 300, 5, 2000)]
+    for path, learner in learners.items():
+        with monkeypatch.context() as m:
+            use_path(path, m)
+            for b, ev in enumerate(stream):
+                if b % 2:
+                    learner.learn_many(*ev)
+                else:
+                    for e in zip(*ev):
+                        learner.learn_one(*e)
+    keys = [(u, q) for u in range(40) for q in (0, 10, 20)]
+    want = learners["numpy"].store.get_many(keys)
+    assert len(learners["numpy"].store) > 60
+    for path in ("numba", "numba-parts"):
+        got = learners[path].store.get_many(keys)
+        assert len(learners[path].store) == len(learners["numpy"].store)
+        tol = 2**-10 if dtype == "float16" else 1e-5  # a few float16 ulps over ~60 steps per key
+        np.testing.assert_allclose(got["residual"].astype(np.float32), want["residual"], rtol=tol, atol=tol)
+        for field in set(want) - {"residual"}:
+            np.testing.assert_array_equal(got[field], want[field])
 
 
 def test_learn_many_with_string_ids_matches_int_ids():
