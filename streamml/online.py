@@ -643,6 +643,18 @@ class PairwiseSGD(_SGDRule):
 
 
 # --------------------------------------------------------------------------- learner
+def _feature_stats(X: np.ndarray, q_code: np.ndarray, n_queries: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-query mean (Q, D) and scale (Q, D) = std * sqrt(D) of the catalog embeddings."""
+    count = np.bincount(q_code, minlength=n_queries)[:, None]
+    mean = np.zeros((n_queries, X.shape[1]))
+    np.add.at(mean, q_code, X)
+    mean /= count
+    var = np.zeros_like(mean)
+    np.add.at(var, q_code, (X - mean[q_code]) ** 2)
+    std = np.sqrt(var / count)
+    return mean.astype(np.float32), (np.where(std > 1e-6, std, 1.0) * np.sqrt(X.shape[1])).astype(np.float32)
+
+
 class ResidualLearner:
     """Per-key residuals over a frozen head, learned from accept/reject feedback.
 
@@ -671,6 +683,15 @@ class ResidualLearner:
     standardize
         Standardise head scores per query (mean 0, std 1 over the query's catalog
         items; a query whose head scores are constant gets std 1).
+    features
+        ``"raw"``: the residual acts on the embeddings as given. ``"standardized"``:
+        on embeddings standardised per dimension over the query's catalog items, then
+        divided by sqrt(D) to keep unit scale. MiniLM vectors share a large common
+        component and vary little per dimension, so raw SGD steps move mostly along a
+        few directions; standardising equalises them, as river's StandardScaler does,
+        but from the catalog (known before any feedback, and label-free) rather than
+        from the stream. Cold-start prequential AUC on the shared queries: 0.883 raw
+        vs 0.907 standardised (``experiments/online_results.md``).
     chunk_size
         Events per store round trip in :meth:`learn_many`, for stores other than
         :class:`~streamml.store.InMemoryStore` (which the compiled kernels update in place).
@@ -702,6 +723,7 @@ class ResidualLearner:
         key: str = "user_query",
         dtype: str = "float16",
         standardize: bool = True,
+        features: str = "raw",
         chunk_size: int = 8192,
     ):
         X = np.ascontiguousarray(items, np.float32)
@@ -725,6 +747,12 @@ class ResidualLearner:
         self._item_query_list = item_query.tolist()  # cheap per-event validation
         self.queries, q_code = np.unique(item_query, return_inverse=True)
         self._query_index = {q: i for i, q in enumerate(self.queries.tolist())}
+        if features not in ("raw", "standardized"):
+            raise ValueError(f"features must be 'raw' or 'standardized', got {features!r}")
+        self.features = features
+        if features == "standardized":
+            self._x_shift, self._x_scale = _feature_stats(X, q_code, len(self.queries))
+            X = ((X - self._x_shift[q_code]) / self._x_scale[q_code]).astype(np.float32)
         self._mean = np.zeros(len(self.queries))
         self._std = np.ones(len(self.queries))
         z = np.zeros(len(X), np.float32)
@@ -797,7 +825,13 @@ class ResidualLearner:
             return self.catalog.head[ids] + self.catalog.embeddings[ids] @ r
         if X.ndim != 2 or X.shape[1] != self.dim:
             raise ValueError(f"X must be item ids (n,) or embeddings (n, {self.dim}), got shape {X.shape}")
-        out = X.astype(np.float32) @ r
+        X = X.astype(np.float32)
+        if self.features == "standardized":
+            if query not in self._query_index:
+                raise ValueError(f"query {query!r} has no catalog items to standardise embeddings with")
+            q = self._query_index[query]
+            X = (X - self._x_shift[q]) / self._x_scale[q]
+        out = X @ r
         if head is not None:
             head = np.asarray(head, np.float64)
             if head.shape != (len(X),):

@@ -192,6 +192,11 @@ def _summaries(kind: str, table_or_finals, scenario) -> dict[str, dict[str, floa
     return out
 
 
+def _run_name(cfg) -> str:
+    rule = cfg.rule._target_.rsplit(".", 1)[-1]
+    return f"{cfg.scenario.kind}-{rule}-lr{cfg.rule.lr}-decay{cfg.rule.decay}-{cfg.online.features}"
+
+
 def run(cfg) -> dict[str, float]:
     """Run ``cfg.scenario`` for the residual learner and its baselines; log to MLflow."""
     from hydra.utils import instantiate
@@ -208,7 +213,7 @@ def run(cfg) -> dict[str, float]:
         "sklearn_refit": lambda head: SklearnRefitOnline(data.X),
     }
     tags = {"data_fingerprint": data.fingerprint, "data_dir": str(cfg.data.dir), "scenario": scenario.kind}
-    with tracking.start_run(cfg, tags=tags, run_name=f"{scenario.kind}-{cfg.rule._target_.rsplit('.', 1)[-1]}-lr{cfg.rule.lr}") as run:
+    with tracking.start_run(cfg, tags=tags, run_name=_run_name(cfg)) as run:
         if scenario.kind == "coldstart":
             curves, results = coldstart(data, learners, scenario.n_orders, cfg.seed)
         else:

@@ -536,3 +536,23 @@ def test_rules_validate_and_build_from_hydra_config():
     rule = hydra_utils.instantiate({"_target_": "streamml.online.PairwiseSGD", "lr": 5.0, "buffer_size": 4})
     assert isinstance(rule, PairwiseSGD) and rule.lr == 5.0 and rule.fields()["buffer"].shape == (2, 2)
     assert "lr=5.0" in repr(rule)
+
+
+def test_standardized_features_match_a_learner_on_prestandardized_items():
+    rng = np.random.default_rng(0)
+    X = (rng.normal(size=(12, 6)) + 3.0).astype(np.float32)
+    item_query = np.repeat([0, 1], 6)
+    Z = X.copy()
+    for q in (0, 1):
+        m = item_query == q
+        Z[m] = (X[m] - X[m].mean(0)) / (X[m].std(0) * np.sqrt(6))
+    a = ResidualLearner(X, item_query, PairwiseSGD(lr=1.0), dtype="float32", features="standardized")
+    b = ResidualLearner(Z, item_query, PairwiseSGD(lr=1.0), dtype="float32")
+    for learner in (a, b):
+        learner.learn_many([1, 1, 1, 2], [0, 0, 0, 1], [0, 1, 2, 7], [1, 0, 0, 1])
+    for user, query, ids in ((1, 0, np.arange(6)), (2, 1, np.arange(6, 12))):
+        np.testing.assert_allclose(a.score(user, query, ids), b.score(user, query, ids), rtol=1e-5, atol=1e-6)
+        # arbitrary embeddings are standardised with the same query statistics
+        np.testing.assert_allclose(a.score(user, query, X[ids]), b.score(user, query, Z[ids]), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="features must be 'raw' or 'standardized'"):
+        ResidualLearner(X, item_query, features="whitened")
