@@ -26,6 +26,7 @@ import pandas as pd
 from sklearn.cluster import KMeans
 from sklearn.metrics import ndcg_score, roc_auc_score
 from sklearn.model_selection import StratifiedKFold
+from tqdm.auto import tqdm
 
 from streamml.data import QueryData
 
@@ -55,7 +56,7 @@ def coldstart(data: QueryData, learners: dict, n_orders: int = 5, seed: int = 0,
     for name, make in learners.items():
         model = make(None)
         streams = []
-        for q in range(len(data.query_ids)):
+        for q in tqdm(range(len(data.query_ids)), desc=f"cold start: {name}", unit="query", leave=False):
             for order in range(n_orders):
                 items = np.random.default_rng([seed, q, order]).permutation(np.flatnonzero(data.query == q))
                 user = f"order{order}"
@@ -122,7 +123,7 @@ def personalize(data: QueryData, learners: dict, policy, simulated_users: list[d
     rows, impressions = [], []
     for name, make in learners.items():
         model = make(head_scores)
-        for index, u in enumerate(simulated_users):
+        for index, u in enumerate(tqdm(simulated_users, desc=f"users: {name}", unit="user", leave=False)):
             cand, q, user = u["candidates"], u["query"], u["user"]
             rng = np.random.default_rng([seed, index])
             pool = np.ones(len(cand), bool)
