@@ -27,7 +27,7 @@ def machine() -> str:
             f"numpy {numpy.__version__}, mlflow {mlflow.__version__}")
 
 
-def table(experiment: str, metrics: list[str], tracking_uri: str) -> str:
+def table(experiment: str, metrics: list[str], tracking_uri: str) -> tuple[str, set[str]]:
     mlflow.set_tracking_uri(tracking_uri)
     runs = mlflow.search_runs(experiment_names=[experiment], filter_string="attributes.status = 'FINISHED'",
                               order_by=["attributes.start_time DESC"])
@@ -40,10 +40,10 @@ def table(experiment: str, metrics: list[str], tracking_uri: str) -> str:
              "|---" * (len(cols) + 1) + "|"]
     for _, run in runs.iterrows():
         lines.append(f"| {run['tags.mlflow.runName']} | " + " | ".join(f"{run[c]:.4f}" for c in cols) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines), set(runs["tags.git_commit"].dropna())
 
 
-def learner_table(experiment: str, metrics: list[str], tracking_uri: str, ours: str = "residual") -> str:
+def learner_table(experiment: str, metrics: list[str], tracking_uri: str, ours: str = "residual") -> tuple[str, set[str]]:
     """The newest finished run, one row per learner: ``key`` is ours, ``key.<learner>`` a baseline's."""
     mlflow.set_tracking_uri(tracking_uri)
     runs = mlflow.search_runs(experiment_names=[experiment], filter_string="attributes.status = 'FINISHED'",
@@ -57,7 +57,8 @@ def learner_table(experiment: str, metrics: list[str], tracking_uri: str, ours: 
     for learner in learners:
         values = [logged.get(m if learner == ours else f"{m}.{learner}") for m in cols]
         lines.append(f"| {learner} | " + " | ".join("" if v is None else f"{v:.3f}" for v in values) + " |")
-    return f"Run `{runs[0].info.run_id}`, {runs[0].data.tags.get('mlflow.runName', '')}.\n\n" + "\n".join(lines)
+    header = f"Run `{runs[0].info.run_id}`, {runs[0].data.tags.get('mlflow.runName', '')}.\n\n"
+    return header + "\n".join(lines), {runs[0].data.tags.get("git_commit", "unknown")}
 
 
 def main() -> None:
@@ -71,9 +72,8 @@ def main() -> None:
     parser.add_argument("--by-learner", action="store_true", help="rows = learners of the newest run (online experiments)")
     args = parser.parse_args()
     make = learner_table if args.by_learner else table
-    body = make(args.experiment, args.metrics.split(","), args.tracking_uri)
-    runs = mlflow.search_runs(experiment_names=[args.experiment], filter_string="attributes.status = 'FINISHED'")
-    commit = ", ".join(sorted(set(runs["tags.git_commit"].dropna()))) or "unknown"
+    body, commits = make(args.experiment, args.metrics.split(","), args.tracking_uri)
+    commit = ", ".join(sorted(commits)) or "unknown"
     with open(args.out, "w") as out:
         out.write(f"# {args.title or args.experiment}\n\n{body}\n\n")
         out.write(f"- Command: `{args.command}`\n- Machine: {machine()}\n")
