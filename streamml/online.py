@@ -226,6 +226,15 @@ def _sigmoid1(a):
     return 0.5 * (1.0 + math.tanh(0.5 * a))
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _prefetch_event(res, X, row, item):
+    """Ask for the residual row and the item's embedding of an event a few steps ahead."""
+    for off in range(0, X.shape[1] * res.itemsize, 64):
+        prefetch(res, row, off)
+    for off in range(0, X.shape[1] * X.itemsize, 64):
+        prefetch(X, item, off)
+
+
 @njit(cache=True, nogil=True)
 def _my_events(rows, part, parts):
     """Positions of the events of part ``part`` of ``parts``, in order: those whose row is in
@@ -256,11 +265,7 @@ def _pointwise_events(res, rows, items, labels, X, z, lr, shrink, max_norm, part
     sh, dt = np.float32(shrink), res.dtype
     for t in range(n):
         if t + _AHEAD < n:
-            nxt = mine[t + _AHEAD]
-            for off in range(0, D * res.itemsize, 64):
-                prefetch(res, rows[nxt], off)
-            for off in range(0, D * X.itemsize, 64):
-                prefetch(X, items[nxt], off)
+            _prefetch_event(res, X, rows[mine[t + _AHEAD]], items[mine[t + _AHEAD]])
         e = mine[t]
         row, i = rows[e], items[e]
         s = np.float32(0.0)
@@ -298,11 +303,7 @@ def _pairwise_events(res, buf, rows, items, labels, X, z, lr, shrink, max_norm, 
     sh, dt = np.float32(shrink), res.dtype
     for t in range(n):
         if t + _AHEAD < n:
-            nxt = mine[t + _AHEAD]
-            for off in range(0, D * res.itemsize, 64):
-                prefetch(res, rows[nxt], off)
-            for off in range(0, D * X.itemsize, 64):
-                prefetch(X, items[nxt], off)
+            _prefetch_event(res, X, rows[mine[t + _AHEAD]], items[mine[t + _AHEAD]])
             prefetch(buf, rows[mine[min(t + 2 * _AHEAD, n - 1)]], 0)
         e = mine[t]
         row, i = rows[e], items[e]
