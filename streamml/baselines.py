@@ -265,8 +265,14 @@ class _PerKeyOnline:
         for user, query, item, label in zip(users, queries, items, labels):
             self.learn_one(user, query, int(item), int(label))
 
+    _per_key = ("models_",)  # attributes holding {(user, query): state}
+
     def forget(self, user, query=None) -> None:
-        self.models_ = {k: v for k, v in self.models_.items() if k[0] != user or (query is not None and k[1] != query)}
+        def keep(key):
+            return key[0] != user or (query is not None and key[1] != query)
+
+        for name in self._per_key:
+            setattr(self, name, {k: v for k, v in getattr(self, name).items() if keep(k)})
 
 
 class RiverOnline(_PerKeyOnline):
@@ -287,7 +293,9 @@ class RiverOnline(_PerKeyOnline):
         self.pa_c = pa_c
 
     def learn_one(self, user, query, item: int, label: int) -> None:
-        model = self.models_.setdefault((user, query), river_pipeline(self.pa_c))
+        model = self.models_.get((user, query))
+        if model is None:  # build the pipeline only for a new key, not on every event
+            model = self.models_[(user, query)] = river_pipeline(self.pa_c)
         model.learn_one(feature_dicts(self.items[item : item + 1])[0], bool(label))
 
     def score(self, user, query, item_ids) -> np.ndarray:
@@ -312,6 +320,8 @@ class SklearnRefitOnline(_PerKeyOnline):
     True
     """
 
+    _per_key = ("models_", "feedback_")
+
     def __init__(self, items: np.ndarray, C: float = 10.0):
         super().__init__(items)
         self.C = C
@@ -330,7 +340,3 @@ class SklearnRefitOnline(_PerKeyOnline):
         if model is None:
             return np.zeros(len(item_ids))
         return model.decision_function(self.items[np.asarray(item_ids)])
-
-    def forget(self, user, query=None) -> None:
-        super().forget(user, query)
-        self.feedback_ = {k: v for k, v in self.feedback_.items() if k[0] != user or (query is not None and k[1] != query)}
