@@ -32,7 +32,7 @@ import numba
 import numpy as np
 import torch
 
-import streamml.online as online
+import streamml.online.learner as online
 from streamml.online import PairwiseSGD, PointwiseSGD, ResidualLearner
 
 RULES = {"pairwise": PairwiseSGD, "pointwise": PointwiseSGD}

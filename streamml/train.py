@@ -14,9 +14,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from streamml import simulate, tracking
+from streamml import tracking
+from streamml.online import simulate
 from streamml.data import cv_splits, load_queries
-from streamml.evaluate import cross_validate, summarize
+from streamml.offline.evaluate import cross_validate, summarize
 
 
 def _run_name(cfg: DictConfig) -> str:

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import compose_cfg
 from streamml import tracking
-from streamml.baselines import SklearnLR
+from streamml.offline.baselines import SklearnLR
 
 
 def test_flatten_nested_config():

@@ -74,7 +74,7 @@ def test_two_job_multirun_gives_two_runs(tmp_path):
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_names=["two_jobs"])
     assert len(runs) == 2 and set(runs.status) == {"FINISHED"}
-    assert set(runs["params.learner._target_"]) == {"streamml.baselines.SklearnLR", "streamml.baselines.RiverStack"}
+    assert set(runs["params.learner._target_"]) == {"streamml.offline.baselines.SklearnLR", "streamml.offline.baselines.RiverStack"}
 
 
 @pytest.mark.slow

@@ -203,7 +203,7 @@ def run(cfg) -> dict[str, float]:
     from hydra.utils import instantiate
 
     from streamml import tracking
-    from streamml.baselines import RiverOnline, SklearnRefitOnline
+    from streamml.offline.baselines import RiverOnline, SklearnRefitOnline
     from streamml.data import load_queries
 
     data = load_queries(cfg.data.dir, cfg.data.embedding_dim, cfg.data.min_per_class)

@@ -1,4 +1,4 @@
-"""streamml.module: HeadLearner honours the learner contract and trains deterministically."""
+"""streamml.offline.module: HeadLearner honours the learner contract and trains deterministically."""
 
 import pickle
 from functools import partial
@@ -9,9 +9,9 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from streamml.heads import LinearHeads, MLPHeads
-from streamml.losses import get_loss
-from streamml.module import HeadLearner, RankingDataModule
+from streamml.offline.heads import LinearHeads, MLPHeads
+from streamml.offline.losses import get_loss
+from streamml.offline.module import HeadLearner, RankingDataModule
 
 D = 16
 TRAINER = partial(L.Trainer, max_epochs=40, accelerator="cpu", logger=False, enable_progress_bar=False,

@@ -84,8 +84,8 @@ class HeadLearner:
     Examples
     --------
     >>> from functools import partial
-    >>> from streamml.heads import LinearHeads
-    >>> from streamml.losses import ranknet
+    >>> from streamml.offline.heads import LinearHeads
+    >>> from streamml.offline.losses import ranknet
     >>> rng = np.random.default_rng(0)
     >>> X = rng.normal(size=(40, 8)).astype("float32"); y = (X[:, 0] > 0).astype(int)
     >>> groups = np.repeat([0, 1], 20)

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 
 import torch
 
-from streamml.slates import pad
+from streamml.offline.slates import pad
 
 __all__ = ["average_precision", "ndcg", "precision_at_k", "ranking_metrics", "roc_auc", "to_slates"]
 

@@ -9,7 +9,7 @@ import pickle
 import numpy as np
 import pytest
 
-from streamml.store import Field, InMemoryStore, Store, as_key_list
+from streamml.stores import Field, InMemoryStore, Store, as_key_list
 
 SCHEMA = {
     "residual": Field((4,), "float16", fill=0),

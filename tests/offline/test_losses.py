@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from streamml.losses import LOSSES, bce, get_loss, margin, ranknet
+from streamml.offline.losses import LOSSES, bce, get_loss, margin, ranknet
 
 
 def t(*values, dtype=torch.float32):
@@ -183,7 +183,7 @@ def test_get_loss_unknown_name_lists_known_ones():
 
 def test_importing_losses_and_metrics_pulls_in_no_sklearn_or_data_layer():
     code = (
-        "import sys, streamml.losses, streamml.metrics\n"
+        "import sys, streamml.offline.losses, streamml.offline.metrics\n"
         "heavy = {'sklearn', 'pandas', 'streamml.data'}\n"
         "print(sorted(m for m in sys.modules if m in heavy or m.split('.')[0] in heavy))"
     )

@@ -1,8 +1,8 @@
-"""streamml.slates: padding round-trips and keeps gradients."""
+"""streamml.offline.slates: padding round-trips and keeps gradients."""
 
 import torch
 
-from streamml.slates import pad
+from streamml.offline.slates import pad
 
 
 def test_pad_round_trips_and_orders_groups():

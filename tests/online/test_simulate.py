@@ -1,14 +1,14 @@
-"""streamml.simulate: deterministic under a seed, baselines on the same streams, recovery counting."""
+"""streamml.online.simulate: deterministic under a seed, baselines on the same streams, recovery counting."""
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from conftest import write_queries
-from streamml import simulate
-from streamml.baselines import RiverOnline, SklearnLR, SklearnRefitOnline
+from streamml.online import simulate
+from streamml.offline.baselines import RiverOnline, SklearnLR, SklearnRefitOnline
 from streamml.data import load_queries
-from streamml.explore import EpsilonSlots
+from streamml.online.policies import EpsilonSlots
 from streamml.online import PairwiseSGD, ResidualLearner
 
 

@@ -10,12 +10,12 @@ head's scale. ``r`` is a residual vector per key (per ``(user, query)``, or per
 user), zero at cold start, so a new user ranks exactly as the head does. Each
 feedback event (the user accepted or rejected a shown catalog item) takes one
 clipped gradient step on ``r``: river's ``reco.BiasedMF`` in miniature, with the
-per-key state in a :class:`~streamml.store.Store`.
+per-key state in a :class:`~streamml.stores.Store`.
 
 The update rules (:class:`PointwiseSGD`, :class:`PairwiseSGD`) are small classes
 with plain keyword arguments, so Hydra can build them from ``_target_``. Each has a
 numpy ``step`` (any store: batched get, step, put) and a numba kernel that updates an
-:class:`~streamml.store.InMemoryStore`'s arrays in place, one event after the other;
+:class:`~streamml.stores.InMemoryStore`'s arrays in place, one event after the other;
 tests check that both compute the same thing.
 """
 
@@ -35,7 +35,7 @@ import numba
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
-from streamml.store import Field, InMemoryStore, Schema, Store, occurrences, prefetch
+from streamml.stores.memory import Field, InMemoryStore, Schema, Store, occurrences, prefetch
 
 __all__ = ["Catalog", "PointwiseSGD", "PairwiseSGD", "ResidualLearner", "sampled_dots", "weighted_rows"]
 
@@ -672,9 +672,9 @@ class ResidualLearner:
         (n_items,) the frozen head's raw scores of the catalog items; ``None`` means
         no head (the head term is 0).
     store
-        Where the per-key state lives: a :class:`~streamml.store.Store` whose
+        Where the per-key state lives: a :class:`~streamml.stores.Store` whose
         schema equals :attr:`schema`, or a callable ``schema -> Store`` (a Hydra
-        partial); default an :class:`~streamml.store.InMemoryStore`.
+        partial); default an :class:`~streamml.stores.InMemoryStore`.
     key
         ``"user_query"``: one residual per (user, query). ``"user"``: one residual
         (and one feedback buffer) per user, shared by all queries.
@@ -695,7 +695,7 @@ class ResidualLearner:
         vs 0.907 standardised (``experiments/online_results.md``).
     chunk_size
         Events per store round trip in :meth:`learn_many`, for stores other than
-        :class:`~streamml.store.InMemoryStore` (which the compiled kernels update in place).
+        :class:`~streamml.stores.InMemoryStore` (which the compiled kernels update in place).
 
     Examples
     --------
@@ -925,7 +925,7 @@ class ResidualLearner:
     def learn_many(self, users, queries, items, labels) -> None:
         """Many events at once, equal to calling :meth:`learn_one` on each in order.
 
-        With an :class:`~streamml.store.InMemoryStore`, the rule's compiled kernel
+        With an :class:`~streamml.stores.InMemoryStore`, the rule's compiled kernel
         applies the events in their order, split by key over up to ``THREADS`` threads
         (``PARALLEL_MIN_EVENTS`` events or more each). With any other store, the events
         are split into waves (wave ``w`` holds the ``w``-th event of every key), so a

@@ -10,7 +10,7 @@ over a flat batch of N items, in the spirit of allRank:
   different queries live on unrelated scales.
 
 The batch stays flat, so it may mix slates of any length; pairs are formed on
-(B, L, L) padded slates (see :mod:`streamml.slates`), which costs B·L² rather
+(B, L, L) padded slates (see :mod:`streamml.offline.slates`), which costs B·L² rather
 than N², and no Python loop runs over groups.
 
 A batch with no valid pair (every group single-class) gives a zero that still
@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from streamml.slates import pad
+from streamml.offline.slates import pad
 
 __all__ = ["LOSSES", "bce", "get_loss", "margin", "ranknet"]
 

@@ -1,9 +1,9 @@
-"""streamml.heads: vectorised heads equal a loop over per-group models."""
+"""streamml.offline.heads: vectorised heads equal a loop over per-group models."""
 
 import pytest
 import torch
 
-from streamml.heads import LinearHeads, MLPHeads
+from streamml.offline.heads import LinearHeads, MLPHeads
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from streamml.baselines import RiverOnline, RiverStack, SklearnLR, SklearnRefitOnline, feature_dicts, river_pipeline
+from streamml.offline.baselines import RiverOnline, RiverStack, SklearnLR, SklearnRefitOnline, feature_dicts, river_pipeline
 
 D = 16
 

@@ -1,4 +1,4 @@
-"""streamml.evaluate: packed CV equals fitting each split on its own; summaries."""
+"""streamml.offline.evaluate: packed CV equals fitting each split on its own; summaries."""
 
 import numpy as np
 import pandas as pd
@@ -6,9 +6,9 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from conftest import write_queries
-from streamml.baselines import SklearnLR
+from streamml.offline.baselines import SklearnLR
 from streamml.data import cv_splits, load_queries
-from streamml.evaluate import METRICS, cross_validate, summarize
+from streamml.offline.evaluate import METRICS, cross_validate, summarize
 
 
 @pytest.fixture

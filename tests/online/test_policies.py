@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from streamml.explore import EpsilonSlots, Greedy, PlackettLuce, Slate
+from streamml.online.policies import EpsilonSlots, Greedy, PlackettLuce, Slate
 
 POLICIES = {
     "greedy": Greedy(),

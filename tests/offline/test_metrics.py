@@ -5,7 +5,7 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score, ndcg_score, roc_auc_score
 
-from streamml.metrics import average_precision, ndcg, precision_at_k, ranking_metrics, roc_auc, to_slates
+from streamml.offline.metrics import average_precision, ndcg, precision_at_k, ranking_metrics, roc_auc, to_slates
 
 LENGTHS = [2, 3, 5, 8, 13, 40]
 ATS = [1, 3, 5, 10, 100]

@@ -9,9 +9,9 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-import streamml.online as online
-from streamml.online import Catalog, PairwiseSGD, PointwiseSGD, ResidualLearner, sampled_dots, weighted_rows
-from streamml.store import InMemoryStore, Store
+import streamml.online.learner as online
+from streamml.online.learner import Catalog, PairwiseSGD, PointwiseSGD, ResidualLearner, sampled_dots, weighted_rows
+from streamml.stores import InMemoryStore, Store
 
 RULES = {
     "pointwise": lambda **kw: PointwiseSGD(**kw),

@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 
 from streamml.data import QueryData
-from streamml.metrics import ranking_metrics
+from streamml.offline.metrics import ranking_metrics
 
 METRICS = ["auc", "ndcg_at_5", "ndcg_at_10", "map", "precision_at_5"]
 

@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from streamml.slates import pad
+from streamml.offline.slates import pad
 
 
 class LinearHeads(nn.Module):

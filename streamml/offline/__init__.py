@@ -1,0 +1,1 @@
+"""Offline learning: per-query scoring heads, ranking losses and metrics, the CV harness and its baselines."""
