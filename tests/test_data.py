@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import SHARED_QUERIES, write_queries
+from conftest import write_queries
 from streamml.data import DataValidationError, cv_splits, load_queries
 
 
@@ -115,8 +115,8 @@ def test_splits_reject_too_few_of_a_class(tmp_path):
         cv_splits(data, n_folds=5)
 
 
-def test_duplicated_texts_of_the_real_data_never_straddle_a_split():
-    data = load_queries(SHARED_QUERIES, min_per_class=1)
+def test_duplicated_texts_of_the_real_data_never_straddle_a_split(shared_queries):
+    data = load_queries(shared_queries, min_per_class=1)
     assert len(data.frame) == 443 and data.n_duplicates == 21
     for train, test in cv_splits(data):
         train_keys = set(zip(data.frame.query_id.iloc[train], data.frame.text.iloc[train]))

@@ -14,7 +14,6 @@ import pytest
 from streamml import embed
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data" / "queries"
 QUERY_FILES = sorted((REPO / "data" / "queries").glob("*.json"))
 
 
@@ -133,11 +132,9 @@ def test_query_file_matches_its_source(path):
 
 
 @pytest.mark.slow
-def test_embeddings_reproduce_the_shared_query_files():
+def test_embeddings_reproduce_the_shared_query_files(shared_queries):
     pytest.importorskip("sentence_transformers", reason="needs the text extra: pip install .[text]")
-    path = SHARED / "query_1.json"
-    if not path.exists():
-        pytest.skip(f"shared query files not found at {SHARED}")
+    path = shared_queries / "query_1.json"
     rows = json.loads(path.read_text())[:3]
     emb = embed.embed_texts([r["text"] for r in rows])
     assert emb.shape == (3, embed.EMBEDDING_DIM) and emb.dtype == np.float32

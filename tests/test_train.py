@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from omegaconf import open_dict
 
-from conftest import REPO, SHARED_QUERIES, compose_cfg
+from conftest import REPO, compose_cfg
 from streamml.data import load_queries
 from streamml.train import train
 
@@ -78,8 +78,8 @@ def test_two_job_multirun_gives_two_runs(tmp_path):
 
 
 @pytest.mark.slow
-def test_linear_ranknet_reaches_target_on_real_data(mlflow_uri):
-    cfg = compose_cfg(["+experiment=linear_ranknet", f"data.dir={SHARED_QUERIES}"], tiny=False)
+def test_linear_ranknet_reaches_target_on_real_data(mlflow_uri, shared_queries):
+    cfg = compose_cfg(["+experiment=linear_ranknet", f"data.dir={shared_queries}"], tiny=False)
     with open_dict(cfg):
         cfg.trainer.enable_progress_bar = False
     assert train(cfg)["auc"] >= 0.93
