@@ -4,14 +4,20 @@ Every run, single or inside a multirun, gets the same record: the flattened conf
 params, the git commit and a data fingerprint as tags, the loss per epoch, the final
 metrics, a per-query plot and the final model as a pyfunc that scores new embeddings.
 A run that raises ends FAILED (``mlflow.start_run`` does that on exit), never RUNNING.
+
+Runs are named after what was changed on the command line, so the runs of a multirun
+can be told apart; a fresh local store shows the project's experiment, not an empty
+``Default``; and ``load_model`` says which store it searched when a run is not found.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 import lightning as L
 import matplotlib
@@ -21,7 +27,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+MAX_RUN_NAME = 250  # MLflow's limit on a run name
 
 
 def _flatten(node, prefix: str = "") -> dict[str, str]:
@@ -42,13 +52,55 @@ def git_commit() -> str:
         return "unknown"
 
 
+def _short(value: str) -> str:
+    return "…/" + value.rstrip("/").rsplit("/", 1)[-1] if "/" in value else value
+
+
+def run_name_with_overrides(base: str) -> str:
+    """``base[key=value,...]`` with the command-line overrides that ``base`` does not already say.
+
+    An override of a config group (``learner=mlp``) is left out when ``base`` names it, and
+    paths are cut to their last part (``data.dir=…/queries``); outside Hydra, ``base`` as is.
+    """
+    if not HydraConfig.initialized():
+        return base
+    shown = []
+    for override in HydraConfig.get().overrides.task:
+        key, _, value = override.lstrip("+~").partition("=")
+        if key in ("experiment", "name", "logger.run_name") or ("." not in key and value.lower() in base.lower()):
+            continue
+        shown.append(f"{key}={_short(value)}")
+    name = f"{base}[{','.join(shown)}]" if shown else base
+    return name if len(name) <= MAX_RUN_NAME else name[: MAX_RUN_NAME - 2] + "…]"
+
+
+def use_experiment(name: str) -> None:
+    """``mlflow.set_experiment(name)``; in a new local SQLite store, the empty ``Default`` becomes it.
+
+    MLflow creates experiment 0, ``Default``, with every new store; renaming it (only when
+    it is empty and the store is a local file) leaves the project's experiment the only one.
+    """
+    client = mlflow.MlflowClient()
+    if urlparse(mlflow.get_tracking_uri()).scheme == "sqlite" and client.get_experiment_by_name(name) is None:
+        default = client.get_experiment("0")
+        if default.name == "Default" and default.lifecycle_stage == "active" and not client.search_runs(["0"], max_results=1):
+            try:
+                client.rename_experiment("0", name)
+            except MlflowException:  # another process created `name` first
+                pass
+    mlflow.set_experiment(name)
+
+
 @contextmanager
 def start_run(cfg: DictConfig, tags: dict[str, str] | None = None, run_name: str | None = None):
-    """Open a run in the experiment ``cfg.name`` and log the config; yields the run."""
+    """Open a run in the experiment ``cfg.name`` and log the config; yields the run.
+
+    ``run_name`` gets the command-line overrides appended (``run_name_with_overrides``).
+    """
     mlflow.set_tracking_uri(cfg.logger.tracking_uri)
-    mlflow.set_experiment(cfg.name)
+    use_experiment(cfg.name)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    with mlflow.start_run(run_name=run_name) as run:
+    with mlflow.start_run(run_name=run_name_with_overrides(run_name) if run_name else None) as run:
         mlflow.set_tags({"git_commit": git_commit(), **(tags or {})})
         mlflow.log_params(_flatten(resolved))
         mlflow.log_text(OmegaConf.to_yaml(resolved), "config.yaml")
@@ -134,7 +186,7 @@ class QueryScorer(mlflow.pyfunc.PythonModel):
     def __init__(self, learner, query_ids: list[str], embedding_dim: int):
         self.learner, self.query_ids, self.embedding_dim = learner, list(query_ids), embedding_dim
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> np.ndarray:
         for column in ("query_id", "embedding"):
             if column not in model_input:
                 raise ValueError(f"model input needs a '{column}' column; got {list(model_input.columns)}")
@@ -148,11 +200,66 @@ class QueryScorer(mlflow.pyfunc.PythonModel):
         return self.learner.score(X, groups)
 
 
-def log_model(learner, query_ids: list[str], embedding_dim: int) -> str:
-    """Log ``learner`` as a pyfunc under ``model``; returns its URI."""
+def log_model(learner, query_ids: list[str], embedding_dim: int, input_example: pd.DataFrame | None = None) -> str:
+    """Log ``learner`` as the pyfunc ``model`` of the active run; returns its URI.
+
+    The signature (``query_id``: string, ``embedding``: array of floats) is inferred from
+    ``input_example`` (default: one zero embedding of the first query). MLflow 3 stores the
+    model as a LoggedModel; a copy under the run's artifacts puts ``model/`` in the run's
+    artifact list too, where ``runs:/<run_id>/model`` and ``mlflow models serve`` find it.
+    """
+    if input_example is None:
+        input_example = pd.DataFrame({"query_id": [query_ids[0]], "embedding": [[0.0] * embedding_dim]})
+    scorer = QueryScorer(learner, query_ids, embedding_dim)
+    signature = mlflow.models.infer_signature(input_example, scorer.predict(None, input_example))
     info = mlflow.pyfunc.log_model(
         name="model",
-        python_model=QueryScorer(learner, query_ids, embedding_dim),
+        python_model=scorer,
+        signature=signature,
+        input_example=input_example,
         pip_requirements=["streamml", "torch", "scikit-learn", "river", "pandas", "numpy"],
     )
+    with tempfile.TemporaryDirectory() as tmp:
+        bar = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+        os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # a bar for a local copy of 7 files is noise
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=info.model_uri, dst_path=tmp)
+        finally:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR") if bar is None else os.environ.update(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=bar)
+        mlflow.log_artifacts(local, "model")
     return info.model_uri
+
+
+def load_model(model_uri: str, tracking_uri: str | None = None):
+    """``mlflow.pyfunc.load_model`` that says which store it searched when it cannot find the run.
+
+    ``tracking_uri`` defaults to MLflow's (``MLFLOW_TRACKING_URI``, else ``mlflow.db`` in the
+    current directory). A local SQLite store that does not exist is an error here, rather
+    than a new empty ``mlflow.db`` created where you happen to be.
+
+    Examples
+    --------
+    >>> load_model("runs:/0123/model", tracking_uri="sqlite:////nonexistent/mlflow.db")
+    Traceback (most recent call last):
+    ...
+    FileNotFoundError: no MLflow store at /nonexistent/mlflow.db (tracking URI sqlite:////nonexistent/mlflow.db); run from the folder that holds mlflow.db, or set MLFLOW_TRACKING_URI=sqlite:////absolute/path/to/mlflow.db
+    """
+    tracking_uri = tracking_uri or mlflow.get_tracking_uri()
+    hint = "run from the folder that holds mlflow.db, or set MLFLOW_TRACKING_URI=sqlite:////absolute/path/to/mlflow.db"
+    if tracking_uri.startswith("sqlite:///"):
+        path = _sqlite_path(tracking_uri)
+        if not path.is_file():
+            raise FileNotFoundError(f"no MLflow store at {path} (tracking URI {tracking_uri}); {hint}")
+    if model_uri.startswith("runs:/"):
+        run_id = model_uri[len("runs:/"):].split("/", 1)[0]
+        try:
+            mlflow.MlflowClient(tracking_uri).get_run(run_id)
+        except MlflowException as err:
+            raise LookupError(f"run {run_id} not found in the MLflow store {tracking_uri}; {hint}") from err
+    mlflow.set_tracking_uri(tracking_uri)
+    return mlflow.pyfunc.load_model(model_uri)
+
+
+def _sqlite_path(uri: str) -> Path:
+    """The file of ``sqlite:///relative.db`` or ``sqlite:////absolute.db``."""
+    return Path(unquote(uri[len("sqlite:///"):].split("?", 1)[0])).resolve()

@@ -4,20 +4,60 @@
 call it directly. It loads the queries, cross-validates the configured learner on
 per-query stratified folds, fits it once more on all the data, and records everything
 in MLflow. It returns the run's metrics; ``main`` returns ``cfg.objective`` for sweepers.
+
+A config that cannot run here (``trainer=gpu`` without a GPU) fails before any data is
+loaded or any MLflow run is opened, with one line. The run's lines go through ``logging``,
+so Hydra writes them to ``train.log`` in the run's output folder as well as the console.
 """
 
 from __future__ import annotations
+
+import logging
 
 import hydra
 import pandas as pd
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig
 
 from streamml import tracking
+from streamml.callbacks import EpochProgress
 from streamml.online import simulate
 from streamml.data import cv_splits, load_queries
 from streamml.offline.evaluate import cross_validate, summarize
+
+log = logging.getLogger("streamml.train")  # not __main__ under python -m
+
+
+class StartupError(RuntimeError):
+    """The config cannot run on this machine; raised before any data or MLflow run."""
+
+
+def check_trainer(cfg: DictConfig) -> None:
+    """Build the configured Lightning ``Trainer`` once: it rejects an accelerator the machine lacks."""
+    if "trainer" not in cfg:
+        return
+    try:
+        instantiate(cfg.trainer)()
+    except MisconfigurationException as err:
+        raise StartupError(
+            f"trainer.accelerator={cfg.trainer.accelerator} cannot run on this machine ({err}); "
+            "use trainer=cpu, or trainer.accelerator=auto to use a GPU only when one is visible"
+        ) from None
+
+
+def _quiet_lightning() -> None:
+    # Lightning's rank-zero info repeats on every fit: "GPU available: ...", "TPU available: ...",
+    # a litlogger advert and "`Trainer.fit` stopped"; its warnings stay visible.
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+
+
+def _fit_callbacks(cfg: DictConfig, label: str, loss_prefix: str = "") -> list:
+    callbacks = [tracking.EpochLoss(loss_prefix)]
+    if cfg.get("trainer", {}).get("enable_progress_bar"):
+        callbacks.append(EpochProgress(label))
+    return callbacks
 
 
 def _run_name(cfg: DictConfig) -> str:
@@ -34,28 +74,37 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     A config with a ``scenario`` (the ``online_*`` experiments) runs the user simulator.
     """
+    _quiet_lightning()
+    check_trainer(cfg)
     if "scenario" in cfg:
         return simulate.run(cfg)
     data = load_queries(cfg.data.dir, cfg.data.embedding_dim, cfg.data.min_per_class)
     splits = cv_splits(data, **cfg.cv)
-    print(f"{len(data.query_ids)} queries, {len(data.frame)} unique texts ({data.n_duplicates} duplicates merged) from {cfg.data.dir}")
+    log.info(f"{len(data.query_ids)} queries, {len(data.frame)} unique texts ({data.n_duplicates} duplicates merged) from {cfg.data.dir}")
     tags = {"data_fingerprint": data.fingerprint, "data_dir": str(cfg.data.dir)}
+    cv_learner, final_learner = instantiate(cfg.learner), instantiate(cfg.learner)  # config errors fail before the run
+    example = pd.DataFrame({"query_id": [data.query_ids[q] for q in data.query[:2]], "embedding": data.X[:2].tolist()})
     with tracking.start_run(cfg, tags=tags, run_name=_run_name(cfg)) as run:
-        table = cross_validate(instantiate(cfg.learner), data, splits, callbacks=[tracking.EpochLoss("cv_")])
+        log.info(f"MLflow run {run.info.run_name} ({run.info.run_id}) in experiment '{cfg.name}' ({cfg.logger.tracking_uri})")
+        table = cross_validate(cv_learner, data, splits, callbacks=_fit_callbacks(cfg, "cv", "cv_"))
         metrics, per_query = summarize(table)
-        final = instantiate(cfg.learner).fit(data.X, data.y, data.query, callbacks=[tracking.EpochLoss()])
+        final = final_learner.fit(data.X, data.y, data.query, callbacks=_fit_callbacks(cfg, "final fit"))
         tracking.log_results(metrics, per_query, table)
-        tracking.log_model(final, data.query_ids, cfg.data.embedding_dim)
+        tracking.log_model(final, data.query_ids, cfg.data.embedding_dim, input_example=example)
     with pd.option_context("display.float_format", "{:.3f}".format, "display.width", 120):
-        print(f"\nMLflow run {run.info.run_id} in experiment '{cfg.name}' ({cfg.logger.tracking_uri})")
-        print(f"mean over queries: auc {metrics['auc']:.3f} ± {metrics['auc_std']:.3f} (std over splits)")
-        print(per_query[["query_id", "auc", "auc_std", "ndcg_at_5", "ndcg_at_10", "map", "precision_at_5"]].to_string(index=False))
+        columns = ["query_id", "auc", "auc_std", "ndcg_at_5", "ndcg_at_10", "map", "precision_at_5"]
+        log.info(f"mean over queries: auc {metrics['auc']:.3f} ± {metrics['auc_std']:.3f} (std over splits)\n"
+                 + per_query[columns].to_string(index=False))
+        log.info(f"model: runs:/{run.info.run_id}/model (serve: mlflow models serve -m runs:/{run.info.run_id}/model --env-manager local)")
     return metrics
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
 def main(cfg: DictConfig) -> float:
-    return train(cfg)[cfg.objective]
+    try:
+        return train(cfg)[cfg.objective]
+    except StartupError as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ compare heads with sklearn and river learners on identical folds.
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import lightning as L
@@ -14,6 +15,11 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
+
+# Lightning's own pytree helper builds torch's deprecated LeafSpec on every fit (Lightning
+# <= 2.6 with torch >= 2.10); only that message, from only that module, is hidden.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                        category=FutureWarning, module=r"lightning\.pytorch\.utilities\._pytree")
 
 
 class RankingModule(L.LightningModule):
