@@ -1,5 +1,8 @@
-"""End-to-end: `train(cfg)` on the shipped data, a 2-job multirun, and the real data's target."""
+"""End-to-end: `train(cfg)` on the shipped data, early config errors, quiet output, a 3-job
+multirun with its summary and distinct run names, and the real data's target."""
 
+import logging
+import os
 import subprocess
 import sys
 
@@ -7,11 +10,12 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from omegaconf import open_dict
 
 from conftest import REPO, compose_cfg
 from streamml.data import load_queries
-from streamml.train import train
+from streamml.train import StartupError, train
 
 KEYS = ["auc", "ndcg_at_5", "ndcg_at_10", "map", "precision_at_5", "auc_std"]
 
@@ -24,7 +28,8 @@ def only_run(uri, experiment):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("experiment", ["linear_ranknet", "mlp_ranknet", "seed_river"])
-def test_train_on_shipped_data_logs_everything(mlflow_uri, experiment, capsys):
+def test_train_on_shipped_data_logs_everything(mlflow_uri, experiment, caplog):
+    caplog.set_level(logging.INFO, logger="streamml.train")
     cfg = compose_cfg([f"+experiment={experiment}", f"data.dir={REPO / 'data' / 'queries'}"])
     metrics = train(cfg)
     data = load_queries(cfg.data.dir)
@@ -50,7 +55,7 @@ def test_train_on_shipped_data_logs_everything(mlflow_uri, experiment, capsys):
     # The final model is fit on all rows, so it ranks its own training data well.
     accepted = scores[data.y == 1].mean() > scores[data.y == 0].mean()
     assert accepted
-    assert capsys.readouterr().out.rstrip().splitlines()[-1].split()[0] == data.query_ids[-1]
+    assert data.query_ids[-1] in caplog.text and f"runs:/{run.info.run_id}/model" in caplog.text
 
 
 def test_a_crash_mid_run_ends_failed(mlflow_uri, tmp_path, monkeypatch):
@@ -65,16 +70,64 @@ def test_a_crash_mid_run_ends_failed(mlflow_uri, tmp_path, monkeypatch):
     assert only_run(mlflow_uri, "default").info.status == "FAILED"
 
 
+def test_a_missing_gpu_fails_before_any_data_or_run(mlflow_uri, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    cfg = compose_cfg([f"data.dir={tmp_path / 'no_such_folder'}"])  # loading it first would raise FileNotFoundError
+    with open_dict(cfg):
+        cfg.trainer.accelerator = "gpu"
+    with pytest.raises(StartupError, match="trainer.accelerator=gpu cannot run on this machine .*use trainer=cpu"):
+        train(cfg)
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def run_cli(args, tmp_path, **kwargs):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "streamml.train", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=900, **kwargs)
+
+
 @pytest.mark.slow
-def test_two_job_multirun_gives_two_runs(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cmd = [sys.executable, "-m", "streamml.train", "-m", "learner=sklearn_lr,river_stack", "name=two_jobs",
-           f"data.dir={REPO / 'data' / 'queries'}", "cv.n_folds=2", "cv.n_repeats=1", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
-    subprocess.run(cmd, check=True, cwd=tmp_path, env={**__import__("os").environ, "MLFLOW_TRACKING_URI": uri})
-    mlflow.set_tracking_uri(uri)
-    runs = mlflow.search_runs(experiment_names=["two_jobs"])
-    assert len(runs) == 2 and set(runs.status) == {"FINISHED"}
-    assert set(runs["params.learner._target_"]) == {"streamml.offline.baselines.SklearnLR", "streamml.offline.baselines.RiverStack"}
+def test_cli_on_a_machine_without_gpu_fails_in_one_line_without_a_run(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = run_cli(["trainer=gpu", f"data.dir={REPO / 'data' / 'queries'}", f"hydra.run.dir={tmp_path / 'out'}"], tmp_path)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [
+        "error: trainer.accelerator=gpu cannot run on this machine (No supported gpu backend found!); "
+        "use trainer=cpu, or trainer.accelerator=auto to use a GPU only when one is visible"]
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.slow
+def test_cli_run_is_quiet_and_its_log_lands_in_hydras_file(tmp_path):
+    result = run_cli([f"data.dir={REPO / 'data' / 'queries'}", "cv.n_folds=2", "cv.n_repeats=1", "trainer.max_epochs=3",
+                      f"hydra.run.dir={tmp_path / 'out'}"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    for noise in ("Add type hints", "litlogger", "LeafSpec", "GPU available", "TPU available"):
+        assert noise not in result.stderr + result.stdout
+    assert "cv: 100%" in result.stderr and "final fit: 100%" in result.stderr  # labelled progress bars
+    log = (tmp_path / "out" / "train.log").read_text()
+    assert "6 queries, 348 unique texts" in log and "mean over queries: auc" in log and "wildfires" in log
+    assert "linear-ranknet[cv.n_folds=2,cv.n_repeats=1,trainer.max_epochs=3,data.dir=…/queries]" in log
+
+
+@pytest.mark.slow
+def test_three_job_multirun_ends_with_a_summary_and_three_run_names(tmp_path):
+    result = run_cli(["-m", "learner=sklearn_lr", "learner.C=0.1,1,10", "name=three_jobs", f"data.dir={REPO / 'data' / 'queries'}",
+                      "cv.n_folds=2", "cv.n_repeats=1", f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["three_jobs"])
+    assert len(runs) == 3 and set(runs.status) == {"FINISHED"}
+    assert sorted(runs["tags.mlflow.runName"]) == [f"sklearn_lr-ranknet[learner.C={c},cv.n_folds=2,cv.n_repeats=1,data.dir=…/queries]"
+                                                   for c in ("0.1", "1", "10")]
+    summary = result.stdout[result.stdout.index("multirun summary: 3 jobs"):].splitlines()
+    assert "every job: learner=sklearn_lr" in summary[0] and summary[1].split() == ["job", "auc", "overrides"]
+    by_c = {float(run["params.learner.C"]): run["metrics.auc"] for _, run in runs.iterrows()}
+    for line, c in zip(summary[2:5], (0.1, 1.0, 10.0)):
+        job, auc, override = line.split()
+        assert override == f"learner.C={c:g}" and float(auc) == pytest.approx(by_c[c], abs=1e-4)
 
 
 @pytest.mark.slow
