@@ -109,7 +109,7 @@ def test_cli_run_is_quiet_and_its_log_lands_in_hydras_file(tmp_path):
     assert "cv: 100%" in result.stderr and "final fit: 100%" in result.stderr  # labelled progress bars
     log = (tmp_path / "out" / "train.log").read_text()
     assert "6 queries, 348 unique texts" in log and "mean over queries: auc" in log and "wildfires" in log
-    assert "linear-ranknet[cv.n_folds=2,cv.n_repeats=1,trainer.max_epochs=3,data.dir=…/queries]" in log
+    assert "linear-ranknet[data.dir=…/queries,cv.n_folds=2,cv.n_repeats=1,trainer.max_epochs=3]" in log  # command order
 
 
 @pytest.mark.slow
@@ -120,7 +120,7 @@ def test_three_job_multirun_ends_with_a_summary_and_three_run_names(tmp_path):
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["three_jobs"])
     assert len(runs) == 3 and set(runs.status) == {"FINISHED"}
-    assert sorted(runs["tags.mlflow.runName"]) == [f"sklearn_lr-ranknet[learner.C={c},cv.n_folds=2,cv.n_repeats=1,data.dir=…/queries]"
+    assert sorted(runs["tags.mlflow.runName"]) == [f"sklearn_lr-ranknet[learner.C={c},data.dir=…/queries,cv.n_folds=2,cv.n_repeats=1]"
                                                    for c in ("0.1", "1", "10")]
     summary = result.stdout[result.stdout.index("multirun summary: 3 jobs"):].splitlines()
     assert "every job: learner=sklearn_lr" in summary[0] and summary[1].split() == ["job", "auc", "overrides"]
