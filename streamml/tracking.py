@@ -219,15 +219,24 @@ def log_model(learner, query_ids: list[str], embedding_dim: int, input_example: 
         input_example=input_example,
         pip_requirements=["streamml", "torch", "scikit-learn", "river", "pandas", "numpy"],
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        bar = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
-        os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # a bar for a local copy of 7 files is noise
-        try:
-            local = mlflow.artifacts.download_artifacts(artifact_uri=info.model_uri, dst_path=tmp)
-        finally:
-            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR") if bar is None else os.environ.update(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=bar)
+    with tempfile.TemporaryDirectory() as tmp, _environ(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"):
+        local = mlflow.artifacts.download_artifacts(artifact_uri=info.model_uri, dst_path=tmp)  # no bar for 7 small files
         mlflow.log_artifacts(local, "model")
     return info.model_uri
+
+
+@contextmanager
+def _environ(**values: str):
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key)
+            else:
+                os.environ[key] = value
 
 
 def load_model(model_uri: str, tracking_uri: str | None = None):
