@@ -1,10 +1,8 @@
-"""What a run shows while it runs: a labelled progress bar per fit, a table after a multirun.
+"""Hydra callbacks (``configs/hydra/default.yaml``).
 
-``EpochProgress`` replaces Lightning's per-batch bar (with full batches, one step an epoch)
-by one bar over epochs, named for what the fit is for ("cv", "final fit").
-``MultirunSummary`` is a Hydra callback (``configs/hydra/default.yaml``): at the end of
-``python -m streamml.train -m ...`` it prints one row per job, its overrides and its
-objective, so a sweep's result is readable without opening MLflow.
+``MultirunSummary``: at the end of ``python -m streamml.train -m ...`` it prints one row per
+job, its overrides and its objective, so a sweep's result is readable without opening MLflow.
+Hydra builds these for every run, even a failing one, so this module imports nothing heavy.
 """
 
 from __future__ import annotations
@@ -15,39 +13,9 @@ from typing import Any
 
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
-from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig
-from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
-
-
-class EpochProgress(ProgressBar):
-    """A tqdm bar over the epochs of one fit, labelled, with the last ``train_loss``."""
-
-    def __init__(self, label: str):
-        super().__init__()
-        self.label, self.bar, self._enabled = label, None, True
-
-    def disable(self) -> None:
-        self._enabled = False
-
-    def enable(self) -> None:
-        self._enabled = True
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        total = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
-        self.bar = tqdm(total=total, desc=self.label, unit="epoch", dynamic_ncols=True,
-                        disable=not (self._enabled and trainer.is_global_zero))
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        loss = trainer.callback_metrics.get("train_loss")
-        if loss is not None:
-            self.bar.set_postfix(train_loss=f"{float(loss):.4f}", refresh=False)
-        self.bar.update(1)
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        self.bar.close()
 
 
 class MultirunSummary(Callback):

@@ -6,8 +6,10 @@ per-query stratified folds, fits it once more on all the data, and records every
 in MLflow. It returns the run's metrics; ``main`` returns ``cfg.objective`` for sweepers.
 
 A config that cannot run here (``trainer=gpu`` without a GPU) fails before any data is
-loaded or any MLflow run is opened, with one line. The run's lines go through ``logging``,
-so Hydra writes them to ``train.log`` in the run's output folder as well as the console.
+loaded or any MLflow run is opened, with one line; the heavy imports (Lightning, MLflow,
+the simulator) wait until after that check, so it answers in seconds. The run's lines go
+through ``logging``, so Hydra writes them to ``train.log`` in the run's output folder as
+well as the console.
 """
 
 from __future__ import annotations
@@ -18,14 +20,7 @@ import hydra
 import pandas as pd
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig
-
-from streamml import tracking
-from streamml.callbacks import EpochProgress
-from streamml.online import simulate
-from streamml.data import cv_splits, load_queries
-from streamml.offline.evaluate import cross_validate, summarize
 
 log = logging.getLogger("streamml.train")  # not __main__ under python -m
 
@@ -35,9 +30,20 @@ class StartupError(RuntimeError):
 
 
 def check_trainer(cfg: DictConfig) -> None:
-    """Build the configured Lightning ``Trainer`` once: it rejects an accelerator the machine lacks."""
+    """Fail if the configured accelerator is missing: torch answers for a GPU, then Lightning
+    builds the configured ``Trainer`` once, which rejects any other setting the machine lacks."""
     if "trainer" not in cfg:
         return
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    if accelerator in ("gpu", "cuda", "mps"):
+        import torch
+
+        if not (torch.cuda.is_available() or (accelerator != "cuda" and torch.backends.mps.is_available())):
+            raise StartupError(
+                f"trainer.accelerator={accelerator} but torch sees no GPU on this machine; "
+                "use trainer=cpu, or trainer.accelerator=auto to use a GPU only when one is visible")
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
     try:
         instantiate(cfg.trainer)()
     except MisconfigurationException as err:
@@ -54,6 +60,9 @@ def _quiet_lightning() -> None:
 
 
 def _fit_callbacks(cfg: DictConfig, label: str, loss_prefix: str = "") -> list:
+    from streamml import tracking
+    from streamml.offline.module import EpochProgress
+
     callbacks = [tracking.EpochLoss(loss_prefix)]
     if cfg.get("trainer", {}).get("enable_progress_bar"):
         callbacks.append(EpochProgress(label))
@@ -76,6 +85,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """
     _quiet_lightning()
     check_trainer(cfg)
+    from streamml import tracking
+    from streamml.data import cv_splits, load_queries
+    from streamml.offline.evaluate import cross_validate, summarize
+    from streamml.online import simulate
+
     if "scenario" in cfg:
         return simulate.run(cfg)
     data = load_queries(cfg.data.dir, cfg.data.embedding_dim, cfg.data.min_per_class)

@@ -1,28 +1,11 @@
-"""streamml.callbacks: the labelled epoch bar and the multirun summary table."""
+"""streamml.callbacks: the multirun summary table."""
 
 import logging
-from functools import partial
-
-import lightning as L
 import numpy as np
-import torch
 from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 
-from streamml.callbacks import EpochProgress, Job, MultirunSummary, summary_table
-from streamml.offline.heads import LinearHeads
-from streamml.offline.losses import ranknet
-from streamml.offline.module import HeadLearner
-
-
-def test_epoch_bar_counts_epochs_under_its_label(capsys):
-    rng = np.random.default_rng(0)
-    X = rng.normal(size=(20, 4)).astype("float32")
-    trainer = partial(L.Trainer, max_epochs=3, logger=False, enable_checkpointing=False, enable_model_summary=False)
-    learner = HeadLearner(partial(LinearHeads, dim=4), ranknet, partial(torch.optim.Adam, lr=0.1), trainer)
-    learner.fit(X, np.tile([0, 1], 10), np.zeros(20, dtype=int), callbacks=[EpochProgress("final fit")])
-    err = capsys.readouterr().err
-    assert "final fit: 100%" in err and "3/3" in err and "train_loss=" in err
+from streamml.callbacks import Job, MultirunSummary, summary_table
 
 
 def job_return(overrides, status=JobStatus.COMPLETED, value=0.9):

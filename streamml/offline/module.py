@@ -2,7 +2,9 @@
 
 ``HeadLearner.fit(X, y, groups)`` trains one head per group in a single Lightning fit,
 so the cross-validation harness can pack every (fold, query) pair into one run and
-compare heads with sklearn and river learners on identical folds.
+compare heads with sklearn and river learners on identical folds. ``EpochProgress``
+replaces Lightning's per-batch bar (with full batches, one step per epoch) by one bar
+over epochs, named for what the fit is for ("cv", "final fit").
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import lightning as L
 import numpy as np
 import torch
 from torch import nn
+from lightning.pytorch.callbacks import ProgressBar
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
+from tqdm.auto import tqdm
 
 # Lightning's own pytree helper builds torch's deprecated LeafSpec on every fit (Lightning
 # <= 2.6 with torch >= 2.10); only that message, from only that module, is hidden.
@@ -125,3 +129,31 @@ class HeadLearner:
             raise ValueError(f"group {groups[unseen][0].item()!r} was not seen in fit; known groups: {self.groups_.tolist()}")
         x = torch.as_tensor(X, dtype=torch.float32)
         return self.heads_(x, torch.as_tensor(idx, dtype=torch.long)).numpy()
+
+
+class EpochProgress(ProgressBar):
+    """A tqdm bar over the epochs of one fit, labelled, with the last ``train_loss``."""
+
+    def __init__(self, label: str):
+        super().__init__()
+        self.label, self.bar, self._enabled = label, None, True
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        total = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
+        self.bar = tqdm(total=total, desc=self.label, unit="epoch", dynamic_ncols=True,
+                        disable=not (self._enabled and trainer.is_global_zero))
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        loss = trainer.callback_metrics.get("train_loss")
+        if loss is not None:
+            self.bar.set_postfix(train_loss=f"{float(loss):.4f}", refresh=False)
+        self.bar.update(1)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.bar.close()

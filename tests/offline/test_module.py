@@ -1,4 +1,5 @@
-"""streamml.offline.module: HeadLearner honours the learner contract and trains deterministically."""
+"""streamml.offline.module: HeadLearner honours the learner contract and trains deterministically;
+EpochProgress shows one labelled bar over epochs."""
 
 import pickle
 from functools import partial
@@ -11,7 +12,7 @@ from sklearn.metrics import roc_auc_score
 
 from streamml.offline.heads import LinearHeads, MLPHeads
 from streamml.offline.losses import get_loss
-from streamml.offline.module import HeadLearner, RankingDataModule
+from streamml.offline.module import EpochProgress, HeadLearner, RankingDataModule
 
 D = 16
 TRAINER = partial(L.Trainer, max_epochs=40, accelerator="cpu", logger=False, enable_progress_bar=False,
@@ -79,3 +80,13 @@ def test_callbacks_see_every_epoch():
 
     make().fit(*two_groups(0), callbacks=[Spy()])
     assert len(seen) == 40 and seen[-1] < seen[0]
+
+
+def test_epoch_bar_counts_epochs_under_its_label(capsys):
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(20, 4)).astype("float32")
+    trainer = partial(L.Trainer, max_epochs=3, logger=False, enable_checkpointing=False, enable_model_summary=False)
+    learner = HeadLearner(partial(LinearHeads, dim=4), get_loss("ranknet"), partial(torch.optim.Adam, lr=0.1), trainer)
+    learner.fit(X, np.tile([0, 1], 10), np.zeros(20, dtype=int), callbacks=[EpochProgress("final fit")])
+    err = capsys.readouterr().err
+    assert "final fit: 100%" in err and "3/3" in err and "train_loss=" in err
