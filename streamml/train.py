@@ -2,7 +2,8 @@
 
 ``main`` only composes the config; ``train(cfg)`` does the work, so tests and notebooks
 call it directly. It loads the queries, cross-validates the configured learner on
-per-query stratified folds, fits it once more on all the data, and records everything
+per-query stratified folds, fits it once more on all the data (unless ``final_fit`` is
+false, as in searches), and records everything
 in MLflow. It returns the run's metrics; ``main`` returns ``cfg.objective`` for sweepers.
 """
 
@@ -42,9 +43,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     with tracking.start_run(cfg, tags=tags, run_name=_run_name(cfg)) as run:
         table = evaluate(instantiate(cfg.learner), data, **cfg.cv, callbacks=[tracking.EpochLoss("cv_")])
         metrics, per_query = summarize(table)
-        final = instantiate(cfg.learner).fit(data.X, data.y, data.query, callbacks=[tracking.EpochLoss()])
         tracking.log_results(metrics, per_query, table)
-        tracking.log_model(final, data.query_ids, cfg.data.embedding_dim)
+        if cfg.final_fit:
+            final = instantiate(cfg.learner).fit(data.X, data.y, data.query, callbacks=[tracking.EpochLoss()])
+            tracking.log_model(final, data.query_ids, cfg.data.embedding_dim)
     with pd.option_context("display.float_format", "{:.3f}".format, "display.width", 120):
         print(f"\nMLflow run {run.info.run_id} in experiment '{cfg.name}' ({cfg.logger.tracking_uri})")
         print(f"mean over queries: auc {metrics['auc']:.3f} ± {metrics['auc_std']:.3f} (std over splits)")
