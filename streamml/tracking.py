@@ -125,10 +125,19 @@ class EpochLoss(L.Callback):
 
     def __init__(self, prefix: str = ""):
         self.prefix = prefix
+        # DDP processes spawned for the fit have no active run: they log to this one, rank 0 only.
+        run = mlflow.active_run()
+        self.run_id, self.tracking_uri = (run.info.run_id, mlflow.get_tracking_uri()) if run else (None, None)
 
     def on_train_epoch_end(self, trainer, pl_module):
+        if not trainer.is_global_zero:
+            return
         metrics = {f"{self.prefix}{k}": float(v) for k, v in trainer.callback_metrics.items()}
-        mlflow.log_metrics(metrics, step=trainer.current_epoch, synchronous=False)
+        if mlflow.active_run() is None and self.run_id:
+            mlflow.MlflowClient(self.tracking_uri).log_batch(
+                self.run_id, [mlflow.entities.Metric(k, v, int(time.time() * 1000), trainer.current_epoch) for k, v in metrics.items()])
+        else:
+            mlflow.log_metrics(metrics, step=trainer.current_epoch, synchronous=False)
 
 
 def plot_per_query(per_query: pd.DataFrame, metric: str = "auc"):

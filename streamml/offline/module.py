@@ -15,7 +15,7 @@ import lightning as L
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, SubsetRandomSampler, TensorDataset
 
 
 class RankingModule(L.LightningModule):
@@ -31,7 +31,7 @@ class RankingModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y, group = batch
         loss = self.loss(self(x, group), y, group)
-        self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=len(y))
+        self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True)
         return loss
 
     def configure_optimizers(self):
@@ -52,16 +52,31 @@ class RankingDataModule(L.LightningDataModule):
             torch.tensor(y, dtype=torch.float32),
             torch.tensor(groups, dtype=torch.long),
         )
-        self.batch_size = batch_size or len(self.dataset)
+        self.batch_size = batch_size  # None: the whole (shard of the) training set
         self.seed = seed
 
     def train_dataloader(self):
         # Batches are fetched by one fancy index rather than row by row and collated:
         # per-row fetching cost more than the training step itself.
-        n = len(self.dataset)
+        rows = self._shard()
         generator = torch.Generator().manual_seed(self.seed)
-        order = RandomSampler(range(n), generator=generator) if self.batch_size < n else range(n)
-        return DataLoader(self.dataset, sampler=BatchSampler(order, self.batch_size, drop_last=False), batch_size=None)
+        batch_size = self.batch_size or len(rows)
+        order = SubsetRandomSampler(rows, generator=generator) if batch_size < len(rows) else rows.tolist()
+        return DataLoader(self.dataset, sampler=BatchSampler(order, batch_size, drop_last=False), batch_size=None)
+
+    def _shard(self) -> np.ndarray:
+        """Rows this process trains on: all of them, or under DDP the groups ``g % world_size == rank``.
+
+        Sharding by group keeps every pair of a group on one process, so each head's
+        gradient is what one process would compute, only rescaled by the all-reduce (which
+        Adam's per-parameter normalisation cancels): 2 processes train the same heads as 1.
+        Run DDP with ``use_distributed_sampler: false`` (configs/trainer/ddp.yaml).
+        """
+        groups = self.dataset.tensors[2].numpy()
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or trainer.world_size == 1:
+            return np.arange(len(groups))
+        return np.flatnonzero(groups % trainer.world_size == trainer.global_rank)
 
 
 class HeadLearner:

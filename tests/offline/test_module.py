@@ -102,3 +102,16 @@ def test_a_group_spanning_two_blocks_is_an_error():
     X, y, g = two_groups(0)
     with pytest.raises(ValueError, match=r"group 3 spans more than one block \(\[0, 1\]\)"):
         make("multitask").fit(X, y, g, blocks=np.arange(len(g)) % 2)
+
+
+def test_under_ddp_each_process_trains_whole_groups():
+    X, y, g = two_groups(0, n=10)  # groups 3 and 8
+    groups = np.searchsorted([3, 8], g)
+    seen = []
+    for rank in (0, 1):
+        data = RankingDataModule(X, y, groups)
+        data.trainer = type("FakeTrainer", (), {"world_size": 2, "global_rank": rank})()
+        (batch,) = list(data.train_dataloader())
+        seen.append(batch[2])
+    assert set(seen[0].tolist()) == {0} and set(seen[1].tolist()) == {1}
+    assert len(seen[0]) + len(seen[1]) == len(X)
