@@ -93,7 +93,11 @@ def nested_selection(runs: pd.DataFrame) -> pd.DataFrame:
     """
     tuning, held_out = split_matrix(runs, "split_tuning_auc"), split_matrix(runs, "split_auc")
     rows = []
-    for family, part in runs.groupby("family", sort=False):
+    families = list(runs.groupby("family", sort=False))
+    for family, part in list(families):  # a study over several learners also counts as one restricted search per learner
+        if part["learner"].nunique() > 1:
+            families += [(f"{family}: {learner}", sub) for learner, sub in part.groupby("learner")]
+    for family, part in families:
         t = tuning.loc[part.index].dropna(axis=0, how="all")
         if t.empty:
             continue
@@ -126,8 +130,8 @@ def leaderboard(runs: pd.DataFrame, top: int = 5) -> str:
 
 def nested_table(runs: pd.DataFrame, chosen: pd.DataFrame, reference: str = "SklearnLR") -> str:
     """Markdown: each family's nested figures, and the paired difference to the reference family."""
-    baseline_of = runs.groupby("family")["baseline"].first()
-    ref_family = next((f for f in chosen.family.unique() if (runs[runs.family == f].learner == reference).all()), None)
+    baseline_of = chosen.groupby("family")["run_id"].first().map(runs.set_index("run_id")["baseline"])
+    ref_family = next((f for f in chosen.family.unique() if set(runs.learner[runs.run_id.isin(_members(runs, f))]) == {reference}), None)
     ref = chosen[chosen.family == ref_family].set_index("split")["auc"] if ref_family else None
     lines = ["| family | kind | candidates | tuning AUC (inner, chosen) | **held-out AUC (outer, nested)** | "
              f"Δ held-out vs {ref_family or reference} (mean ± std over splits) | Δ > std? | best trial by mean tuning AUC: tuning / held-out |",
@@ -140,12 +144,20 @@ def nested_table(runs: pd.DataFrame, chosen: pd.DataFrame, reference: str = "Skl
             diff = (part["auc"] - ref.reindex(part.index)).dropna()
             delta = _pm(diff)
             verdict = "yes" if diff.mean() > diff.std() else "no"
-        members = runs[runs.family == family]
+        members = runs[runs.run_id.isin(_members(runs, family))]
         best = members.loc[members["metrics.tuning_auc"].idxmax()]
         lines.append(f"| {family} | {'baseline' if baseline_of[family] else 'ours'} | {part['candidates'].iloc[0]} | "
                      f"{_pm(part['tuning_auc'])} | **{_pm(part['auc'])}** | {delta} | {verdict} | "
                      f"{best['tags.mlflow.runName']}: {best['metrics.tuning_auc']:.4f} / {best['metrics.auc']:.4f} |")
     return "\n".join(lines)
+
+
+def _members(runs: pd.DataFrame, family: str) -> pd.Series:
+    """Run ids of a family, or of a ``"<study family>: <learner>"`` sub-family."""
+    if family in set(runs.family):
+        return runs.run_id[runs.family == family]
+    study, learner = family.rsplit(": ", 1)
+    return runs.run_id[(runs.family == study) & (runs.learner == learner)]
 
 
 def plot(runs: pd.DataFrame, chosen: pd.DataFrame, title: str):
@@ -162,7 +174,7 @@ def plot(runs: pd.DataFrame, chosen: pd.DataFrame, title: str):
     fig, ax = plt.subplots(figsize=(7.5, 0.55 * len(order) + 1.6))
     for y, family in enumerate(order):
         values = groups[family]
-        color = "tab:gray" if runs[runs.family == family]["baseline"].all() else "tab:blue"
+        color = "tab:gray" if runs[runs.run_id.isin(_members(runs, family))]["baseline"].all() else "tab:blue"
         ax.scatter(values, np.full(len(values), y) + np.linspace(-0.15, 0.15, len(values)), s=10, color=color, alpha=0.5)
         ax.errorbar(values.mean(), y, xerr=values.std() if len(values) > 1 else None, fmt="o", color=color, capsize=4, ms=7)
         if family in tuning:
