@@ -28,8 +28,9 @@ def log_run(client, experiment_id, name, learner, tuning, held_out, head=None, s
     return rid
 
 
-@pytest.fixture
-def store(tmp_path):
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("store")  # one store for the module: creating an MLflow database takes seconds
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)
     eid = client.create_experiment("nested", artifact_location=str(tmp_path / "artifacts"))
@@ -89,8 +90,8 @@ def test_main_names_its_own_command_and_missing_experiments_are_clear(store, tmp
         main(["nope", "--out", str(out), "--tracking-uri", store])
 
 
-def test_online_runs_get_one_row_per_learner(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_online_runs_get_one_row_per_learner(store, tmp_path):
+    uri = store
     client = mlflow.MlflowClient(uri)
     eid = client.create_experiment("online", artifact_location=str(tmp_path / "artifacts"))
     rid = client.create_run(eid, tags={"mlflow.runName": "coldstart", "git_commit": "abc"}).info.run_id
