@@ -15,31 +15,15 @@ made on the inner folds has seen).
 
 from __future__ import annotations
 
-from typing import Protocol
-
 import numpy as np
 import pandas as pd
 import torch
 
 from streamml.data import QueryData, cv_splits, nested_splits
+from streamml.offline.contract import OfflineLearner
 from streamml.offline.metrics import ranking_metrics
 
 METRICS = ["auc", "ndcg_at_5", "ndcg_at_10", "map", "precision_at_5"]
-
-
-class OfflineLearner(Protocol):
-    """The offline contract every learner in the harness follows (heads and baselines alike).
-
-    ``fit`` trains one scorer per group (a query, or a (split, query) pair in CV) and
-    replaces what was fitted before; ``blocks`` (N,) marks which groups may share
-    parameters (the queries of one split), ``None`` meaning all of them. ``score`` returns
-    (N,) scores, comparable only within a group; a group unseen in ``fit`` is a ValueError.
-    """
-
-    def fit(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray, blocks: np.ndarray | None = None,
-            callbacks: list | None = None) -> "OfflineLearner": ...
-
-    def score(self, X: np.ndarray, groups: np.ndarray) -> np.ndarray: ...
 
 
 def cross_validate(learner: OfflineLearner, data: QueryData, splits: list[tuple[np.ndarray, np.ndarray]], **fit_kwargs) -> pd.DataFrame:
