@@ -8,6 +8,8 @@ A run that raises ends FAILED (``mlflow.start_run`` does that on exit), never RU
 Runs are named after what was changed on the command line, so the runs of a multirun
 can be told apart; a fresh local store shows the project's experiment, not an empty
 ``Default``; and ``load_model`` says which store it searched when a run is not found.
+A trial of an Optuna search (the config has ``optuna.study``/``optuna.trial``, set by the
+sweeper) is tagged with its study and trial and nested under the study's parent run.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import os
 import subprocess
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -100,11 +103,73 @@ def start_run(cfg: DictConfig, tags: dict[str, str] | None = None, run_name: str
     mlflow.set_tracking_uri(cfg.logger.tracking_uri)
     use_experiment(cfg.name)
     resolved = OmegaConf.to_container(cfg, resolve=True)
+    tags = {"git_commit": git_commit(), **(tags or {}), **trial_tags(cfg)}
     with mlflow.start_run(run_name=run_name_with_overrides(run_name) if run_name else None) as run:
-        mlflow.set_tags({"git_commit": git_commit(), **(tags or {})})
+        mlflow.set_tags(tags)
         mlflow.log_params(_flatten(resolved))
         mlflow.log_text(OmegaConf.to_yaml(resolved), "config.yaml")
         yield run
+
+
+STUDY_TAG, TRIAL_TAG, ROLE_TAG = "optuna_study", "optuna_trial", "streamml.role"
+
+
+def _experiment_id(client: mlflow.MlflowClient, name: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name)
+    except mlflow.exceptions.MlflowException:  # another process created it first
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def study_run(tracking_uri: str, experiment: str, study: str, create: bool = False, wait_s: float = 0.0) -> str | None:
+    """The id of Optuna study ``study``'s parent run in ``experiment``, found by its tags.
+
+    Polls up to ``wait_s`` seconds (a process joining a study waits for the one that created
+    it), then creates the run if ``create``, else returns None. Any process or machine that
+    shares the tracking URI finds the same run, the oldest one if several were made.
+    """
+    if "'" in study:
+        raise ValueError(f"Optuna study name {study!r} must not contain a single quote")
+    client = mlflow.MlflowClient(tracking_uri)
+    experiment_id = _experiment_id(client, experiment)
+    query = f"tags.{STUDY_TAG} = '{study}' and tags.`{ROLE_TAG}` = 'study'"
+    deadline = time.monotonic() + wait_s
+    while True:
+        runs = client.search_runs([experiment_id], query, order_by=["attributes.start_time ASC"], max_results=1)
+        if runs:
+            return runs[0].info.run_id
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.5)
+    if not create:
+        return None
+    tags = {STUDY_TAG: study, ROLE_TAG: "study", "git_commit": git_commit()}
+    return client.create_run(experiment_id, run_name=f"study-{study}", tags=tags).info.run_id
+
+
+def finish_study_run(tracking_uri: str, run_id: str, study) -> None:
+    """Record the study's best trial so far on its parent run and mark the run finished."""
+    client = mlflow.MlflowClient(tracking_uri)
+    done = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
+    client.log_metric(run_id, "best_value", float(study.best_value), step=len(done))
+    client.set_tag(run_id, "best_trial", str(study.best_trial.number))
+    client.set_tag(run_id, "best_params", str(study.best_params))
+    client.set_terminated(run_id)
+
+
+def trial_tags(cfg: DictConfig) -> dict[str, str]:
+    """Tags of a search trial: its study, its number and its parent run (found by tag)."""
+    search = cfg.get("optuna")
+    if not search or search.get("study") is None:
+        return {}
+    tags = {STUDY_TAG: str(search.study), TRIAL_TAG: str(search.trial)}
+    parent = study_run(cfg.logger.tracking_uri, cfg.name, str(search.study))
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    return tags
 
 
 class EpochLoss(L.Callback):
@@ -112,10 +177,19 @@ class EpochLoss(L.Callback):
 
     def __init__(self, prefix: str = ""):
         self.prefix = prefix
+        # DDP processes spawned for the fit have no active run: they log to this one, rank 0 only.
+        run = mlflow.active_run()
+        self.run_id, self.tracking_uri = (run.info.run_id, mlflow.get_tracking_uri()) if run else (None, None)
 
     def on_train_epoch_end(self, trainer, pl_module):
+        if not trainer.is_global_zero:
+            return
         metrics = {f"{self.prefix}{k}": float(v) for k, v in trainer.callback_metrics.items()}
-        mlflow.log_metrics(metrics, step=trainer.current_epoch, synchronous=False)
+        if mlflow.active_run() is None and self.run_id:
+            mlflow.MlflowClient(self.tracking_uri).log_batch(
+                self.run_id, [mlflow.entities.Metric(k, v, int(time.time() * 1000), trainer.current_epoch) for k, v in metrics.items()])
+        else:
+            mlflow.log_metrics(metrics, step=trainer.current_epoch, synchronous=False)
 
 
 def plot_per_query(per_query: pd.DataFrame, metric: str = "auc"):

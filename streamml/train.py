@@ -2,7 +2,8 @@
 
 ``main`` only composes the config; ``train(cfg)`` does the work, so tests and notebooks
 call it directly. It loads the queries, cross-validates the configured learner on
-per-query stratified folds, fits it once more on all the data, and records everything
+per-query stratified folds, fits it once more on all the data (unless ``final_fit`` is
+false, as in searches), and records everything
 in MLflow. It returns the run's metrics; ``main`` returns ``cfg.objective`` for sweepers.
 
 A config that cannot run here (``trainer=gpu`` without a GPU) fails before any data is
@@ -86,30 +87,33 @@ def train(cfg: DictConfig) -> dict[str, float]:
     _quiet_lightning()
     check_trainer(cfg)
     from streamml import tracking
-    from streamml.data import cv_splits, load_queries
-    from streamml.offline.evaluate import cross_validate, summarize
+    from streamml.data import load_queries
+    from streamml.offline.evaluate import evaluate, summarize
     from streamml.online import simulate
 
     if "scenario" in cfg:
         return simulate.run(cfg)
     data = load_queries(cfg.data.dir, cfg.data.embedding_dim, cfg.data.min_per_class)
-    splits = cv_splits(data, **cfg.cv)
     log.info(f"{len(data.query_ids)} queries, {len(data.frame)} unique texts ({data.n_duplicates} duplicates merged) from {cfg.data.dir}")
     tags = {"data_fingerprint": data.fingerprint, "data_dir": str(cfg.data.dir)}
     cv_learner, final_learner = instantiate(cfg.learner), instantiate(cfg.learner)  # config errors fail before the run
     example = pd.DataFrame({"query_id": [data.query_ids[q] for q in data.query[:2]], "embedding": data.X[:2].tolist()})
     with tracking.start_run(cfg, tags=tags, run_name=_run_name(cfg)) as run:
         log.info(f"MLflow run {run.info.run_name} ({run.info.run_id}) in experiment '{cfg.name}' ({cfg.logger.tracking_uri})")
-        table = cross_validate(cv_learner, data, splits, callbacks=_fit_callbacks(cfg, "cv", "cv_"))
+        table = evaluate(cv_learner, data, **cfg.cv, callbacks=_fit_callbacks(cfg, "cv", "cv_"))
         metrics, per_query = summarize(table)
-        final = final_learner.fit(data.X, data.y, data.query, callbacks=_fit_callbacks(cfg, "final fit"))
         tracking.log_results(metrics, per_query, table)
-        tracking.log_model(final, data.query_ids, cfg.data.embedding_dim, input_example=example)
+        if cfg.final_fit:
+            final = final_learner.fit(data.X, data.y, data.query, callbacks=_fit_callbacks(cfg, "final fit"))
+            tracking.log_model(final, data.query_ids, cfg.data.embedding_dim, input_example=example)
     with pd.option_context("display.float_format", "{:.3f}".format, "display.width", 120):
         columns = ["query_id", "auc", "auc_std", "ndcg_at_5", "ndcg_at_10", "map", "precision_at_5"]
         log.info(f"mean over queries: auc {metrics['auc']:.3f} ± {metrics['auc_std']:.3f} (std over splits)\n"
                  + per_query[columns].to_string(index=False))
-        log.info(f"model: runs:/{run.info.run_id}/model (serve: mlflow models serve -m runs:/{run.info.run_id}/model --env-manager local)")
+        if "tuning_auc" in metrics:
+            log.info(f"nested CV: tuning auc (inner folds) {metrics['tuning_auc']:.3f}, held-out auc (outer folds) {metrics['auc']:.3f}")
+        if cfg.final_fit:
+            log.info(f"model: runs:/{run.info.run_id}/model (serve: mlflow models serve -m runs:/{run.info.run_id}/model --env-manager local)")
     return metrics
 
 

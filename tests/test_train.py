@@ -1,6 +1,7 @@
 """End-to-end: `train(cfg)` on the shipped data, early config errors, quiet output, a 3-job
 multirun with its summary and distinct run names, and the real data's target."""
 
+import dataclasses
 import logging
 import os
 import subprocess
@@ -11,10 +12,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from hydra.utils import instantiate
 from omegaconf import open_dict
 
 from conftest import REPO, compose_cfg
 from streamml.data import load_queries
+from streamml.offline.evaluate import evaluate, summarize
 from streamml.train import StartupError, train
 
 KEYS = ["auc", "ndcg_at_5", "ndcg_at_10", "map", "precision_at_5", "auc_std"]
@@ -37,7 +40,12 @@ def test_train_on_shipped_data_logs_everything(mlflow_uri, experiment, caplog):
     assert run.info.status == "FINISHED"
     for key in KEYS + [f"auc.{q}" for q in data.query_ids]:
         assert run.data.metrics[key] == pytest.approx(metrics[key])
-    assert metrics["auc"] > 0.8  # the shipped topics carry a learnable preference
+    # The shipped topics carry a learnable preference: far above the same learner on labels shuffled per query.
+    rng = np.random.default_rng(0)
+    shuffled = dataclasses.replace(data, frame=data.frame.assign(
+        label=data.frame.groupby("query")["label"].transform(lambda s: rng.permutation(s.to_numpy()))))
+    null = summarize(evaluate(instantiate(cfg.learner), shuffled, n_folds=2, n_repeats=1))[0]["auc"]
+    assert metrics["auc"] > null + 0.2, (metrics["auc"], null)
     assert run.data.tags["data_fingerprint"] == data.fingerprint
     assert run.data.params["name"] == experiment
     client = mlflow.MlflowClient(mlflow_uri)
@@ -131,8 +139,13 @@ def test_three_job_multirun_ends_with_a_summary_and_three_run_names(tmp_path):
 
 
 @pytest.mark.slow
-def test_linear_ranknet_reaches_target_on_real_data(mlflow_uri, shared_queries):
-    cfg = compose_cfg(["+experiment=linear_ranknet", f"data.dir={shared_queries}"], tiny=False)
-    with open_dict(cfg):
-        cfg.trainer.enable_progress_bar = False
-    assert train(cfg)["auc"] >= 0.93
+def test_linear_ranknet_ties_sklearn_lr_on_real_data(mlflow_uri, shared_queries):
+    """The heads tie tuned LR on the shared data (experiments/README.md): never worse by more than the spread over splits."""
+    results = {}
+    for overrides in (["+experiment=linear_ranknet"], ["learner=sklearn_lr", "learner.C=100"]):
+        cfg = compose_cfg([*overrides, f"data.dir={shared_queries}", "final_fit=false"], tiny=False)
+        with open_dict(cfg):
+            cfg.trainer.enable_progress_bar = False
+        results[overrides[0]] = train(cfg)
+    ours, lr = results["+experiment=linear_ranknet"], results["learner=sklearn_lr"]
+    assert ours["auc"] >= lr["auc"] - lr["auc_std"], (ours["auc"], lr["auc"], lr["auc_std"])

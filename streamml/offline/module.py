@@ -9,15 +9,16 @@ over epochs, named for what the fit is for ("cv", "final fit").
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from typing import Callable
 
 import lightning as L
 import numpy as np
 import torch
-from torch import nn
 from lightning.pytorch.callbacks import ProgressBar
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
+from torch import nn
+from torch.utils.data import BatchSampler, DataLoader, SubsetRandomSampler, TensorDataset
 from tqdm.auto import tqdm
 
 # Lightning's own pytree helper builds torch's deprecated LeafSpec on every fit (Lightning
@@ -39,7 +40,7 @@ class RankingModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y, group = batch
         loss = self.loss(self(x, group), y, group)
-        self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=len(y))
+        self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True)
         return loss
 
     def configure_optimizers(self):
@@ -60,16 +61,31 @@ class RankingDataModule(L.LightningDataModule):
             torch.tensor(y, dtype=torch.float32),
             torch.tensor(groups, dtype=torch.long),
         )
-        self.batch_size = batch_size or len(self.dataset)
+        self.batch_size = batch_size  # None: the whole (shard of the) training set
         self.seed = seed
 
     def train_dataloader(self):
         # Batches are fetched by one fancy index rather than row by row and collated:
         # per-row fetching cost more than the training step itself.
-        n = len(self.dataset)
+        rows = self._shard()
         generator = torch.Generator().manual_seed(self.seed)
-        order = RandomSampler(range(n), generator=generator) if self.batch_size < n else range(n)
-        return DataLoader(self.dataset, sampler=BatchSampler(order, self.batch_size, drop_last=False), batch_size=None)
+        batch_size = self.batch_size or len(rows)
+        order = SubsetRandomSampler(rows, generator=generator) if batch_size < len(rows) else rows.tolist()
+        return DataLoader(self.dataset, sampler=BatchSampler(order, batch_size, drop_last=False), batch_size=None)
+
+    def _shard(self) -> np.ndarray:
+        """Rows this process trains on: all of them, or under DDP the groups ``g % world_size == rank``.
+
+        Sharding by group keeps every pair of a group on one process, so each head's
+        gradient is what one process would compute, only rescaled by the all-reduce (which
+        Adam's per-parameter normalisation cancels): 2 processes train the same heads as 1.
+        Run DDP with ``use_distributed_sampler: false`` (configs/trainer/ddp.yaml).
+        """
+        groups = self.dataset.tensors[2].numpy()
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or trainer.world_size == 1:
+            return np.arange(len(groups))
+        return np.flatnonzero(groups % trainer.world_size == trainer.global_rank)
 
 
 class HeadLearner:
@@ -112,10 +128,15 @@ class HeadLearner:
         self.head, self.loss, self.optimizer, self.trainer = head, loss, optimizer, trainer
         self.batch_size, self.seed = batch_size, seed
 
-    def fit(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray, callbacks: list | None = None) -> "HeadLearner":
+    def fit(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray, blocks: np.ndarray | None = None,
+            callbacks: list | None = None) -> "HeadLearner":
+        """Train one head per group; ``blocks`` (N,) says which groups a head may share parameters with."""
         L.seed_everything(self.seed, workers=True, verbose=False)
-        self.groups_ = np.unique(groups)
-        module = RankingModule(self.head(n_groups=len(self.groups_)), self.loss, self.optimizer)
+        self.groups_, first = np.unique(groups, return_index=True)
+        head_kwargs = {"n_groups": len(self.groups_)}
+        if "blocks" in inspect.signature(self.head).parameters:
+            head_kwargs["blocks"] = torch.as_tensor(_block_of_group(groups, blocks, self.groups_, first))
+        module = RankingModule(self.head(**head_kwargs), self.loss, self.optimizer)
         data = RankingDataModule(X, y, np.searchsorted(self.groups_, groups), self.batch_size, self.seed)
         self.trainer(callbacks=callbacks or []).fit(module, datamodule=data)
         self.heads_ = module.heads.cpu().eval()
@@ -157,3 +178,16 @@ class EpochProgress(ProgressBar):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.bar.close()
+def _block_of_group(groups: np.ndarray, blocks: np.ndarray | None, group_ids: np.ndarray, first: np.ndarray) -> np.ndarray:
+    """(G,) block index 0..K-1 of each group in ``group_ids``; every group must lie in one block."""
+    if blocks is None:
+        return np.zeros(len(group_ids), dtype=np.int64)
+    blocks = np.asarray(blocks)
+    if blocks.shape != np.shape(groups):
+        raise ValueError(f"blocks must have shape {np.shape(groups)}, like groups; got {blocks.shape}")
+    of_group = blocks[first]
+    mixed = of_group[np.searchsorted(group_ids, groups)] != blocks
+    if mixed.any():
+        g = groups[mixed][0].item()
+        raise ValueError(f"group {g!r} spans more than one block ({sorted(set(blocks[groups == g].tolist()))})")
+    return np.unique(of_group, return_inverse=True)[1].astype(np.int64)
