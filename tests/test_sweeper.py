@@ -147,7 +147,8 @@ hydra:
 '''
 
 
-def run_sweep(args, cwd, env_extra=None, timeout=600):
+def run_sweep(args, cwd, env_extra=None, timeout=900):
+    """Run python ARGS in cwd (a temp dir: MLflow puts artifacts in ./mlruns) and check it succeeds."""
     env = {**os.environ, "PYTHONPATH": str(REPO), **(env_extra or {})}
     out = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
@@ -199,7 +200,7 @@ def tiny_search_args(query_dir, storage, sweep_dir, n_trials, study="tiny"):
 def test_offline_search_records_every_trial_under_the_study_run(tmp_path):
     query_dir = write_queries(tmp_path / "queries")
     storage, tracking = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
-    run_sweep(tiny_search_args(query_dir, storage, tmp_path / "multirun", n_trials=3), REPO,
+    run_sweep(tiny_search_args(query_dir, storage, tmp_path / "multirun", n_trials=3), tmp_path,
               {"MLFLOW_TRACKING_URI": tracking})
 
     study = optuna.load_study(study_name="tiny", storage=storage)
