@@ -84,7 +84,7 @@ def test_two_sweep_processes_share_one_study_on_postgres(postgres, tmp_path):
     mlflow.MlflowClient(tracking).search_experiments()  # create MLflow's tables once, before two processes race to
     query_dir = write_queries(tmp_path / "queries")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "MLFLOW_TRACKING_URI": tracking}
-    n_trials = {"a": 3, "b": 4}
+    n_trials = {"a": 2, "b": 3}
     procs = {
         name: subprocess.Popen([sys.executable, *tiny_search_args(query_dir, storage, tmp_path / f"multirun_{name}", n, study="shared")],
                                cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
