@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import RepeatedStratifiedKFold
+from sklearn.model_selection import RepeatedStratifiedKFold, StratifiedKFold
 
 LABELS = {"accepted": 1, "rejected": 0}
 
@@ -188,3 +188,40 @@ def cv_splits(data: QueryData, n_folds: int = 5, n_repeats: int = 3, seed: int =
             test[k].append(rows[te])
     return [(np.sort(np.concatenate(tr)), np.sort(np.concatenate(te))) for tr, te in zip(train, test)]
 
+
+
+def nested_splits(
+    data: QueryData, n_folds: int = 5, n_repeats: int = 3, inner_folds: int = 4, seed: int = 0
+) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[list[tuple[np.ndarray, np.ndarray]]]]:
+    """Outer splits as in `cv_splits`, and inner k-fold splits of each outer training part.
+
+    A search chooses on the inner folds (the tuning figure) and is judged on the outer test
+    rows, which no inner split of that outer fold contains (the held-out figure). Inner folds
+    are stratified inside each query, like the outer ones, and rows are unique texts, so no
+    text straddles an inner or an outer split either.
+
+    Returns
+    -------
+    outer : list of (train_idx, test_idx)
+        ``n_folds * n_repeats`` pairs, identical to ``cv_splits(data, n_folds, n_repeats, seed)``.
+    inner : list of list of (train_idx, test_idx)
+        ``inner[k]`` holds ``inner_folds`` pairs partitioning ``outer[k][0]``.
+    """
+    outer = cv_splits(data, n_folds, n_repeats, seed)
+    y, query = data.y, data.query
+    inner = []
+    for k, (outer_train, _) in enumerate(outer):
+        parts: list[tuple[list[np.ndarray], list[np.ndarray]]] = [([], []) for _ in range(inner_folds)]
+        for q in range(len(data.query_ids)):
+            rows = outer_train[query[outer_train] == q]
+            if np.bincount(y[rows], minlength=2).min() < inner_folds:
+                raise DataValidationError(
+                    f"{data.query_ids[q]}: fewer than cv.inner_folds={inner_folds} sentences of one class "
+                    f"in outer split {k}; lower cv.inner_folds"
+                )
+            splitter = StratifiedKFold(n_splits=inner_folds, shuffle=True, random_state=seed + 7919 * (k + 1) + q)
+            for j, (tr, te) in enumerate(splitter.split(rows, y[rows])):
+                parts[j][0].append(rows[tr])
+                parts[j][1].append(rows[te])
+        inner.append([(np.sort(np.concatenate(tr)), np.sort(np.concatenate(te))) for tr, te in parts])
+    return outer, inner

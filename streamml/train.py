@@ -17,8 +17,8 @@ from omegaconf import DictConfig
 
 from streamml import tracking
 from streamml.online import simulate
-from streamml.data import cv_splits, load_queries
-from streamml.offline.evaluate import cross_validate, summarize
+from streamml.data import load_queries
+from streamml.offline.evaluate import evaluate, summarize
 
 
 def _run_name(cfg: DictConfig) -> str:
@@ -38,11 +38,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if "scenario" in cfg:
         return simulate.run(cfg)
     data = load_queries(cfg.data.dir, cfg.data.embedding_dim, cfg.data.min_per_class)
-    splits = cv_splits(data, **cfg.cv)
     print(f"{len(data.query_ids)} queries, {len(data.frame)} unique texts ({data.n_duplicates} duplicates merged) from {cfg.data.dir}")
     tags = {"data_fingerprint": data.fingerprint, "data_dir": str(cfg.data.dir)}
     with tracking.start_run(cfg, tags=tags, run_name=_run_name(cfg)) as run:
-        table = cross_validate(instantiate(cfg.learner), data, splits, callbacks=[tracking.EpochLoss("cv_")])
+        table = evaluate(instantiate(cfg.learner), data, **cfg.cv, callbacks=[tracking.EpochLoss("cv_")])
         metrics, per_query = summarize(table)
         tracking.log_results(metrics, per_query, table)
         if cfg.final_fit:
@@ -51,6 +50,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     with pd.option_context("display.float_format", "{:.3f}".format, "display.width", 120):
         print(f"\nMLflow run {run.info.run_id} in experiment '{cfg.name}' ({cfg.logger.tracking_uri})")
         print(f"mean over queries: auc {metrics['auc']:.3f} ± {metrics['auc_std']:.3f} (std over splits)")
+        if "tuning_auc" in metrics:
+            print(f"nested CV: tuning auc (inner folds) {metrics['tuning_auc']:.3f}, held-out auc (outer folds) {metrics['auc']:.3f}")
         print(per_query[["query_id", "auc", "auc_std", "ndcg_at_5", "ndcg_at_10", "map", "precision_at_5"]].to_string(index=False))
     return metrics
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import SHARED_QUERIES, write_queries
-from streamml.data import DataValidationError, cv_splits, load_queries
+from streamml.data import DataValidationError, cv_splits, load_queries, nested_splits
 
 
 def row(text="a", label="accepted", dim=384, value=0.1):
@@ -121,3 +121,43 @@ def test_duplicated_texts_of_the_real_data_never_straddle_a_split():
     for train, test in cv_splits(data):
         train_keys = set(zip(data.frame.query_id.iloc[train], data.frame.text.iloc[train]))
         assert not train_keys & set(zip(data.frame.query_id.iloc[test], data.frame.text.iloc[test]))
+
+
+def with_duplicates(tmp_path):
+    """Three queries where some texts appear two or three times in their file."""
+    folder = write_queries(tmp_path / "q", n_queries=3, n_per_class=12)
+    for path in folder.glob("*.json"):
+        rows = json.loads(path.read_text())
+        path.write_text(json.dumps(rows + rows[:3] + rows[-2:] + rows[:1]))
+    return load_queries(folder, min_per_class=1)
+
+
+def test_nested_inner_folds_partition_the_outer_train_and_never_see_its_test(tmp_path):
+    data = with_duplicates(tmp_path)
+    outer, inner = nested_splits(data, n_folds=3, n_repeats=2, inner_folds=3, seed=1)
+    assert [(tr.tolist(), te.tolist()) for tr, te in outer] == [
+        (tr.tolist(), te.tolist()) for tr, te in cv_splits(data, n_folds=3, n_repeats=2, seed=1)]
+    assert len(inner) == 6 and all(len(part) == 3 for part in inner)
+    for (outer_train, outer_test), part in zip(outer, inner):
+        assert sorted(np.concatenate([te for _, te in part])) == sorted(outer_train)
+        for train, test in part:
+            assert not set(train) & set(test)
+            assert not (set(train) | set(test)) & set(outer_test)
+            for q in range(3):  # stratified: each inner test part holds both classes of every query
+                assert set(data.y[test][data.query[test] == q]) == {0, 1}
+
+
+def test_duplicated_texts_never_straddle_an_outer_or_inner_split(tmp_path):
+    data = with_duplicates(tmp_path)
+    assert data.n_duplicates == 3 * 6
+    keys = list(zip(data.frame.query_id, data.frame.text))
+    outer, inner = nested_splits(data, n_folds=3, n_repeats=1, inner_folds=2)
+    for train, test in outer + [split for part in inner for split in part]:
+        assert not {keys[i] for i in train} & {keys[i] for i in test}
+
+
+def test_nested_splits_reject_too_few_of_a_class_for_the_inner_folds(tmp_path):
+    write_queries(tmp_path, n_queries=1, n_per_class=6)
+    data = load_queries(tmp_path, min_per_class=1)
+    with pytest.raises(DataValidationError, match=r"topic_0: fewer than cv.inner_folds=5 .* outer split 0"):
+        nested_splits(data, n_folds=3, n_repeats=1, inner_folds=5)

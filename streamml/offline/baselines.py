@@ -80,8 +80,12 @@ class _PerGroup:
 
     neutral_score: float
 
-    def fit(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray, callbacks=()):
-        """Fit one model per group; ``callbacks`` (Lightning's, for epoch logging) have no epochs to see here."""
+    def fit(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray, blocks=None, callbacks=()):
+        """Fit one model per group.
+
+        Groups share nothing, so ``blocks`` (which groups may share) changes nothing; ``callbacks``
+        (Lightning's, for epoch logging) have no epochs to see here.
+        """
         X, groups = self._check_X_groups(X, groups)
         y = np.asarray(y)
         if y.shape != (len(X),):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+import inspect
+
 import lightning as L
 import numpy as np
 import torch
@@ -102,10 +104,15 @@ class HeadLearner:
         self.head, self.loss, self.optimizer, self.trainer = head, loss, optimizer, trainer
         self.batch_size, self.seed = batch_size, seed
 
-    def fit(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray, callbacks: list | None = None) -> "HeadLearner":
+    def fit(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray, blocks: np.ndarray | None = None,
+            callbacks: list | None = None) -> "HeadLearner":
+        """Train one head per group; ``blocks`` (N,) says which groups a head may share parameters with."""
         L.seed_everything(self.seed, workers=True, verbose=False)
-        self.groups_ = np.unique(groups)
-        module = RankingModule(self.head(n_groups=len(self.groups_)), self.loss, self.optimizer)
+        self.groups_, first = np.unique(groups, return_index=True)
+        head_kwargs = {"n_groups": len(self.groups_)}
+        if "blocks" in inspect.signature(self.head).parameters:
+            head_kwargs["blocks"] = torch.as_tensor(_block_of_group(groups, blocks, self.groups_, first))
+        module = RankingModule(self.head(**head_kwargs), self.loss, self.optimizer)
         data = RankingDataModule(X, y, np.searchsorted(self.groups_, groups), self.batch_size, self.seed)
         self.trainer(callbacks=callbacks or []).fit(module, datamodule=data)
         self.heads_ = module.heads.cpu().eval()
@@ -119,3 +126,18 @@ class HeadLearner:
             raise ValueError(f"group {groups[unseen][0].item()!r} was not seen in fit; known groups: {self.groups_.tolist()}")
         x = torch.as_tensor(X, dtype=torch.float32)
         return self.heads_(x, torch.as_tensor(idx, dtype=torch.long)).numpy()
+
+
+def _block_of_group(groups: np.ndarray, blocks: np.ndarray | None, group_ids: np.ndarray, first: np.ndarray) -> np.ndarray:
+    """(G,) block index 0..K-1 of each group in ``group_ids``; every group must lie in one block."""
+    if blocks is None:
+        return np.zeros(len(group_ids), dtype=np.int64)
+    blocks = np.asarray(blocks)
+    if blocks.shape != np.shape(groups):
+        raise ValueError(f"blocks must have shape {np.shape(groups)}, like groups; got {blocks.shape}")
+    of_group = blocks[first]
+    mixed = of_group[np.searchsorted(group_ids, groups)] != blocks
+    if mixed.any():
+        g = groups[mixed][0].item()
+        raise ValueError(f"group {g!r} spans more than one block ({sorted(set(blocks[groups == g].tolist()))})")
+    return np.unique(of_group, return_inverse=True)[1].astype(np.int64)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from streamml.offline.heads import LinearHeads, MLPHeads
+from streamml.offline.heads import LinearHeads, MLPHeads, MultiTaskHeads
 from streamml.offline.losses import get_loss
 from streamml.offline.module import HeadLearner, RankingDataModule
 
@@ -19,7 +19,8 @@ TRAINER = partial(L.Trainer, max_epochs=40, accelerator="cpu", logger=False, ena
 
 
 def make(head="linear", loss="ranknet", **kw):
-    heads = partial(LinearHeads, dim=D) if head == "linear" else partial(MLPHeads, dim=D, hidden=8)
+    heads = {"linear": partial(LinearHeads, dim=D), "mlp": partial(MLPHeads, dim=D, hidden=8),
+             "multitask": partial(MultiTaskHeads, dim=D, rank=4)}[head]
     return HeadLearner(heads, get_loss(loss), partial(torch.optim.AdamW, lr=0.05), TRAINER, **kw)
 
 
@@ -32,7 +33,7 @@ def two_groups(seed, n=40):
     return X.astype(np.float32), y, groups
 
 
-@pytest.mark.parametrize("head", ["linear", "mlp"])
+@pytest.mark.parametrize("head", ["linear", "mlp", "multitask"])
 @pytest.mark.parametrize("loss", ["ranknet", "margin", "bce"])
 def test_ranks_held_out_items(head, loss):
     learner = make(head, loss).fit(*two_groups(0))
@@ -79,3 +80,25 @@ def test_callbacks_see_every_epoch():
 
     make().fit(*two_groups(0), callbacks=[Spy()])
     assert len(seen) == 40 and seen[-1] < seen[0]
+
+
+def test_multitask_shares_within_a_block_and_learns_nothing_from_another_block():
+    X, y, g = two_groups(0)
+    X2, y2, g2 = two_groups(1)
+    X, y, g = np.concatenate([X, X2]), np.concatenate([y, y2]), np.concatenate([g, g2 + 10])
+    blocks = (g >= 10).astype(int)  # two CV splits: groups 3, 8 and groups 13, 18
+    learner = make("multitask").fit(X, y, g, blocks=blocks)
+    assert learner.heads_.blocks.tolist() == [0, 0, 1, 1]
+    # Shuffling labels inside block 1's groups (same pair count, so the same loss scale) leaves block 0 as it was.
+    rng, scrambled = np.random.default_rng(0), y.copy()
+    for group in (13, 18):
+        scrambled[g == group] = rng.permutation(y[g == group])
+    other = make("multitask").fit(X, scrambled, g, blocks=blocks)
+    np.testing.assert_allclose(other.score(X, g)[blocks == 0], learner.score(X, g)[blocks == 0], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(other.score(X, g)[blocks == 1], learner.score(X, g)[blocks == 1])
+
+
+def test_a_group_spanning_two_blocks_is_an_error():
+    X, y, g = two_groups(0)
+    with pytest.raises(ValueError, match=r"group 3 spans more than one block \(\[0, 1\]\)"):
+        make("multitask").fit(X, y, g, blocks=np.arange(len(g)) % 2)

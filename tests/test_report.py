@@ -1,0 +1,102 @@
+"""streamml.report: leaderboard, nested selection and plot from a tiny MLflow store."""
+
+import mlflow
+import numpy as np
+import pytest
+
+from streamml.report import load_runs, main, nested_selection, report
+
+HEADS = "streamml.offline.module.HeadLearner"
+
+
+def log_run(client, experiment_id, name, learner, tuning, held_out, head=None, study=None, parent=None, commit="abc123"):
+    tags = {"mlflow.runName": name, "git_commit": commit}
+    if study:
+        tags.update({"optuna_study": study, "mlflow.parentRunId": parent})
+    run = client.create_run(experiment_id, tags=tags)
+    rid = run.info.run_id
+    client.log_param(rid, "learner._target_", learner)
+    if head:
+        client.log_param(rid, "learner.head._target_", head)
+    for k, (t, h) in enumerate(zip(tuning, held_out)):
+        client.log_metric(rid, f"split_tuning_auc.{k}", t)
+        client.log_metric(rid, f"split_auc.{k}", h)
+    for key, value in {"auc": np.mean(held_out), "auc_std": np.std(held_out, ddof=1), "tuning_auc": np.mean(tuning),
+                       "ndcg_at_5": 0.9, "map": 0.95}.items():
+        client.log_metric(rid, key, float(value))
+    client.set_terminated(rid)
+    return rid
+
+
+@pytest.fixture
+def store(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    eid = client.create_experiment("nested", artifact_location=str(tmp_path / "artifacts"))
+    parent = client.create_run(eid, tags={"mlflow.runName": "study-s", "optuna_study": "s", "streamml.role": "study"}).info.run_id
+    client.set_terminated(parent)
+    head = "streamml.offline.heads.MultiTaskHeads"
+    # Trial a wins the inner folds of split 0, trial b those of split 1; c is best held-out but never chosen.
+    log_run(client, eid, "trial-a", HEADS, [0.95, 0.80, 0.90], [0.91, 0.70, 0.93], head, "s", parent)
+    log_run(client, eid, "trial-b", HEADS, [0.90, 0.92, 0.91], [0.99, 0.88, 0.92], head, "s", parent)
+    log_run(client, eid, "trial-c", HEADS, [0.85, 0.85, 0.85], [0.99, 0.99, 0.99], head, "s", parent)
+    log_run(client, eid, "lr-C1", "streamml.offline.baselines.SklearnLR", [0.90, 0.90, 0.90], [0.90, 0.80, 0.90], commit="def456")
+    log_run(client, eid, "lr-C10", "streamml.offline.baselines.SklearnLR", [0.91, 0.89, 0.89], [0.85, 0.86, 0.87], commit="def456")
+    log_run(client, eid, "river", "streamml.offline.baselines.RiverStack", [0.88, 0.88, 0.88], [0.87, 0.86, 0.85])
+    return uri
+
+
+def test_families_are_studies_or_learner_classes_and_study_parents_are_dropped(store):
+    runs = load_runs("nested", store)
+    assert sorted(runs["tags.mlflow.runName"]) == ["lr-C1", "lr-C10", "river", "trial-a", "trial-b", "trial-c"]
+    family = dict(zip(runs["tags.mlflow.runName"], runs["family"]))
+    assert family == {"trial-a": "study s", "trial-b": "study s", "trial-c": "study s",
+                      "lr-C1": "SklearnLR", "lr-C10": "SklearnLR", "river": "RiverStack"}
+    assert dict(zip(runs["tags.mlflow.runName"], runs["baseline"]))["lr-C1"]
+
+
+def test_nested_selection_chooses_on_inner_folds_and_reports_the_outer_figure(store):
+    chosen = nested_selection(load_runs("nested", store)).set_index(["family", "split"])
+    assert [chosen.loc[("study s", k), "run"] for k in range(3)] == ["trial-a", "trial-b", "trial-b"]
+    assert [chosen.loc[("study s", k), "auc"] for k in range(3)] == pytest.approx([0.91, 0.88, 0.92])
+    assert [chosen.loc[("SklearnLR", k), "run"] for k in range(3)] == ["lr-C10", "lr-C1", "lr-C1"]
+    assert [chosen.loc[("SklearnLR", k), "tuning_auc"] for k in range(3)] == pytest.approx([0.91, 0.90, 0.90])
+    assert chosen.loc[("study s", 0), "candidates"] == 3
+
+
+def test_report_writes_markdown_with_header_nested_table_leaderboard_and_plot(store, tmp_path):
+    out = tmp_path / "out" / "nested.md"
+    text = report("nested", out, store, command="python -m streamml.train -m hparams_search=x")
+    assert out.read_text() == text
+    assert "- Runs made by: `python -m streamml.train -m hparams_search=x`" in text
+    assert "- Runs at commit(s): abc123, def456" in text and "- Machine: " in text
+    study_row = next(line for line in text.splitlines() if line.startswith("| study s |"))
+    # held-out mean ± std of (0.91, 0.88, 0.92); paired Δ to LR's chosen (0.85, 0.80, 0.90) = (0.06, 0.08, 0.02)
+    assert f"**{np.mean([0.91, 0.88, 0.92]):.4f} ± {np.std([0.91, 0.88, 0.92], ddof=1):.4f}**" in study_row
+    assert f"{np.mean([0.06, 0.08, 0.02]):.4f} ± {np.std([0.06, 0.08, 0.02], ddof=1):.4f} | yes |" in study_row
+    assert "trial-b: 0.9100 / 0.9300" in study_row  # the best trial by mean tuning AUC, with its held-out AUC
+    assert "## Leaderboard" in text and "| trial-c | study s | ours | 0.8500 | 0.9900 ± 0.0000 |" in text
+    png = out.with_suffix(".png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"![held-out AUC per family]({png.name})" in text
+
+
+def test_main_names_its_own_command_and_missing_experiments_are_clear(store, tmp_path, capsys):
+    out = tmp_path / "r.md"
+    main(["nested", "--out", str(out), "--tracking-uri", store])
+    assert f"- Written by: `python -m streamml.report nested --out {out} --tracking-uri {store}`" in out.read_text()
+    with pytest.raises(SystemExit, match="no experiment 'nope'"):
+        main(["nope", "--out", str(out), "--tracking-uri", store])
+
+
+def test_online_runs_get_one_row_per_learner(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    eid = client.create_experiment("online", artifact_location=str(tmp_path / "artifacts"))
+    rid = client.create_run(eid, tags={"mlflow.runName": "coldstart", "git_commit": "abc"}).info.run_id
+    client.log_param(rid, "scenario._target_", "streamml.online.simulate.ColdStart")
+    for key, value in {"prequential_auc": 0.92, "prequential_auc.river": 0.88, "curve.prequential_auc.river": 0.5}.items():
+        client.log_metric(rid, key, value)
+    client.set_terminated(rid)
+    text = report("online", tmp_path / "online.md", uri)
+    assert "| residual | 0.920 |" in text and "| river | 0.880 |" in text
