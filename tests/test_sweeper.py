@@ -192,7 +192,7 @@ def search_records(tracking_uri, experiment, study):
 
 def tiny_search_args(query_dir, storage, sweep_dir, n_trials, study="tiny"):
     return ["-m", "streamml.train", "-m", "hparams_search=offline_heads", f"data.dir={query_dir}",
-            "cv.n_folds=2", "trainer.max_epochs=int(interval(2, 4))", f"hydra.sweeper.n_trials={n_trials}",
+            "cv.n_folds=2", "cv.inner_folds=2", "trainer.max_epochs=int(interval(2, 4))", f"hydra.sweeper.n_trials={n_trials}",
             f"hydra.sweeper.storage={storage}", f"hydra.sweeper.study_name={study}", f"hydra.sweep.dir={sweep_dir}"]
 
 
@@ -205,14 +205,16 @@ def test_offline_search_records_every_trial_under_the_study_run(tmp_path):
 
     study = optuna.load_study(study_name="tiny", storage=storage)
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 3
-    parents, trials = search_records(tracking, "search_offline_heads", "tiny")
+    parents, trials = search_records(tracking, "offline_search", "tiny")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert parents[0].data.metrics["best_value"] == pytest.approx(study.best_value)
     assert sorted(int(r.data.tags["optuna_trial"]) for r in trials) == [0, 1, 2]
     assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {parents[0].info.run_id}
     for run in trials:
         trial = study.trials[int(run.data.tags["optuna_trial"])]
-        assert run.data.metrics["auc"] == pytest.approx(trial.value)
+        assert run.data.metrics["tuning_auc"] == pytest.approx(trial.value)  # chosen on inner folds
+        assert "auc" in run.data.metrics  # the outer folds' figure, for the report only
         assert run.data.params["learner._target_"] == "streamml.offline.module.HeadLearner"
         assert int(run.data.params["trainer.max_epochs"]) == trial.params["trainer.max_epochs"]
         assert ("learner.head.hidden" in trial.params) == (trial.params["learner"] == "mlp")
+        assert ("learner.head.rank" in trial.params) == (trial.params["learner"] == "multitask")

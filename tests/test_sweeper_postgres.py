@@ -99,11 +99,11 @@ def test_two_sweep_processes_share_one_study_on_postgres(postgres, tmp_path):
     assert sorted(t.number for t in trials) == list(range(total))  # none lost, none duplicated
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
 
-    parents, runs = search_records(tracking, "search_offline_heads", "shared")
+    parents, runs = search_records(tracking, "offline_search", "shared")
     assert len(parents) == 1  # both processes found the one parent run
     assert len(runs) == total
     assert len({r.info.run_id for r in runs}) == total
     assert sorted(int(r.data.tags["optuna_trial"]) for r in runs) == list(range(total))
     assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parents[0].info.run_id}
     for run in runs:
-        assert run.data.metrics["auc"] == pytest.approx(trials[int(run.data.tags["optuna_trial"])].value)
+        assert run.data.metrics["tuning_auc"] == pytest.approx(trials[int(run.data.tags["optuna_trial"])].value)
