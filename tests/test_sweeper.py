@@ -218,3 +218,23 @@ def test_offline_search_records_every_trial_under_the_study_run(tmp_path):
         assert int(run.data.params["trainer.max_epochs"]) == trial.params["trainer.max_epochs"]
         assert ("learner.head.hidden" in trial.params) == (trial.params["learner"] == "mlp")
         assert ("learner.head.rank" in trial.params) == (trial.params["learner"] == "multitask")
+
+
+@pytest.mark.slow
+def test_online_search_tunes_on_the_tune_streams(tmp_path):
+    storage, tracking = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_sweep(["-m", "streamml.train", "-m", "hparams_search=online_residual", f"data.dir={REPO / 'data' / 'queries'}",
+               "trainer.max_epochs=5", "scenario.users={flip_cluster: 1}", "scenario.n_rounds=2",
+               "hydra.sweeper.n_trials=2", f"hydra.sweeper.storage={storage}", f"hydra.sweep.dir={tmp_path / 'multirun'}"],
+              tmp_path, {"MLFLOW_TRACKING_URI": tracking})
+
+    study = optuna.load_study(study_name="online_residual", storage=storage)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    parents, trials = search_records(tracking, "search_online_residual", "online_residual")
+    assert len(parents) == 1 and len(trials) == 2
+    for run in trials:
+        trial = study.trials[int(run.data.tags["optuna_trial"])]
+        assert run.data.metrics["probe_auc_mean"] == pytest.approx(trial.value)
+        assert run.data.params["scenario.streams"] == "tune"
+        assert ("rule.prior_var" in trial.params) == (trial.params["rule"] == "laplace")
+        assert ("rule.lr" in trial.params) == (trial.params["rule"] != "laplace")
