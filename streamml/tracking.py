@@ -95,8 +95,12 @@ def use_experiment(name: str) -> None:
 
 
 @contextmanager
-def start_run(cfg: DictConfig, tags: dict[str, str] | None = None, run_name: str | None = None):
+def start_run(cfg: DictConfig, tags: dict[str, str] | None = None, run_name: str | None = None,
+              params: tuple[str, ...] | None = None):
     """Open a run in the experiment ``cfg.name`` and log the config; yields the run.
+
+    ``params`` names the top-level config keys logged as params (default: all), so that a
+    run logs only the settings it uses; ``config.yaml`` always holds the whole config.
 
     ``run_name`` gets the command-line overrides appended (``run_name_with_overrides``).
     """
@@ -106,7 +110,8 @@ def start_run(cfg: DictConfig, tags: dict[str, str] | None = None, run_name: str
     tags = {"git_commit": git_commit(), **(tags or {}), **trial_tags(cfg)}
     with mlflow.start_run(run_name=run_name_with_overrides(run_name) if run_name else None) as run:
         mlflow.set_tags(tags)
-        mlflow.log_params(_flatten(resolved))
+        logged = resolved if params is None else {k: v for k, v in resolved.items() if k in params}
+        mlflow.log_params(_flatten(logged))
         mlflow.log_text(OmegaConf.to_yaml(resolved), "config.yaml")
         yield run
 
@@ -232,7 +237,7 @@ def plot_curves(curves: pd.DataFrame, title: str = ""):
     for ax, metric in zip(axes[0], metrics):
         for learner, part in curves[curves.metric == metric].groupby("learner", sort=False):
             ax.plot(part["step"], part["value"], marker="o", ms=3, label=learner, lw=2.5 if learner == "residual" else 1.2)
-        ax.set_xlabel("events" if metric == "prequential_auc" else "round")
+        ax.set_xlabel("events")
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
     axes[0][0].legend()

@@ -147,7 +147,8 @@ hydra:
 '''
 
 
-def run_sweep(args, cwd, env_extra=None, timeout=600):
+def run_sweep(args, cwd, env_extra=None, timeout=900):
+    """Run python ARGS in cwd (a temp dir: MLflow puts artifacts in ./mlruns) and check it succeeds."""
     env = {**os.environ, "PYTHONPATH": str(REPO), **(env_extra or {})}
     out = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
@@ -191,7 +192,7 @@ def search_records(tracking_uri, experiment, study):
 
 def tiny_search_args(query_dir, storage, sweep_dir, n_trials, study="tiny"):
     return ["-m", "streamml.train", "-m", "hparams_search=offline_heads", f"data.dir={query_dir}",
-            "cv.n_folds=2", "trainer.max_epochs=int(interval(2, 4))", f"hydra.sweeper.n_trials={n_trials}",
+            "cv.n_folds=2", "cv.inner_folds=2", "trainer.max_epochs=int(interval(2, 4))", f"hydra.sweeper.n_trials={n_trials}",
             f"hydra.sweeper.storage={storage}", f"hydra.sweeper.study_name={study}", f"hydra.sweep.dir={sweep_dir}"]
 
 
@@ -199,19 +200,41 @@ def tiny_search_args(query_dir, storage, sweep_dir, n_trials, study="tiny"):
 def test_offline_search_records_every_trial_under_the_study_run(tmp_path):
     query_dir = write_queries(tmp_path / "queries")
     storage, tracking = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
-    run_sweep(tiny_search_args(query_dir, storage, tmp_path / "multirun", n_trials=3), REPO,
+    run_sweep(tiny_search_args(query_dir, storage, tmp_path / "multirun", n_trials=3), tmp_path,
               {"MLFLOW_TRACKING_URI": tracking})
 
     study = optuna.load_study(study_name="tiny", storage=storage)
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 3
-    parents, trials = search_records(tracking, "search_offline_heads", "tiny")
+    parents, trials = search_records(tracking, "offline_search", "tiny")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert parents[0].data.metrics["best_value"] == pytest.approx(study.best_value)
     assert sorted(int(r.data.tags["optuna_trial"]) for r in trials) == [0, 1, 2]
     assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {parents[0].info.run_id}
     for run in trials:
         trial = study.trials[int(run.data.tags["optuna_trial"])]
-        assert run.data.metrics["auc"] == pytest.approx(trial.value)
+        assert run.data.metrics["tuning_auc"] == pytest.approx(trial.value)  # chosen on inner folds
+        assert "auc" in run.data.metrics  # the outer folds' figure, for the report only
         assert run.data.params["learner._target_"] == "streamml.offline.module.HeadLearner"
         assert int(run.data.params["trainer.max_epochs"]) == trial.params["trainer.max_epochs"]
         assert ("learner.head.hidden" in trial.params) == (trial.params["learner"] == "mlp")
+        assert ("learner.head.rank" in trial.params) == (trial.params["learner"] == "multitask")
+
+
+@pytest.mark.slow
+def test_online_search_tunes_on_the_tune_streams(tmp_path):
+    storage, tracking = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_sweep(["-m", "streamml.train", "-m", "hparams_search=online_residual", f"data.dir={REPO / 'data' / 'queries'}",
+               "trainer.max_epochs=5", "scenario.users={flip_cluster: 1}", "scenario.n_rounds=2",
+               "hydra.sweeper.n_trials=2", f"hydra.sweeper.storage={storage}", f"hydra.sweep.dir={tmp_path / 'multirun'}"],
+              tmp_path, {"MLFLOW_TRACKING_URI": tracking})
+
+    study = optuna.load_study(study_name="online_residual", storage=storage)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    parents, trials = search_records(tracking, "search_online_residual", "online_residual")
+    assert len(parents) == 1 and len(trials) == 2
+    for run in trials:
+        trial = study.trials[int(run.data.tags["optuna_trial"])]
+        assert run.data.metrics["probe_auc_mean"] == pytest.approx(trial.value)
+        assert run.data.params["scenario.streams"] == "tune"
+        assert ("rule.prior_var" in trial.params) == (trial.params["rule"] == "laplace")
+        assert ("rule.lr" in trial.params) == (trial.params["rule"] != "laplace")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +136,26 @@ def trial_value(job_return) -> float | None:
     return value
 
 
+def open_storage(url: str | None, attempts: int = 5):
+    """Optuna's RDB storage at ``url`` (None: in memory), retrying its schema creation.
+
+    Two processes opening a fresh PostgreSQL database at once race to create the same
+    tables and types; the loser fails with an integrity error, and a retry finds them made.
+    """
+    if url is None:
+        return None
+    import sqlalchemy.exc
+
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url)
+        except sqlalchemy.exc.SQLAlchemyError as e:
+            if attempt == attempts - 1:
+                raise
+            log.info(f"opening Optuna storage {safe_url(url)} failed ({type(e).__name__}); retrying")
+            time.sleep(0.5 * (attempt + 1))
+
+
 class OptunaSweeper(Sweeper):
     def __init__(self, direction: str, n_trials: int, n_jobs: int, sampler: Any, storage: str | None,
                  study_name: str | None, load_if_exists: bool, params: dict[str, str] | None, mlflow: Any,
@@ -161,7 +182,7 @@ class OptunaSweeper(Sweeper):
         sampler = self.sampler_conf  # Hydra instantiates it with the sweeper; a plain config still works
         if sampler is not None and not isinstance(sampler, optuna.samplers.BaseSampler):
             sampler = instantiate(sampler)
-        kwargs = dict(storage=self.storage, sampler=sampler, study_name=self.study_name)
+        kwargs = dict(storage=open_storage(self.storage), sampler=sampler, study_name=self.study_name)
         try:
             return optuna.create_study(direction=self.direction, load_if_exists=False, **kwargs), True
         except optuna.exceptions.DuplicatedStudyError:
