@@ -4,8 +4,8 @@
         --out experiments/sweep_learners.md [--tracking-uri sqlite:///mlflow.db]
 
 The table has one row per run (newest run per run name), or with ``--by-learner`` one
-row per learner of the newest run, the metrics given by ``--metrics``, and a footer with
-the command, the machine and the date.
+row per learner of the newest run (``mean ± std`` where the run logged ``<metric>_std``),
+the metrics given by ``--metrics``, and a footer with the command, the machine and the date.
 """
 
 from __future__ import annotations
@@ -53,10 +53,18 @@ def learner_table(experiment: str, metrics: list[str], tracking_uri: str, ours: 
     logged = runs[0].data.metrics
     learners = [ours] + sorted({k.split(".", 1)[1] for k in logged if "." in k and k.split(".", 1)[0] in metrics} - {ours})
     cols = [m for m in metrics if m in logged]
+
+    def cell(metric: str, learner: str) -> str:
+        """``mean ± std`` when the run logged ``<metric>_std`` (the spread over users or streams)."""
+        get = lambda m: logged.get(m if learner == ours else f"{m}.{learner}")  # noqa: E731
+        value, std = get(metric), get(f"{metric}_std")
+        if value is None:
+            return ""
+        return f"{value:.3f}" + ("" if std is None else f" ± {std:.3f}")
+
     lines = ["| learner | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for learner in learners:
-        values = [logged.get(m if learner == ours else f"{m}.{learner}") for m in cols]
-        lines.append(f"| {learner} | " + " | ".join("" if v is None else f"{v:.3f}" for v in values) + " |")
+        lines.append(f"| {learner} | " + " | ".join(cell(m, learner) for m in cols) + " |")
     header = f"Run `{runs[0].info.run_id}`, {runs[0].data.tags.get('mlflow.runName', '')}.\n\n"
     return header + "\n".join(lines), {runs[0].data.tags.get("git_commit", "unknown")}
 

@@ -43,14 +43,20 @@ def git_commit() -> str:
 
 
 @contextmanager
-def start_run(cfg: DictConfig, tags: dict[str, str] | None = None, run_name: str | None = None):
-    """Open a run in the experiment ``cfg.name`` and log the config; yields the run."""
+def start_run(cfg: DictConfig, tags: dict[str, str] | None = None, run_name: str | None = None,
+              params: tuple[str, ...] | None = None):
+    """Open a run in the experiment ``cfg.name`` and log the config; yields the run.
+
+    ``params`` names the top-level config keys logged as params (default: all), so that a
+    run logs only the settings it uses; ``config.yaml`` always holds the whole config.
+    """
     mlflow.set_tracking_uri(cfg.logger.tracking_uri)
     mlflow.set_experiment(cfg.name)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     with mlflow.start_run(run_name=run_name) as run:
         mlflow.set_tags({"git_commit": git_commit(), **(tags or {})})
-        mlflow.log_params(_flatten(resolved))
+        logged = resolved if params is None else {k: v for k, v in resolved.items() if k in params}
+        mlflow.log_params(_flatten(logged))
         mlflow.log_text(OmegaConf.to_yaml(resolved), "config.yaml")
         yield run
 
@@ -106,7 +112,7 @@ def plot_curves(curves: pd.DataFrame, title: str = ""):
     for ax, metric in zip(axes[0], metrics):
         for learner, part in curves[curves.metric == metric].groupby("learner", sort=False):
             ax.plot(part["step"], part["value"], marker="o", ms=3, label=learner, lw=2.5 if learner == "residual" else 1.2)
-        ax.set_xlabel("events" if metric == "prequential_auc" else "round")
+        ax.set_xlabel("events")
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
     axes[0][0].legend()

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["SklearnLR", "RiverStack", "RiverOnline", "SklearnRefitOnline", "river_pipeline", "feature_dicts"]
+__all__ = ["SklearnLR", "RiverStack", "river_pipeline", "feature_dicts"]
 
 
 def feature_dicts(X: np.ndarray) -> list[dict[int, float]]:
@@ -247,96 +247,3 @@ class RiverStack(_PerGroup):
 
     def _score_group(self, model, X):
         return np.array([model.predict_proba_one(x)[True] for x in feature_dicts(X)])
-
-
-class _PerKeyOnline:
-    """Online baselines for the simulator, shaped like ``online.ResidualLearner``.
-
-    ``score(user, query, item_ids)`` and ``learn_many(users, queries, items, labels)`` over a
-    catalog of item embeddings; one model per (user, query), created on first use. They
-    learn from scratch: no head, only the user's own feedback.
-    """
-
-    def __init__(self, items: np.ndarray):
-        self.items = np.asarray(items, np.float32)
-        self.models_: dict = {}
-
-    def learn_many(self, users, queries, items, labels) -> None:
-        for user, query, item, label in zip(users, queries, items, labels):
-            self.learn_one(user, query, int(item), int(label))
-
-    _per_key = ("models_",)  # attributes holding {(user, query): state}
-
-    def forget(self, user, query=None) -> None:
-        def keep(key):
-            return key[0] != user or (query is not None and key[1] != query)
-
-        for name in self._per_key:
-            setattr(self, name, {k: v for k, v in getattr(self, name).items() if keep(k)})
-
-
-class RiverOnline(_PerKeyOnline):
-    """The proof of concept's river pipeline per (user, query), learning one event at a time.
-
-    Examples
-    --------
-    >>> items = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
-    >>> model = RiverOnline(items)
-    >>> model.learn_one("ann", "q", 0, 1); model.learn_one("ann", "q", 1, 0)
-    >>> s = model.score("ann", "q", np.array([0, 1]))
-    >>> bool(s[0] > s[1])
-    True
-    """
-
-    def __init__(self, items: np.ndarray, pa_c: float = 0.01):
-        super().__init__(items)
-        self.pa_c = pa_c
-
-    def learn_one(self, user, query, item: int, label: int) -> None:
-        model = self.models_.get((user, query))
-        if model is None:  # build the pipeline only for a new key, not on every event
-            model = self.models_[(user, query)] = river_pipeline(self.pa_c)
-        model.learn_one(feature_dicts(self.items[item : item + 1])[0], bool(label))
-
-    def score(self, user, query, item_ids) -> np.ndarray:
-        model = self.models_.get((user, query))
-        if model is None:
-            return np.full(len(item_ids), 0.5)
-        return np.array([model.predict_proba_one(x)[True] for x in feature_dicts(self.items[np.asarray(item_ids)])])
-
-
-class SklearnRefitOnline(_PerKeyOnline):
-    """sklearn LogisticRegression per (user, query), refit on all of that key's feedback so far.
-
-    Until a key has seen both labels it scores 0 everywhere (the decision boundary).
-
-    Examples
-    --------
-    >>> items = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
-    >>> model = SklearnRefitOnline(items)
-    >>> model.learn_one("ann", "q", 0, 1); model.learn_one("ann", "q", 1, 0)
-    >>> s = model.score("ann", "q", np.array([0, 1]))
-    >>> bool(s[0] > s[1])
-    True
-    """
-
-    _per_key = ("models_", "feedback_")
-
-    def __init__(self, items: np.ndarray, C: float = 10.0):
-        super().__init__(items)
-        self.C = C
-        self.feedback_: dict = {}
-
-    def learn_one(self, user, query, item: int, label: int) -> None:
-        from sklearn.linear_model import LogisticRegression
-
-        seen = self.feedback_.setdefault((user, query), ([], []))
-        seen[0].append(item), seen[1].append(int(label))
-        if len(set(seen[1])) == 2:
-            self.models_[(user, query)] = LogisticRegression(C=self.C, max_iter=1000).fit(self.items[seen[0]], seen[1])
-
-    def score(self, user, query, item_ids) -> np.ndarray:
-        model = self.models_.get((user, query))
-        if model is None:
-            return np.zeros(len(item_ids))
-        return model.decision_function(self.items[np.asarray(item_ids)])

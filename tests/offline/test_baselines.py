@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from streamml.offline.baselines import RiverOnline, RiverStack, SklearnLR, SklearnRefitOnline, feature_dicts, river_pipeline
+from streamml.offline.baselines import RiverStack, SklearnLR, feature_dicts, river_pipeline
 
 D = 16
 
@@ -152,21 +152,3 @@ def test_river_pipeline_is_fresh_each_call():
 def test_feature_dicts_keeps_values():
     X = np.array([[0.25, -2.0], [1.0, 0.0]], dtype=np.float32)
     assert feature_dicts(X) == [{0: 0.25, 1: -2.0}, {0: 1.0, 1: 0.0}]
-
-
-@pytest.mark.parametrize("make", [lambda X: RiverOnline(X), lambda X: SklearnRefitOnline(X)], ids=["river", "sklearn_refit"])
-def test_online_baselines_forget_one_user_or_one_query(make):
-    X = np.eye(4, dtype=np.float32)
-    model = make(X)
-    for user, query in [("ann", "a"), ("ann", "b"), ("bob", "a")]:
-        model.learn_many([user] * 2, [query] * 2, [0, 1], [1, 0])
-    fresh = make(X).score("ann", "a", np.arange(4))
-    model.forget("ann", "a")
-    np.testing.assert_array_equal(model.score("ann", "a", np.arange(4)), fresh)
-    assert not np.array_equal(model.score("ann", "b", np.arange(4)), fresh)
-    model.forget("ann")
-    np.testing.assert_array_equal(model.score("ann", "b", np.arange(4)), fresh)
-    assert not np.array_equal(model.score("bob", "a", np.arange(4)), fresh)
-    if isinstance(model, SklearnRefitOnline):  # feedback is forgotten too, not only the fitted model
-        model.learn_one("ann", "a", 0, 1)
-        np.testing.assert_array_equal(model.score("ann", "a", np.arange(4)), fresh)

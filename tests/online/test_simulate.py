@@ -1,114 +1,193 @@
-"""streamml.online.simulate: deterministic under a seed, baselines on the same streams, recovery counting."""
+"""streamml.online.simulate and scenarios: probe items never shown, identical streams for every
+learner, disjoint tune/test streams, metrics at the checkpoints, determinism under a seed."""
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from conftest import write_queries
-from streamml.online import simulate
-from streamml.offline.baselines import RiverOnline, SklearnLR, SklearnRefitOnline
 from streamml.data import load_queries
-from streamml.online.policies import EpsilonSlots
-from streamml.online import PairwiseSGD, ResidualLearner
+from streamml.offline.baselines import SklearnLR
+from streamml.online import PointwiseSGD, ResidualLearner, scenarios, simulate
+from streamml.online.baselines import HeadOnly, RiverOnline, SklearnRefitOnline
+from streamml.online.policies import EpsilonSlots, Greedy, PlackettLuce
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    folder = write_queries(tmp_path_factory.mktemp("q"), n_queries=2, n_per_class=10, dim=16)
+    folder = write_queries(tmp_path_factory.mktemp("q"), n_queries=2, n_per_class=14, dim=16)
     return load_queries(folder, embedding_dim=16, min_per_class=1)
 
 
-def learners(data):
-    return {
-        "residual": lambda head: ResidualLearner(data.X, data.query, PairwiseSGD(lr=1.0), head_scores=head),
-        "river": lambda head: RiverOnline(data.X),
-        "sklearn_refit": lambda head: SklearnRefitOnline(data.X),
-        "head_only": simulate.HeadOnly,
+@pytest.fixture(scope="module")
+def real(data):
+    return scenarios.real_users(data, SklearnLR(), "test", seed=0, users={"flip_cluster": 2, "none": 1})
+
+
+@pytest.fixture(scope="module")
+def large(data):
+    return scenarios.large_catalog(data, SklearnLR(), "test", seed=0, users={"flip_cluster": 1, "shift": 1, "none": 1},
+                                   n_candidates=(60, 120), n_population=100, n_components=2)
+
+
+def learners(baselines_from_scratch=False):
+    """The residual and the head; river and sklearn refit too when asked (they are slow)."""
+    out = {
+        "residual": lambda items, q, head: ResidualLearner(items, q, rule=PointwiseSGD(lr=1.0), head_scores=head),
+        "head_only": HeadOnly,
     }
+    if baselines_from_scratch:
+        out.update(river=RiverOnline, sklearn_refit=SklearnRefitOnline)
+    return out
+
+
+def test_split_probe_is_stratified_and_disjoint():
+    truth = np.array([0] * 10 + [1] * 6)
+    pool, probe = scenarios.split_probe(truth, 0.5, np.random.default_rng(0))
+    assert not set(pool) & set(probe) and len(pool) + len(probe) == 16
+    assert truth[probe].sum() == 3 and (truth[probe] == 0).sum() == 5
+    with pytest.raises(ValueError, match="at least 2 candidates of each class"):
+        scenarios.split_probe(np.array([0, 0, 0, 1]), 0.5, np.random.default_rng(0))
+
+
+def test_worlds_keep_pool_and_probe_apart_and_head_off_the_candidates(data, real, large):
+    for world in (real, large):
+        for u in world.users:
+            assert not set(u.pool) & set(u.probe)
+            assert set(u.probe_truth) == {0, 1}
+            assert (world.item_query[np.concatenate([u.pool, u.probe])] == u.query).all()
+    assert {u.model for u in real.users} == {"flip_cluster", "none"}
+    assert {u.model for u in large.users} == {"flip_cluster", "shift", "none"}
+    assert all(60 <= len(u.pool) + len(u.probe) <= 120 for u in large.users)
+    # the population labels of a 'none' user are the real labels; the head never saw them
+    none = next(u for u in real.users if u.model == "none")
+    np.testing.assert_array_equal(none.probe_truth, data.y[none.probe])
+    cand = np.concatenate([none.pool, none.probe])
+    other = np.setdiff1d(np.flatnonzero(data.query == none.query), cand)
+    zeros = np.zeros(len(other), int)
+    expected = SklearnLR().fit(data.X[other], data.y[other], zeros).score(data.X[cand], np.zeros(len(cand), int))
+    np.testing.assert_allclose(real.head_scores[cand], expected)
+
+
+@pytest.mark.parametrize("policy", [Greedy(), EpsilonSlots(n_explore=2), PlackettLuce()], ids=repr)
+def test_probe_items_are_never_shown(real, large, policy):
+    everyone = isinstance(policy, EpsilonSlots)  # river and sklearn refit once: they are slow
+    for world in (real, large):
+        _, shown = simulate.interact(world, learners(everyone), policy, k=4, n_rounds=5, seed=0, progress=False)
+        assert len(shown) and set(shown.learner) == set(learners(everyone))
+        users = {u.name: u for u in world.users}
+        for (learner, user), part in shown.groupby(["learner", "user"]):
+            assert not set(part["item"]) & set(users[user].probe)
+            assert set(part["item"]) <= set(users[user].pool)
+            assert part["item"].is_unique
+
+
+def test_every_learner_sees_identical_streams(large):
+    make = learners()["residual"]
+    twins = {"a": make, "b": make, "head_only": HeadOnly}
+    rounds, shown = simulate.interact(large, twins, EpsilonSlots(n_explore=2), k=5, n_rounds=4, seed=0, progress=False)
+    a, b = (rounds[rounds.learner == n].drop(columns="learner").reset_index(drop=True) for n in ("a", "b"))
+    pd.testing.assert_frame_equal(a, b)
+    sa, sb = (shown[shown.learner == n].drop(columns="learner").reset_index(drop=True) for n in ("a", "b"))
+    pd.testing.assert_frame_equal(sa, sb)
+    # before any feedback the residual ranks exactly as the head
+    before = rounds[rounds["round"] == 0].pivot(index="user", columns="learner", values="probe_auc")
+    np.testing.assert_allclose(before["a"], before["head_only"], atol=1e-6)
+
+
+def test_tune_and_test_streams_are_disjoint(data):
+    worlds = {s: scenarios.large_catalog(data, SklearnLR(), s, seed=0, users={"none": 1}, n_candidates=(40, 60),
+                                         n_population=50, n_components=2) for s in ("tune", "test")}
+    tune, test = worlds["tune"].items, worlds["test"].items
+    assert not (tune[:, None, :] == test[None, :, :]).all(-1).any()  # no generated item in both
+    real = {s: scenarios.real_users(data, SklearnLR(), s, seed=0, users={"flip_cluster": 1}) for s in ("tune", "test")}
+    pools = [{tuple(u.pool) for u in real[s].users} for s in ("tune", "test")]
+    assert not pools[0] & pools[1]
+    cold = [scenarios.coldstart_streams(data, s, seed=0, n_orders=2) for s in ("tune", "test")]
+    assert all(not np.array_equal(t[2], s[2]) for t, s in zip(*cold))
+    with pytest.raises(ValueError, match="streams must be one of"):
+        scenarios.stream_seed("train", 0)
+
+
+def test_interact_is_deterministic_under_a_seed(real):
+    run = lambda seed: simulate.interact(real, learners(), EpsilonSlots(n_explore=2), k=4,  # noqa: E731
+                                         n_rounds=3, seed=seed, progress=False)
+    (a, shown_a), (b, shown_b), (c, shown_c) = run(0), run(0), run(1)
+    pd.testing.assert_frame_equal(a, b)
+    pd.testing.assert_frame_equal(shown_a, shown_b)
+    assert not shown_a["item"].equals(shown_c["item"])
+    assert shown_a.propensity.between(0, 1).all() and (shown_a.propensity < 1).any()
+
+
+def test_metrics_at_the_checkpoints_the_pools_allow(large, real):
+    rounds, _ = simulate.interact(large, learners(), Greedy(), k=5, n_rounds=8, seed=0, progress=False)
+    metrics = simulate.summarize(rounds, k=5)
+    for name in learners():
+        for c in (5, 10, 20, 40):
+            value = metrics[name][f"probe_auc_at_{c}"]
+            expected = rounds[(rounds.learner == name) & (rounds.events == c)].probe_auc.mean()
+            assert value == pytest.approx(expected)
+        assert 0 < metrics[name]["cumulative_accepts_per_slate"] <= 5
+    assert metrics["head_only"]["probe_lift_at_40"] == 0.0
+    # the real pools are small: only the checkpoints every user reaches
+    rounds, _ = simulate.interact(real, learners(), Greedy(), k=5, n_rounds=8, seed=0, progress=False)
+    assert simulate.checkpoints_reached(rounds) == [c for c in (5, 10, 20, 40) if c <= rounds.events.max()]
+    assert rounds.groupby(["learner", "user"]).events.max().min() < 20
+
+
+def test_summarize_by_hand():
+    rounds = pd.DataFrame({
+        "learner": ["a"] * 3 + ["head_only"] * 3, "user": ["u"] * 6, "user_model": ["none"] * 6,
+        "round": [0, 1, 2] * 2, "events": [0, 5, 10] * 2, "accepts": [0, 3, 1, 0, 2, 2],
+        "cumulative_accepts": [0, 3, 4, 0, 2, 4], "probe_auc": [0.6, 0.7, 0.9, 0.6, 0.6, 0.6],
+    })
+    out = simulate.summarize(rounds, k=5)
+    assert out["a"]["probe_auc_at_5"] == pytest.approx(0.7) and out["a"]["probe_auc_at_10"] == pytest.approx(0.9)
+    assert out["a"]["probe_lift_at_10"] == pytest.approx(0.3) and "probe_auc_at_20" not in out["a"]
+    assert out["a"]["probe_auc_mean"] == pytest.approx(0.8) and out["a"]["cumulative_accepts_per_slate"] == 2.0
 
 
 def test_coldstart_is_deterministic_and_learns(data):
-    online = {k: v for k, v in learners(data).items() if k != "head_only"}
-    curves1, finals1 = simulate.coldstart(data, online, n_orders=2, seed=0)
-    curves2, finals2 = simulate.coldstart(data, online, n_orders=2, seed=0)
+    online = {"residual": learners()["residual"], "river": RiverOnline}
+    streams = scenarios.coldstart_streams(data, "test", seed=0, n_orders=1)
+    run = lambda: simulate.coldstart(streams, online, data.X, data.query, data.y, progress=False)  # noqa: E731
+    (curves1, finals1), (curves2, finals2) = run(), run()
     pd.testing.assert_frame_equal(curves1, curves2)
     assert finals1 == finals2
     assert finals1["residual"]["prequential_auc"] > 0.7  # the synthetic preference is learnable
-    _, other_seed = simulate.coldstart(data, online, n_orders=2, seed=1)
-    assert other_seed["residual"] != finals1["residual"]
-
-
-def test_users_flip_one_cluster_and_drift_flips_another(data):
-    users = simulate.users(data, n_users=2, n_clusters=3, seed=0, drift=True)
-    assert len(users) == 2 * 2 * 2
-    for u in users:
-        population = data.y[u["candidates"]]
-        flipped, flipped_after = u["truth"] != population, u["truth_after"] != population
-        assert flipped.any() and flipped_after.any() and not (flipped & flipped_after).any()
-    halves = {(u["query"], u["half"]): set(u["candidates"]) for u in users}
-    assert not halves[(0, 0)] & halves[(0, 1)] and halves[(0, 0)] | halves[(0, 1)] == set(np.flatnonzero(data.query == 0))
-
-
-def test_head_scores_come_from_the_other_half(data):
-    users = simulate.users(data, n_users=1, seed=0)
-    scores = simulate.halves_head_scores(data, SklearnLR(), users)
-    u = users[0]
-    other = np.setdiff1d(np.flatnonzero(data.query == u["query"]), u["candidates"])
-    expected = SklearnLR().fit(data.X[other], data.y[other], np.zeros(len(other), int)).score(
-        data.X[u["candidates"]], np.zeros(len(u["candidates"]), int))
-    np.testing.assert_allclose(scores[u["candidates"]], expected)
-
-
-def test_personalize_is_deterministic_and_same_streams(data):
-    users = simulate.users(data, n_users=2, seed=0, drift=True)
-    head = simulate.halves_head_scores(data, SklearnLR(), users)
-    run = lambda: simulate.personalize(data, learners(data), EpsilonSlots(n_explore=2), users, head,  # noqa: E731
-                                       k=3, n_rounds=6, drift_round=3, seed=0)
-    (a, shown_a), (b, shown_b) = run(), run()
-    pd.testing.assert_frame_equal(a, b)
-    pd.testing.assert_frame_equal(shown_a, shown_b)
-    assert len(shown_a) == len(a) * 3 and shown_a.position.between(0, 2).all()
-    assert shown_a.propensity.between(0, 1).all() and (shown_a.propensity < 1).any()  # 2 of 3 slots explored
-    assert set(a.learner) == {"residual", "river", "sklearn_refit", "head_only"}
-    assert (a.groupby("learner").size() == len(users) * 6).all()
-    # no adaptation: one AUC per truth (before and after the drift)
-    assert (a[a.learner == "head_only"].groupby("user").user_auc.nunique() <= 2).all()
-
-
-def test_user_auc_at_and_rounds_to_recover_by_hand():
-    table = pd.DataFrame({
-        "learner": ["a"] * 4 + ["b"] * 4, "user": ["u"] * 8, "round": [1, 2, 3, 4] * 2,
-        "events": [5, 10, 15, 20] * 2, "user_auc": [0.6, 0.8, 0.5, 0.79, 0.6, 0.7, 0.4, 0.5],
-    })
-    assert simulate.user_auc_at(table, 10).to_dict() == {"a": 0.8, "b": 0.7}
-    # drift after round 2: a is back within 0.02 of 0.8 at round 4 (2 rounds); b never (censored: 2 + 1)
-    assert simulate.rounds_to_recover(table, drift_round=2).to_dict() == {"a": 2.0, "b": 3.0}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "experiment, key, overrides",
+    "experiment, overrides",
     [
-        ("online_coldstart", "prequential_auc", ["scenario.n_orders=1"]),
-        ("online_personalize", "user_auc_at_10", ["scenario.n_users=1"]),
-        ("online_drift", "rounds_to_recover", ["scenario.n_users=1", "scenario.n_rounds=4", "scenario.drift_round=2"]),
+        ("online_coldstart", ["scenario.n_orders=1"]),
+        ("online_personalize", ["scenario.users={flip_cluster: 1}", "scenario.n_rounds=2"]),
+        ("online_large_catalog", ["scenario.users={shift: 1}", "scenario.n_candidates=[200,300]",
+                                  "scenario.n_population=100", "scenario.n_rounds=2"]),
     ],
 )
-def test_online_experiments_log_their_metric_curves_and_plot(mlflow_uri, experiment, key, overrides):
+def test_online_experiments_log_their_metrics_curves_and_plot(mlflow_uri, experiment, overrides):
     import mlflow
 
     from conftest import REPO, compose_cfg
     from streamml.train import train
 
-    cfg = compose_cfg([f"+experiment={experiment}", f"data.dir={REPO / 'data' / 'queries'}", *overrides])
+    cfg = compose_cfg([f"+experiment={experiment}", f"data.dir={REPO / 'data' / 'queries'}", "trainer.max_epochs=5",
+                       *overrides])
     metrics = train(cfg)
+    key = cfg.objective
     runs = mlflow.search_runs(experiment_names=[experiment], output_format="list")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     logged = runs[0].data.metrics
     baselines = ["river", "sklearn_refit"] + ([] if experiment == "online_coldstart" else ["head_only"])
     for name in [key] + [f"{key}.{b}" for b in baselines]:
         assert np.isfinite(logged[name]) and logged[name] == pytest.approx(metrics[name])
+    if experiment != "online_coldstart":
+        assert {"probe_auc_at_5", "probe_auc_at_10", "cumulative_accepts_per_slate"} <= set(logged)
+    params = runs[0].data.params
+    assert "scenario.kind" in params and not any(p.startswith("cv.") for p in params)
     client = mlflow.MlflowClient(mlflow_uri)
-    curve = "curve.prequential_auc.residual" if experiment == "online_coldstart" else "curve.user_auc.residual"
+    curve = "curve.prequential_auc.residual" if experiment == "online_coldstart" else "curve.probe_auc.residual"
     assert len(client.get_metric_history(runs[0].info.run_id, curve)) > 1
     assert "plots/learning_curves.png" in {a.path for a in client.list_artifacts(runs[0].info.run_id, "plots")}
