@@ -66,6 +66,10 @@ class _CatalogBaseline:
         if ids.min() < 0 or ids.max() >= len(self.items):
             raise IndexError(f"item ids must be in [0, {len(self.items)}), got {int(ids.min())}..{int(ids.max())}")
         if self.item_query is not None:
+            query = query.item() if isinstance(query, np.generic) else query
+            known = np.unique(self.item_query).tolist()
+            if query not in known:
+                raise ValueError(f"query {query!r} is unknown; known queries: {known}")
             wrong = np.flatnonzero(self.item_query[ids] != query)
             if len(wrong):
                 i = int(ids[wrong[0]])

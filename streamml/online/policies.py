@@ -312,7 +312,13 @@ class Thompson:
 
 
 def policy_scores(policy, learner, user, query, item_ids: np.ndarray, rng: RngLike = None) -> np.ndarray:
-    """What ``policy.select`` ranks: the learner's scores, or for :class:`Thompson` its posterior draws."""
+    """What ``policy.select`` ranks: the learner's scores, or for :class:`Thompson` its posterior draws.
+
+    A learner without a posterior (``has_posterior`` false or absent: the SGD rules, the
+    baselines) gives Thompson its scores as the one draw, so Thompson shows its greedy slate.
+    """
     if isinstance(policy, Thompson):
-        return learner.sample_scores(user, query, item_ids, policy.n_samples, rng)
+        if getattr(learner, "has_posterior", False):
+            return learner.sample_scores(user, query, item_ids, policy.n_samples, rng)
+        return np.asarray(learner.score(user, query, item_ids))[None, :]
     return learner.score(user, query, item_ids)

@@ -219,6 +219,9 @@ def test_policy_scores_draws_from_the_learner_for_thompson_only():
     assert draws.shape == (30, 10)
     slate = Thompson(n_samples=30).select(draws, 3, 0)
     assert len(slate) == 3 and (slate.propensities > 0).all()
+    sgd = ResidualLearner(X, np.zeros(10, int), head_scores=np.arange(10.0))  # no posterior: greedy
+    slate = Thompson(n_samples=30).select(policy_scores(Thompson(n_samples=30), sgd, 1, 0, ids, rng=0), 3, 0)
+    assert slate.items.tolist() == [9, 8, 7] and slate.propensities.tolist() == [1.0, 1.0, 1.0]
 
 
 def test_thompson_config_builds_the_policy():
