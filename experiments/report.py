@@ -27,9 +27,10 @@ def machine() -> str:
             f"numpy {numpy.__version__}, mlflow {mlflow.__version__}")
 
 
-def table(experiment: str, metrics: list[str], tracking_uri: str) -> tuple[str, set[str]]:
+def table(experiment: str, metrics: list[str], tracking_uri: str, where: str = "") -> tuple[str, set[str]]:
     mlflow.set_tracking_uri(tracking_uri)
-    runs = mlflow.search_runs(experiment_names=[experiment], filter_string="attributes.status = 'FINISHED'",
+    condition = "attributes.status = 'FINISHED'" + (f" and {where}" if where else "")
+    runs = mlflow.search_runs(experiment_names=[experiment], filter_string=condition,
                               order_by=["attributes.start_time DESC"])
     if runs.empty:
         raise SystemExit(f"no finished runs in experiment {experiment!r} at {tracking_uri}")
@@ -43,10 +44,12 @@ def table(experiment: str, metrics: list[str], tracking_uri: str) -> tuple[str, 
     return "\n".join(lines), set(runs["tags.git_commit"].dropna())
 
 
-def learner_table(experiment: str, metrics: list[str], tracking_uri: str, ours: str = "residual") -> tuple[str, set[str]]:
+def learner_table(experiment: str, metrics: list[str], tracking_uri: str, where: str = "",
+                  ours: str = "residual") -> tuple[str, set[str]]:
     """The newest finished run, one row per learner: ``key`` is ours, ``key.<learner>`` a baseline's."""
     mlflow.set_tracking_uri(tracking_uri)
-    runs = mlflow.search_runs(experiment_names=[experiment], filter_string="attributes.status = 'FINISHED'",
+    condition = "attributes.status = 'FINISHED'" + (f" and {where}" if where else "")
+    runs = mlflow.search_runs(experiment_names=[experiment], filter_string=condition,
                               order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
     if not runs:
         raise SystemExit(f"no finished runs in experiment {experiment!r} at {tracking_uri}")
@@ -78,9 +81,10 @@ def main() -> None:
     parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
     parser.add_argument("--title", default=None)
     parser.add_argument("--by-learner", action="store_true", help="rows = learners of the newest run (online experiments)")
+    parser.add_argument("--where", default="", help="extra MLflow filter, e.g. \"tags.streams = 'test'\"")
     args = parser.parse_args()
     make = learner_table if args.by_learner else table
-    body, commits = make(args.experiment, args.metrics.split(","), args.tracking_uri)
+    body, commits = make(args.experiment, args.metrics.split(","), args.tracking_uri, args.where)
     commit = ", ".join(sorted(commits)) or "unknown"
     with open(args.out, "w") as out:
         out.write(f"# {args.title or args.experiment}\n\n{body}\n\n")

@@ -33,6 +33,11 @@ from streamml.offline.baselines import feature_dicts, river_pipeline
 __all__ = ["HeadOnly", "RiverOnline", "SklearnRefitOnline"]
 
 
+def _plain(value):
+    """A numpy scalar as the plain Python value, for error messages."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
 class _CatalogBaseline:
     """Catalog bookkeeping, input checks and per-key state shared by the online baselines.
 
@@ -53,31 +58,35 @@ class _CatalogBaseline:
         self.head_scores = None if head_scores is None else np.asarray(head_scores, np.float64)
         if self.head_scores is not None and self.head_scores.shape != (n,):
             raise ValueError(f"head_scores must have shape ({n},), got {self.head_scores.shape}")
+        self._queries = set() if self.item_query is None else set(self.item_query.tolist())
         for name in self._per_key:
             setattr(self, name, {})
 
     # ---- inputs
+    def _check_query(self, query) -> None:
+        if self.item_query is not None and query not in self._queries:
+            raise ValueError(f"query {_plain(query)!r} is unknown; known queries: {sorted(self._queries, key=str)}")
+
     def _item_ids(self, items, query) -> np.ndarray:
+        self._check_query(query)
         ids = np.asarray(items)
         if ids.size == 0:
             return ids.astype(np.int64).reshape(-1)
         if ids.dtype.kind not in "iu":
             raise TypeError(f"item ids must be integers, got {ids.dtype}")
-        if ids.min() < 0 or ids.max() >= len(self.items):
-            raise IndexError(f"item ids must be in [0, {len(self.items)}), got {int(ids.min())}..{int(ids.max())}")
+        bad = ids[(ids < 0) | (ids >= len(self.items))]
+        if len(bad):
+            raise IndexError(f"item {int(bad[0])} is not a catalog id: ids are in [0, {len(self.items)})")
         if self.item_query is not None:
-            query = query.item() if isinstance(query, np.generic) else query
-            known = np.unique(self.item_query).tolist()
-            if query not in known:
-                raise ValueError(f"query {query!r} is unknown; known queries: {known}")
             wrong = np.flatnonzero(self.item_query[ids] != query)
             if len(wrong):
                 i = int(ids[wrong[0]])
-                raise ValueError(f"item {i} belongs to query {self.item_query[i].item()!r}, not {query!r}")
+                raise ValueError(f"item {i} belongs to query {self.item_query[i].item()!r}, not {_plain(query)!r}")
         return ids
 
     def _rows(self, query, X, head) -> tuple[np.ndarray, np.ndarray | None]:
         """(embeddings (n, D), raw head scores (n,) or None) of item ids or of embeddings."""
+        self._check_query(query)
         X = np.asarray(X)
         if X.ndim == 1 and (X.dtype.kind in "iu" or X.size == 0):
             if head is not None:
@@ -96,7 +105,7 @@ class _CatalogBaseline:
     def _labels(labels) -> np.ndarray:
         y = np.asarray(labels).reshape(-1)
         if not np.isin(y, (0, 1)).all():
-            raise ValueError(f"labels must be 0 (rejected) or 1 (accepted), got {sorted(set(y.tolist()) - {0, 1})[:3]}")
+            raise ValueError(f"labels must be 1 (accepted) or 0 (rejected), got {_plain(y[~np.isin(y, (0, 1))][0])!r}")
         return y.astype(np.int64)
 
     # ---- the online contract
@@ -124,9 +133,9 @@ class _CatalogBaseline:
         order: dict = {}
         for i, key in enumerate(keys):  # group by key, keeping each key's event order
             order.setdefault(key, []).append(i)
+        checked = {key: self._item_ids(items[idx], key[1]) for key, idx in order.items()}  # all, before any learning
         for key, idx in order.items():
-            ids = self._item_ids(items[idx], key[1])
-            self._learn(key, self.items[ids], labels[idx])
+            self._learn(key, self.items[checked[key]], labels[idx])
 
     def learn_vector(self, user: Hashable, query: Hashable, x, head_score: float, label: int) -> None:
         x = np.asarray(x, np.float32).reshape(1, -1)

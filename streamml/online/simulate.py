@@ -130,9 +130,10 @@ def summarize(rounds: pd.DataFrame, k: int, checkpoints=CHECKPOINTS, reference: 
 
 
 def curves(rounds: pd.DataFrame) -> pd.DataFrame:
-    """Mean probe AUC and cumulative accepts per learner over events (users with that many)."""
-    return (rounds.groupby(["learner", "events"], sort=False)[["probe_auc", "cumulative_accepts"]].mean()
-            .reset_index().melt(["learner", "events"], var_name="metric").rename(columns={"events": "step"}))
+    """Mean probe AUC and cumulative accepts per learner over events, up to the events every user reaches."""
+    most = rounds.groupby(["learner", "user"])["events"].max().min()
+    return (rounds[rounds.events <= most].groupby(["learner", "events"], sort=False)[["probe_auc", "cumulative_accepts"]]
+            .mean().reset_index().melt(["learner", "events"], var_name="metric").rename(columns={"events": "step"}))
 
 
 def coldstart(streams: list, learners: dict, items: np.ndarray, item_query: np.ndarray, y: np.ndarray,
@@ -179,10 +180,38 @@ def _factories(cfg, with_head: bool) -> dict:
     return learners
 
 
+_WORLDS: dict[str, World] = {}  # the last world built, reused by the next job of a grid in this process
+
+
+def _world(cfg, data) -> World:
+    """The scenario's world; a multirun over the learner's settings trains its head only once."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    sc = cfg.scenario
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    key = data.fingerprint + repr({k: resolved.get(k) for k in ("seed", "scenario", *HEAD_PARAMS)})
+    if key in _WORLDS:
+        return _WORLDS[key]
+    if sc.kind == "personalize":
+        world = real_users(data, instantiate(cfg.learner), sc.streams, cfg.seed, dict(sc.users),
+                           sc.n_clusters, sc.probe_fraction)
+    elif sc.kind == "large_catalog":
+        world = large_catalog(data, instantiate(cfg.learner), sc.streams, cfg.seed, dict(sc.users),
+                              tuple(sc.n_candidates), sc.n_population, sc.n_components, sc.label_noise,
+                              sc.shift, sc.n_clusters, sc.probe_fraction)
+    else:
+        raise ValueError(f"scenario.kind must be coldstart, personalize or large_catalog, got {sc.kind!r}")
+    _WORLDS.clear()
+    _WORLDS[key] = world
+    return world
+
+
 def _run_name(cfg) -> str:
-    rule = cfg.rule._target_.rsplit(".", 1)[-1] if "rule" in cfg else "rule"
-    lr = cfg.rule.get("lr", "") if "rule" in cfg else ""
-    return f"{cfg.scenario.kind}-{cfg.scenario.streams}-{rule}-lr{lr}"
+    """``<scenario>-<streams>-<rule>-<its settings>``, e.g. ``personalize-tune-DiagonalLaplace-prior_var3.0``."""
+    rule = cfg.rule._target_.rsplit(".", 1)[-1]
+    settings = "-".join(f"{k}{v}" for k, v in cfg.rule.items() if k in ("lr", "prior_var", "decay") and v)
+    return "-".join(p for p in (cfg.scenario.kind, cfg.scenario.streams, rule, settings) if p)
 
 
 def run(cfg) -> dict[str, float]:
@@ -206,15 +235,7 @@ def run(cfg) -> dict[str, float]:
             streams = coldstart_streams(data, sc.streams, cfg.seed, sc.n_orders)
             curve_table, per_learner = coldstart(streams, learners, data.X, data.query, data.y)
         else:
-            if sc.kind == "personalize":
-                world = real_users(data, instantiate(cfg.learner), sc.streams, cfg.seed, dict(sc.users),
-                                   sc.n_clusters, sc.probe_fraction)
-            elif sc.kind == "large_catalog":
-                world = large_catalog(data, instantiate(cfg.learner), sc.streams, cfg.seed, dict(sc.users),
-                                      tuple(sc.n_candidates), sc.n_population, sc.n_components, sc.label_noise,
-                                      sc.shift, sc.n_clusters, sc.probe_fraction)
-            else:
-                raise ValueError(f"scenario.kind must be coldstart, personalize or large_catalog, got {sc.kind!r}")
+            world = _world(cfg, data)
             print(f"{sc.kind} ({sc.streams} streams): {len(world.users)} users, {len(world.items)} catalog items")
             rounds, impressions = interact(world, learners, instantiate(cfg.explore), sc.k, sc.n_rounds, cfg.seed, sc.streams)
             tracking.log_table(rounds, "results/rounds.csv")

@@ -81,9 +81,11 @@ def test_bad_input_names_what_is_wrong(name):
     model = MAKERS[name]()
     with pytest.raises(ValueError, match="item 2 belongs to query 'b', not 'a'"):
         model.learn_one("ann", "a", 2, 1)
-    with pytest.raises(IndexError, match=r"item ids must be in \[0, 4\)"):
+    with pytest.raises(IndexError, match=r"item 9 is not a catalog id: ids are in \[0, 4\)"):
         model.score("ann", "a", [9])
-    with pytest.raises(ValueError, match="labels must be 0"):
+    with pytest.raises(ValueError, match="query 'c' is unknown"):
+        model.rank("ann", "c", [0])
+    with pytest.raises(ValueError, match=r"labels must be 1 \(accepted\) or 0 \(rejected\), got 3"):
         model.learn_one("ann", "a", 0, 3)
     with pytest.raises(ValueError, match=r"embeddings \(n, 4\)"):
         model.score("ann", "a", np.zeros((2, 3), np.float32))
