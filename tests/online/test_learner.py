@@ -337,3 +337,17 @@ def test_standardized_features_match_a_learner_on_prestandardized_items():
         np.testing.assert_allclose(a.score(user, query, X[ids]), b.score(user, query, Z[ids]), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="features must be 'raw' or 'standardized'"):
         ResidualLearner(X, item_query, features="whitened")
+
+
+def test_config_defaults_equal_code_defaults():
+    import inspect
+    from pathlib import Path
+
+    import yaml
+
+    cfg = yaml.safe_load((Path(__file__).parents[2] / "configs" / "online" / "residual.yaml").read_text())
+    assert cfg.pop("_target_") == "streamml.online.ResidualLearner" and cfg.pop("_partial_") is True
+    assert cfg.pop("rule") == "${rule}"
+    defaults = {k: p.default for k, p in inspect.signature(ResidualLearner).parameters.items()}
+    assert cfg == {k: defaults[k] for k in cfg}
+    assert set(defaults) - set(cfg) == {"items", "item_query", "rule", "head_scores", "store"}
