@@ -311,7 +311,11 @@ class ResidualLearner:
             self._apply(self.store.columns, rows, items, labels)
         else:
             rows = np.zeros(1, np.int64)
-            self.store.update_many([key], lambda state: self._apply(state, rows, items, labels))
+            self.store.update_many([key], lambda state: self._apply(self._writable(state), rows, items, labels))
+
+    def _writable(self, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A store's read as the kernels need it: C-contiguous, writable, in the schema's dtypes."""
+        return {name: np.array(state[name], dtype=f.dtype, order="C") for name, f in self.schema.items()}
 
     def _apply(self, cols: dict[str, np.ndarray], rows, items, labels) -> dict[str, np.ndarray]:
         kernels.apply(self.rule, cols, rows, items, labels, self.catalog.embeddings, self.catalog.head, self.threads)
@@ -344,7 +348,7 @@ class ResidualLearner:
             index: dict = {}
             rows = np.fromiter((index.setdefault(k, len(index)) for k in chunk), np.int64, len(chunk))
             ev = slice(start, start + len(chunk))
-            self.store.update_many(list(index), lambda state: self._apply(state, rows, items[ev], labels[ev]))
+            self.store.update_many(list(index), lambda state: self._apply(self._writable(state), rows, items[ev], labels[ev]))
 
     def learn_vector(self, user: Hashable, query: Hashable, x: np.ndarray, head_score: float | None,
                      label: int) -> None:

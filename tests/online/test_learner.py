@@ -21,15 +21,18 @@ def unit_rows(rng, n, d, dtype=np.float32):
 
 # ------------------------------------------------------------------ learner
 class PlainStore(Store):
-    """An InMemoryStore behind the bare Store protocol: the learner's generic path,
-    the one SQLite and Redis stores will take (no compiled kernel, no row views)."""
+    """An InMemoryStore behind the bare Store protocol: the learner's generic path, the one
+    SQLite and Redis stores take. Its reads are read-only, as ``np.frombuffer``'s are."""
 
     def __init__(self, schema):
         self._inner = InMemoryStore(schema)
         self.schema = self._inner.schema
 
     def get_many(self, keys):
-        return self._inner.get_many(keys)
+        out = self._inner.get_many(keys)
+        for v in out.values():
+            v.flags.writeable = False
+        return out
 
     def put_many(self, keys, values):
         self._inner.put_many(keys, values)
