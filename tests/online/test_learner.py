@@ -4,13 +4,14 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from streamml.online import DiagonalLaplace, PairwiseSGD, PointwiseSGD, ResidualLearner
+from streamml.online import DiagonalLaplace, IsotropicLaplace, PairwiseSGD, PointwiseSGD, ResidualLearner
 from streamml.stores import InMemoryStore, Store
 
 RULES = {
     "pointwise": lambda: PointwiseSGD(lr=2.0, l2=0.01, decay=0.01, max_norm=3.0),
     "pairwise": lambda: PairwiseSGD(lr=2.0, l2=0.01, decay=0.01, max_norm=3.0),
     "laplace": lambda: DiagonalLaplace(prior_var=2.0),
+    "laplace_iso": lambda: IsotropicLaplace(prior_var=2.0),
 }
 
 
