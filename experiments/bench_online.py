@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from streamml.online import DiagonalLaplace, PairwiseSGD, PointwiseSGD, ResidualLearner
+from streamml.online import DiagonalLaplace, IsotropicLaplace, PairwiseSGD, PointwiseSGD, ResidualLearner
 from streamml.stores import InMemoryStore
 
-RULES = {"pointwise": PointwiseSGD, "pairwise": PairwiseSGD, "laplace": DiagonalLaplace}
+RULES = {"pointwise": PointwiseSGD, "pairwise": PairwiseSGD, "laplace": DiagonalLaplace, "laplace_iso": IsotropicLaplace}
 N_QUERIES, PER_QUERY, DIM = 100, 100, 384
 
 
@@ -124,7 +124,7 @@ batches of {args.batch:,} events) and still carries that load.
 
 Setup: {args.keys:,} (user, query) keys, all stored before timing; 100 queries x 100 items,
 384-d; float16 residuals; the in-memory store. State bytes/key: the schema's fields (residual,
-plus the pairwise buffer or the Laplace evidence); store bytes/key adds the store's spare rows
+plus the pairwise buffer or the Laplace evidence, D floats or one); store bytes/key adds the store's spare rows
 and its hash table. Budget (issue 6): <= 1 KB per key (2 KB with a posterior whose gain is
 shown), `learn_one` <= 20 µs, `learn_many` >= 1M events/s on 2 cores.
 
