@@ -268,6 +268,11 @@ class ResidualLearner:
         item_ids = np.asarray(item_ids)
         return item_ids[np.argsort(-self.score(user, query, item_ids), kind="stable")]
 
+    @property
+    def has_posterior(self) -> bool:
+        """Does the rule keep a posterior that :meth:`sample_scores` can draw from?"""
+        return hasattr(self.rule, "variance")
+
     def sample_scores(self, user: Hashable, query: Hashable, X: np.ndarray, n_samples: int,
                       rng=None, head: np.ndarray | None = None) -> np.ndarray:
         """Scores under residuals drawn from the key's posterior ``N(m, diag(variance))``.
@@ -275,7 +280,7 @@ class ResidualLearner:
         For the Thompson policy; needs a rule with a posterior (``rule.variance``).
         Returns (n_samples, n) float32.
         """
-        if not hasattr(self.rule, "variance"):
+        if not self.has_posterior:
             raise TypeError(f"rule {type(self.rule).__name__} keeps no posterior to sample from; use DiagonalLaplace")
         F, z = self._inputs(query, X, head)
         state = self._state(user, query)
