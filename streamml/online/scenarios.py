@@ -141,7 +141,7 @@ def _check_user_models(users: dict, allowed=USER_MODELS) -> dict[str, int]:
 
 
 def real_users(data: QueryData, head, streams: str = "test", seed: int = 0, users: dict | None = None,
-               n_clusters: int = 3, probe_fraction: float = 0.45) -> World:
+               n_clusters: int = 3, probe_fraction: float = 0.4) -> World:
     """Users over the real items, scored by a head fit on the other half of their query.
 
     ``head`` is an offline learner (``fit(X, y, groups)`` / ``score(X, groups)``); ``users``
