@@ -235,3 +235,24 @@ def test_thompson_config_builds_the_policy():
     cfg = yaml.safe_load((Path(__file__).parents[2] / "configs" / "explore" / "thompson.yaml").read_text())
     policy = instantiate(cfg)
     assert isinstance(policy, Thompson) and policy.n_samples == Thompson().n_samples
+
+
+def test_thompson_through_the_simulator(tmp_path):
+    """Thompson slates from a Laplace residual in simulate.interact: logged Monte Carlo
+    propensities, exploration for the learner with a posterior, greedy for the one without."""
+    from conftest import write_queries
+    from streamml.data import load_queries
+    from streamml.offline.baselines import SklearnLR
+    from streamml.online import DiagonalLaplace, ResidualLearner, scenarios, simulate
+    from streamml.online.baselines import HeadOnly
+    from streamml.online.policies import Thompson
+
+    data = load_queries(write_queries(tmp_path, n_queries=2, n_per_class=14, dim=16), embedding_dim=16, min_per_class=1)
+    world = scenarios.real_users(data, SklearnLR(), "test", seed=0, users={"flip_cluster": 2, "none": 1})
+    learners = {"laplace": lambda X, q, h: ResidualLearner(X, q, rule=DiagonalLaplace(prior_var=3.0), head_scores=h),
+                "head_only": HeadOnly}
+    rounds, shown = simulate.interact(world, learners, Thompson(n_samples=50), k=3, n_rounds=3, seed=0, progress=False)
+    assert set(shown.learner) == {"laplace", "head_only"}
+    assert ((shown.propensity > 0) & (shown.propensity <= 1)).all()
+    assert (shown[shown.learner == "head_only"].propensity == 1.0).all()
+    assert (shown[shown.learner == "laplace"].propensity < 1.0).any()
