@@ -27,7 +27,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
-from streamml.online.rules import DiagonalLaplace, PairwiseSGD, PointwiseSGD
+from streamml.online.rules import DiagonalLaplace, IsotropicLaplace, PairwiseSGD, PointwiseSGD
 from streamml.stores.memory import prefetch
 
 __all__ = ["apply", "PARALLEL_MIN_EVENTS"]
@@ -298,6 +298,31 @@ def _laplace_events(res, ev, rows, items, labels, X, z, q0, part, parts):
             res[row, d] = _from_f32(_to_f32(res[row, d]) + g * x / (q0 + a), dt_r)
 
 
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def _iso_laplace_events(res, ev, rows, items, labels, X, z, q0, part, parts):
+    """Isotropic Laplace steps of events, in order, in place; ``ev``: (n_rows,) float32 evidence."""
+    mine = _my_events(rows, part, parts)
+    n, D = mine.shape[0], X.shape[1]
+    dt_r, q0 = res.dtype, np.float32(q0)
+    for t in range(n):
+        if t + _AHEAD < n:
+            _prefetch_event(res, X, rows[mine[t + _AHEAD]], items[mine[t + _AHEAD]])
+        e = mine[t]
+        row, i = rows[e], items[e]
+        s = np.float32(0.0)
+        xx = np.float32(0.0)
+        for d in range(D):
+            x = X[i, d]
+            s += x * _to_f32(res[row, d])
+            xx += x * x
+        p = np.float32(_sigmoid1(s + z[i]))
+        a = ev[row] + p * (np.float32(1.0) - p) * xx
+        ev[row] = a
+        g = (np.float32(1.0 if labels[e] else 0.0) - p) / (q0 + a)
+        for d in range(D):
+            res[row, d] = _from_f32(_to_f32(res[row, d]) + g * X[i, d], dt_r)
+
+
 def _n_parts(n_events: int, threads: int) -> int:
     return max(1, min(threads, n_events // PARALLEL_MIN_EVENTS))
 
@@ -349,5 +374,9 @@ def apply(rule, cols: dict[str, np.ndarray], rows: np.ndarray, items: np.ndarray
     elif kind is DiagonalLaplace:
         _in_parts(_laplace_events, n, threads, res, _bits(cols["evidence"]), rows, items, labels, X, z,
                   1.0 / rule.prior_var)
+    elif kind is IsotropicLaplace:
+        _in_parts(_iso_laplace_events, n, threads, res, cols["evidence"], rows, items, labels, X, z,
+                  1.0 / rule.prior_var)
     else:
-        raise TypeError(f"no compiled kernel for rule {type(rule).__name__}; rules: PointwiseSGD, PairwiseSGD, DiagonalLaplace")
+        raise TypeError(f"no compiled kernel for rule {type(rule).__name__}; rules: PointwiseSGD, PairwiseSGD, "
+                        "DiagonalLaplace, IsotropicLaplace")

@@ -268,6 +268,11 @@ class ResidualLearner:
         item_ids = np.asarray(item_ids)
         return item_ids[np.argsort(-self.score(user, query, item_ids), kind="stable")]
 
+    @property
+    def has_posterior(self) -> bool:
+        """Does the rule keep a posterior that :meth:`sample_scores` can draw from?"""
+        return hasattr(self.rule, "variance")
+
     def sample_scores(self, user: Hashable, query: Hashable, X: np.ndarray, n_samples: int,
                       rng=None, head: np.ndarray | None = None) -> np.ndarray:
         """Scores under residuals drawn from the key's posterior ``N(m, diag(variance))``.
@@ -275,7 +280,7 @@ class ResidualLearner:
         For the Thompson policy; needs a rule with a posterior (``rule.variance``).
         Returns (n_samples, n) float32.
         """
-        if not hasattr(self.rule, "variance"):
+        if not self.has_posterior:
             raise TypeError(f"rule {type(self.rule).__name__} keeps no posterior to sample from; use DiagonalLaplace")
         F, z = self._inputs(query, X, head)
         state = self._state(user, query)
@@ -306,7 +311,11 @@ class ResidualLearner:
             self._apply(self.store.columns, rows, items, labels)
         else:
             rows = np.zeros(1, np.int64)
-            self.store.update_many([key], lambda state: self._apply(state, rows, items, labels))
+            self.store.update_many([key], lambda state: self._apply(self._writable(state), rows, items, labels))
+
+    def _writable(self, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A store's read as the kernels need it: C-contiguous, writable, in the schema's dtypes."""
+        return {name: np.array(state[name], dtype=f.dtype, order="C") for name, f in self.schema.items()}
 
     def _apply(self, cols: dict[str, np.ndarray], rows, items, labels) -> dict[str, np.ndarray]:
         kernels.apply(self.rule, cols, rows, items, labels, self.catalog.embeddings, self.catalog.head, self.threads)
@@ -339,7 +348,7 @@ class ResidualLearner:
             index: dict = {}
             rows = np.fromiter((index.setdefault(k, len(index)) for k in chunk), np.int64, len(chunk))
             ev = slice(start, start + len(chunk))
-            self.store.update_many(list(index), lambda state: self._apply(state, rows, items[ev], labels[ev]))
+            self.store.update_many(list(index), lambda state: self._apply(self._writable(state), rows, items[ev], labels[ev]))
 
     def learn_vector(self, user: Hashable, query: Hashable, x: np.ndarray, head_score: float | None,
                      label: int) -> None:

@@ -7,7 +7,8 @@ policy's randomness). These are exact (up to float rounding), so that off-policy
 estimators (item-position IPS and the like) can reweight logged feedback later.
 
 Policies are small classes with plain keyword arguments, so Hydra can build them
-from ``_target_``.
+from ``_target_``. :class:`Thompson` ranks by draws from the learner's posterior rather
+than by its scores; :func:`policy_scores` gives each policy what it ranks by.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from math import comb
 
 import numpy as np
 
-__all__ = ["Slate", "Greedy", "EpsilonSlots", "PlackettLuce"]
+__all__ = ["Slate", "Greedy", "EpsilonSlots", "PlackettLuce", "Thompson", "policy_scores"]
 
 RngLike = np.random.Generator | int | None
 
@@ -246,3 +247,78 @@ class PlackettLuce:
         density = s_ * np.exp(-s_)  # i arrives at s, per unit of log s
         out = np.einsum("g,sg->s", density, pb[inv, :, positions]) * self.step  # trapezoid: ends ~0
         return np.clip(out, 0.0, 1.0)
+
+
+class Thompson:
+    """Thompson sampling: show the top k of one draw of the scores from the learner's posterior.
+
+    ``select`` takes ``samples`` (S, n): S draws of the n candidates' scores, from
+    ``learner.sample_scores(user, query, ids, n_samples, rng)`` (a residual drawn from the
+    key's posterior, ``m + q^{-1/2} eps``; see :func:`policy_scores`). The slate is the
+    greedy top k of the first draw. A user the learner is sure about gets (nearly) the
+    greedy slate; an uncertain one gets items whose score could be high.
+
+    The propensity ``P(item i at position p)`` has no closed form; it is estimated by
+    Monte Carlo as the fraction of the S draws whose top k puts ``i`` at ``p``. The shown
+    draw is one of them, so a shown item's propensity is at least ``1 / S`` (never 0,
+    which inverse-propensity weighting could not use); the standard error is at most
+    ``0.5 / sqrt(S)``.
+
+    Parameters
+    ----------
+    n_samples
+        Draws per slate: one to rank by, all of them to estimate propensities.
+
+    Examples
+    --------
+    >>> samples = np.array([[3.0, 1.0, 2.0], [0.0, 1.0, 2.0], [3.0, 2.0, 1.0], [3.0, 0.0, 2.0]])
+    >>> slate = Thompson(n_samples=4).select(samples, k=2, rng=0)
+    >>> slate.items.tolist(), slate.propensities.tolist()   # draw 0's top 2; item 0 leads 3 of 4 draws
+    ([0, 2], [0.75, 0.5])
+    """
+
+    def __init__(self, n_samples: int = 100):
+        if int(n_samples) < 1:
+            raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+        self.n_samples = int(n_samples)
+
+    def __repr__(self) -> str:
+        return f"Thompson(n_samples={self.n_samples})"
+
+    @staticmethod
+    def _check_samples(samples: np.ndarray, k: int) -> tuple[np.ndarray, int]:
+        samples = np.asarray(samples, np.float64)
+        if samples.ndim != 2 or samples.shape[0] < 1:
+            raise ValueError("Thompson ranks posterior draws: pass samples of shape (n_samples, n) from "
+                             f"learner.sample_scores (see policy_scores), got shape {samples.shape}")
+        if np.isnan(samples).any():
+            raise ValueError("samples contain NaN")
+        return samples, max(0, min(int(k), samples.shape[1]))
+
+    def select(self, samples: np.ndarray, k: int, rng: RngLike = None) -> Slate:
+        samples, k = self._check_samples(samples, k)
+        items = _greedy_order(samples[0])[:k]
+        positions = np.arange(k)
+        return Slate(items.astype(np.int64), positions, self.marginals(samples, k)[items, positions])
+
+    def marginals(self, samples: np.ndarray, k: int) -> np.ndarray:
+        """(n, k) Monte Carlo estimate of ``P[i, p]``, the probability that item ``i`` is shown at ``p``."""
+        samples, k = self._check_samples(samples, k)
+        S, n = samples.shape
+        tops = np.argsort(-samples, axis=1, kind="stable")[:, :k]  # (S, k)
+        out = np.zeros((n, k))
+        np.add.at(out, (tops, np.broadcast_to(np.arange(k), tops.shape)), 1.0)
+        return out / S
+
+
+def policy_scores(policy, learner, user, query, item_ids: np.ndarray, rng: RngLike = None) -> np.ndarray:
+    """What ``policy.select`` ranks: the learner's scores, or for :class:`Thompson` its posterior draws.
+
+    A learner without a posterior (``has_posterior`` false or absent: the SGD rules, the
+    baselines) gives Thompson its scores as the one draw, so Thompson shows its greedy slate.
+    """
+    if isinstance(policy, Thompson):
+        if getattr(learner, "has_posterior", False):
+            return learner.sample_scores(user, query, item_ids, policy.n_samples, rng)
+        return np.asarray(learner.score(user, query, item_ids))[None, :]
+    return learner.score(user, query, item_ids)

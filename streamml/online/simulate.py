@@ -28,16 +28,15 @@ import pandas as pd
 from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
+from streamml.online.policies import policy_scores
 from streamml.online.scenarios import World, coldstart_streams, large_catalog, real_users, stream_seed
 
 CHECKPOINTS = (5, 10, 20, 40)
 
 
 def _policy_scores(model, policy, user, query, items, rng) -> np.ndarray:
-    """What the policy ranks: a posterior draw for a Thompson-style policy, else the learner's scores."""
-    if getattr(policy, "samples_posterior", False) and hasattr(model, "sample_scores"):
-        return model.sample_scores(user, query, items, 1, rng)[0]
-    return model.score(user, query, items)
+    """What the policy ranks: posterior draws for Thompson, else the learner's scores."""
+    return policy_scores(policy, model, user, query, items, rng)
 
 
 def _auc(truth: np.ndarray, scores: np.ndarray) -> float:

@@ -422,9 +422,8 @@ class InMemoryStore(Store):
         for name, v in vals.items():
             self._scatter(name, rows, v)
 
-    # Rows are moved as single opaque (void) elements: numpy then copies each row
-    # with one memcpy instead of iterating over its elements (40x faster for a
-    # 16-byte buffer row, 1.3-2x for a 768-byte residual).
+    # Rows are moved as single opaque (void) elements, so numpy copies each row with one
+    # memcpy instead of iterating over its elements.
     def _rows_view(self, name: str) -> np.ndarray:
         col = self._cols[name]
         return col.reshape(len(col), -1).view(np.dtype((np.void, self.schema[name].nbytes))).reshape(len(col))

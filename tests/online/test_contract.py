@@ -13,7 +13,8 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from streamml.online import DiagonalLaplace, PairwiseSGD, PointwiseSGD, ResidualLearner
+from streamml.online import DiagonalLaplace, IsotropicLaplace, PairwiseSGD, PointwiseSGD, ResidualLearner
+from streamml.online.baselines import HeadOnly, RiverOnline, SklearnRefitOnline
 from streamml.online.contract import OnlineLearner
 
 
@@ -21,13 +22,18 @@ from streamml.online.contract import OnlineLearner
 class Case:
     make: Callable  # (items, item_query, head_scores) -> learner
     has_head: bool = True
+    adapts: bool = True
 
 
 CASES = {
     "residual-pointwise": Case(lambda X, q, h: ResidualLearner(X, q, rule=PointwiseSGD(), head_scores=h)),
     "residual-pairwise": Case(lambda X, q, h: ResidualLearner(X, q, rule=PairwiseSGD(), head_scores=h)),
     "residual-laplace": Case(lambda X, q, h: ResidualLearner(X, q, rule=DiagonalLaplace(), head_scores=h)),
+    "residual-laplace-iso": Case(lambda X, q, h: ResidualLearner(X, q, rule=IsotropicLaplace(), head_scores=h)),
     "residual-user-key": Case(lambda X, q, h: ResidualLearner(X, q, head_scores=h, key="user")),
+    "head_only": Case(HeadOnly, adapts=False),
+    "river": Case(RiverOnline, has_head=False),
+    "sklearn_refit": Case(SklearnRefitOnline, has_head=False),
 }
 
 
@@ -96,7 +102,7 @@ def test_feedback_changes_only_its_own_user(case):
     cold = all_scores(learner)
     feed(learner, stream(1, users=(0,)))
     warm = all_scores(learner)
-    assert not np.allclose(warm[(0, 0)], cold[(0, 0)])
+    assert np.allclose(warm[(0, 0)], cold[(0, 0)]) != case[1].adapts
     assert_same({k: v for k, v in warm.items() if k[0] != 0}, {k: v for k, v in cold.items() if k[0] != 0}, rtol=0, atol=0)
 
 
@@ -115,7 +121,7 @@ def test_forget_restores_the_prior(case):
     learner.forget(1)
     warm = all_scores(learner)
     assert_same({k: v for k, v in warm.items() if k[0] == 1}, {k: v for k, v in cold.items() if k[0] == 1}, rtol=0, atol=0)
-    assert not np.allclose(warm[(0, 0)], cold[(0, 0)])  # other users keep theirs
+    assert np.allclose(warm[(0, 0)], cold[(0, 0)]) != case[1].adapts  # other users keep theirs
     learner.forget(99)  # a user never seen: nothing to do
 
 
@@ -133,7 +139,8 @@ def test_pickle_and_deepcopy_round_trip(case):
         assert_same(all_scores(clone), all_scores(learner), rtol=0, atol=0)
         more = stream(6)
         feed(clone, more)
-        assert not np.allclose(all_scores(clone)[(0, 0)], all_scores(learner)[(0, 0)])  # independent state
+        if case[1].adapts:  # independent state
+            assert not np.allclose(all_scores(clone)[(0, 0)], all_scores(learner)[(0, 0)])
     feed(learner, more)
     assert_same(all_scores(clone), all_scores(learner), rtol=0, atol=0)  # and the same learning
 
@@ -148,9 +155,9 @@ def test_bad_input_is_refused_and_changes_nothing(case):
         learner.learn_one(0, 9, 0, 1)
     with pytest.raises(ValueError, match="query 9 is unknown"):
         learner.rank(0, 9, np.array([0, 1]))
-    with pytest.raises(ValueError, match="labels must be 1"):
+    with pytest.raises(ValueError, match="labels must be .*3"):
         learner.learn_one(0, 0, 0, 3)
-    with pytest.raises(IndexError, match="item 600"):
+    with pytest.raises(IndexError, match="600"):
         learner.learn_one(0, 0, 600, 1)
     with pytest.raises(ValueError):
         learner.learn_many([0, 0], [0, 0], [0, 1], [1, 5])  # the whole batch is refused

@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 
 from streamml.online import kernels
-from streamml.online.rules import Catalog, DiagonalLaplace, PairwiseSGD, PointwiseSGD
+from streamml.online.rules import Catalog, DiagonalLaplace, IsotropicLaplace, PairwiseSGD, PointwiseSGD
 
 RULES = {
     "pointwise": PointwiseSGD(lr=3.0, l2=0.02, decay=0.01, max_norm=2.0),  # the cap binds on some steps
     "pairwise": PairwiseSGD(lr=3.0, l2=0.02, decay=0.01, max_norm=2.0, buffer_size=6),
     "laplace": DiagonalLaplace(prior_var=3.0),
     "laplace32": DiagonalLaplace(prior_var=0.5, dtype="float32"),
+    "laplace_iso": IsotropicLaplace(prior_var=3.0),
 }
 
 
@@ -68,7 +69,7 @@ def test_kernel_equals_reference_event_by_event_in_float16():
     """Single events from the same float16 state: equal up to one float16 rounding."""
     rng = np.random.default_rng(9)
     cat = catalog(rng)
-    for rule in (RULES["pointwise"], RULES["pairwise"], RULES["laplace"]):
+    for rule in (RULES["pointwise"], RULES["pairwise"], RULES["laplace"], RULES["laplace_iso"]):
         cols = empty_state(rule, 5, 24, "float16")
         for t in range(200):
             row, item, label = int(rng.integers(5)), int(rng.integers(60)), bool(rng.integers(2))

@@ -4,13 +4,14 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from streamml.online import DiagonalLaplace, PairwiseSGD, PointwiseSGD, ResidualLearner
+from streamml.online import DiagonalLaplace, IsotropicLaplace, PairwiseSGD, PointwiseSGD, ResidualLearner
 from streamml.stores import InMemoryStore, Store
 
 RULES = {
     "pointwise": lambda: PointwiseSGD(lr=2.0, l2=0.01, decay=0.01, max_norm=3.0),
     "pairwise": lambda: PairwiseSGD(lr=2.0, l2=0.01, decay=0.01, max_norm=3.0),
     "laplace": lambda: DiagonalLaplace(prior_var=2.0),
+    "laplace_iso": lambda: IsotropicLaplace(prior_var=2.0),
 }
 
 
@@ -21,15 +22,18 @@ def unit_rows(rng, n, d, dtype=np.float32):
 
 # ------------------------------------------------------------------ learner
 class PlainStore(Store):
-    """An InMemoryStore behind the bare Store protocol: the learner's generic path,
-    the one SQLite and Redis stores will take (no compiled kernel, no row views)."""
+    """An InMemoryStore behind the bare Store protocol: the learner's generic path, the one
+    SQLite and Redis stores take. Its reads are read-only, as ``np.frombuffer``'s are."""
 
     def __init__(self, schema):
         self._inner = InMemoryStore(schema)
         self.schema = self._inner.schema
 
     def get_many(self, keys):
-        return self._inner.get_many(keys)
+        out = self._inner.get_many(keys)
+        for v in out.values():
+            v.flags.writeable = False
+        return out
 
     def put_many(self, keys, values):
         self._inner.put_many(keys, values)
@@ -337,3 +341,17 @@ def test_standardized_features_match_a_learner_on_prestandardized_items():
         np.testing.assert_allclose(a.score(user, query, X[ids]), b.score(user, query, Z[ids]), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="features must be 'raw' or 'standardized'"):
         ResidualLearner(X, item_query, features="whitened")
+
+
+def test_config_defaults_equal_code_defaults():
+    import inspect
+    from pathlib import Path
+
+    import yaml
+
+    cfg = yaml.safe_load((Path(__file__).parents[2] / "configs" / "online" / "residual.yaml").read_text())
+    assert cfg.pop("_target_") == "streamml.online.ResidualLearner" and cfg.pop("_partial_") is True
+    assert cfg.pop("rule") == "${rule}"
+    defaults = {k: p.default for k, p in inspect.signature(ResidualLearner).parameters.items()}
+    assert cfg == {k: defaults[k] for k in cfg}
+    assert set(defaults) - set(cfg) == {"items", "item_query", "rule", "head_scores", "store"}

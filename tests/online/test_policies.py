@@ -159,3 +159,100 @@ def test_policy_validation():
         EpsilonSlots(slots="middle")
     with pytest.raises(ValueError):
         PlackettLuce(temperature=0)
+
+
+# ------------------------------------------------------------------ Thompson
+def test_thompson_shows_the_top_k_of_the_first_draw_with_monte_carlo_propensities():
+    from streamml.online.policies import Thompson
+
+    rng = np.random.default_rng(0)
+    samples = rng.standard_normal((50, 7)) + SCORES
+    slate = Thompson(n_samples=50).select(samples, 3, rng)
+    np.testing.assert_array_equal(slate.items, np.argsort(-samples[0], kind="stable")[:3])
+    tops = np.argsort(-samples, axis=1, kind="stable")[:, :3]
+    for item, p, prop in zip(slate.items, slate.positions, slate.propensities):
+        assert prop == np.mean(tops[:, p] == item) >= 1 / 50
+    m = Thompson(n_samples=50).marginals(samples, 3)
+    np.testing.assert_allclose(m.sum(0), 1.0)  # each position holds exactly one item per draw
+    assert (m.sum(1) <= 1 + 1e-12).all()
+
+
+def test_thompson_propensities_converge_to_the_exact_ones():
+    """Two items with independent Gaussian scores: P(item 0 first) = Phi((mu0 - mu1) / sqrt(2))."""
+    from scipy.stats import norm
+
+    from streamml.online.policies import Thompson
+
+    rng = np.random.default_rng(1)
+    samples = rng.standard_normal((40_000, 2)) + [0.5, 0.0]
+    m = Thompson(n_samples=40_000).marginals(samples, 1)
+    assert abs(m[0, 0] - norm.cdf(0.5 / np.sqrt(2))) < 0.01
+
+
+def test_thompson_with_a_confident_posterior_is_greedy():
+    from streamml.online.policies import Thompson
+
+    samples = np.tile(SCORES, (20, 1)) + 1e-9 * np.random.default_rng(2).standard_normal((20, 7))
+    slate = Thompson(n_samples=20).select(samples, 2, 0)  # (positions 3 and 4 tie at 0.9)
+    np.testing.assert_array_equal(slate.items, Greedy().select(SCORES, 2).items)
+    np.testing.assert_array_equal(slate.propensities, 1.0)
+
+
+def test_thompson_needs_posterior_draws():
+    from streamml.online.policies import Thompson
+
+    with pytest.raises(ValueError, match="sample_scores"):
+        Thompson().select(SCORES, 3, 0)
+    with pytest.raises(ValueError, match="n_samples"):
+        Thompson(n_samples=0)
+
+
+def test_policy_scores_draws_from_the_learner_for_thompson_only():
+    from streamml.online import DiagonalLaplace, ResidualLearner
+    from streamml.online.policies import Thompson, policy_scores
+
+    X = np.random.default_rng(3).standard_normal((10, 4)).astype(np.float32)
+    learner = ResidualLearner(X, np.zeros(10, int), rule=DiagonalLaplace(), head_scores=np.arange(10.0))
+    ids = np.arange(10)
+    np.testing.assert_array_equal(policy_scores(Greedy(), learner, 1, 0, ids), learner.score(1, 0, ids))
+    draws = policy_scores(Thompson(n_samples=30), learner, 1, 0, ids, rng=0)
+    assert draws.shape == (30, 10)
+    slate = Thompson(n_samples=30).select(draws, 3, 0)
+    assert len(slate) == 3 and (slate.propensities > 0).all()
+    sgd = ResidualLearner(X, np.zeros(10, int), head_scores=np.arange(10.0))  # no posterior: greedy
+    slate = Thompson(n_samples=30).select(policy_scores(Thompson(n_samples=30), sgd, 1, 0, ids, rng=0), 3, 0)
+    assert slate.items.tolist() == [9, 8, 7] and slate.propensities.tolist() == [1.0, 1.0, 1.0]
+
+
+def test_thompson_config_builds_the_policy():
+    from pathlib import Path
+
+    import yaml
+    from hydra.utils import instantiate
+
+    from streamml.online.policies import Thompson
+
+    cfg = yaml.safe_load((Path(__file__).parents[2] / "configs" / "explore" / "thompson.yaml").read_text())
+    policy = instantiate(cfg)
+    assert isinstance(policy, Thompson) and policy.n_samples == Thompson().n_samples
+
+
+def test_thompson_through_the_simulator(tmp_path):
+    """Thompson slates from a Laplace residual in simulate.interact: logged Monte Carlo
+    propensities, exploration for the learner with a posterior, greedy for the one without."""
+    from conftest import write_queries
+    from streamml.data import load_queries
+    from streamml.offline.baselines import SklearnLR
+    from streamml.online import DiagonalLaplace, ResidualLearner, scenarios, simulate
+    from streamml.online.baselines import HeadOnly
+    from streamml.online.policies import Thompson
+
+    data = load_queries(write_queries(tmp_path, n_queries=2, n_per_class=14, dim=16), embedding_dim=16, min_per_class=1)
+    world = scenarios.real_users(data, SklearnLR(), "test", seed=0, users={"flip_cluster": 2, "none": 1})
+    learners = {"laplace": lambda X, q, h: ResidualLearner(X, q, rule=DiagonalLaplace(prior_var=3.0), head_scores=h),
+                "head_only": HeadOnly}
+    rounds, shown = simulate.interact(world, learners, Thompson(n_samples=50), k=3, n_rounds=3, seed=0, progress=False)
+    assert set(shown.learner) == {"laplace", "head_only"}
+    assert ((shown.propensity > 0) & (shown.propensity <= 1)).all()
+    assert (shown[shown.learner == "head_only"].propensity == 1.0).all()
+    assert (shown[shown.learner == "laplace"].propensity < 1.0).any()

@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from streamml.online.rules import Catalog, DiagonalLaplace, PairwiseSGD, PointwiseSGD, Rule
+from streamml.online.rules import Catalog, DiagonalLaplace, IsotropicLaplace, PairwiseSGD, PointwiseSGD, Rule
 
 CONFIGS = Path(__file__).parents[2] / "configs"
 SGD_RULES = {"pointwise": PointwiseSGD, "pairwise": PairwiseSGD}
@@ -109,16 +109,37 @@ def test_laplace_steps_shrink_as_evidence_builds(toy):
     assert (rule.variance(state) < 1.0).all()  # the posterior is tighter than the prior
 
 
+def test_isotropic_laplace_step_uses_the_whole_curvature(toy):
+    rng, cat = toy
+    rule = IsotropicLaplace(prior_var=4.0)
+    m = (rng.standard_normal(8) * 0.3).astype(np.float32)
+    state = {"residual": m.copy(), "evidence": np.float32(0.7)}
+    x, z = cat.embeddings[5], float(cat.head[5])
+    rule.reference(state, x, z, True, cat, item=5)
+    p = 1 / (1 + np.exp(-(z + x.astype(np.float64) @ m)))
+    a = 0.7 + p * (1 - p) * float(x.astype(np.float64) @ x)
+    np.testing.assert_allclose(float(state["evidence"]), a, rtol=1e-6)
+    np.testing.assert_allclose(state["residual"], m + (1 - p) * x / (0.25 + a), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(rule.variance(state), [1 / (0.25 + a)], rtol=1e-6)
+    steps = []
+    for t in range(20):  # the step on the same event shrinks as the key's evidence grows
+        before = state["residual"].copy()
+        rule.reference(state, x, z, bool(t % 2), cat, item=5)
+        steps.append(np.linalg.norm(state["residual"] - before))
+    assert steps[-1] < 0.7 * steps[0]
+
+
 def test_rules_validate_their_hyperparameters():
     for bad in (lambda: PairwiseSGD(buffer_size=3), lambda: PointwiseSGD(max_norm=float("inf")),
-                lambda: PointwiseSGD(lr=0), lambda: DiagonalLaplace(prior_var=0), lambda: DiagonalLaplace(dtype="int8")):
+                lambda: PointwiseSGD(lr=0), lambda: DiagonalLaplace(prior_var=0), lambda: IsotropicLaplace(prior_var=-1), lambda: DiagonalLaplace(dtype="int8")):
         with pytest.raises(ValueError):
             bad()
     with pytest.raises(ValueError, match="overshoot"):
         PairwiseSGD(lr=10, l2=0.1)
 
 
-@pytest.mark.parametrize("name, cls", [("pointwise", PointwiseSGD), ("pairwise", PairwiseSGD), ("laplace", DiagonalLaplace)])
+@pytest.mark.parametrize("name, cls", [("pointwise", PointwiseSGD), ("pairwise", PairwiseSGD), ("laplace", DiagonalLaplace),
+                                       ("laplace_iso", IsotropicLaplace)])
 def test_config_defaults_equal_code_defaults(name, cls):
     hydra_utils = pytest.importorskip("hydra.utils")
     cfg = yaml.safe_load((CONFIGS / "rule" / f"{name}.yaml").read_text())
