@@ -47,7 +47,8 @@ from redis.cluster import RedisCluster
 from redis.retry import Retry
 
 from streamml.stores import Field, Store
-from streamml.stores.codec import Keys, RecordCodec, check_unique, encode_key, encode_keys
+from streamml.stores import as_key_list
+from streamml.stores.codec import Keys, RecordCodec, check_unique, encode_key, encode_keys, plain_key
 from streamml.stores.errors import HeadMismatch, StoreUnavailable
 from streamml.stores.sqlite import _jsonable
 
@@ -55,6 +56,10 @@ __all__ = ["connect", "RedisStore", "RedisEventLog", "RedisItems"]
 
 _UNAVAILABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.ClusterError)
 _CHUNK = 1000
+
+
+def _dumps(v) -> str:
+    return json.dumps(v, separators=(",", ":"))
 
 
 def connect(url: str, timeout_s: float = 0.5) -> redis.Redis | RedisCluster:
@@ -146,17 +151,27 @@ class RedisStore(Store):
     def rkey(self, encoded: str) -> str:
         """The Redis key of an encoded key: ``prefix:{user}`` or ``prefix:{user}:[rest]``."""
         if encoded.startswith("["):
-            items = json.loads(encoded)
-            if len(items) >= 2:
-                rest = json.dumps(items[1:], separators=(",", ":"))
-                return f"{self.prefix}:{{{json.dumps(items[0], separators=(',', ':'))}}}:{rest}"
+            return self._rkey_of(json.loads(encoded))
         return f"{self.prefix}:{{{encoded}}}"
 
+    def _rkey_of(self, plain) -> str:
+        if type(plain) is list and len(plain) >= 2:
+            return f"{self.prefix}:{{{_dumps(plain[0])}}}:{_dumps(plain[1:])}"
+        return f"{self.prefix}:{{{_dumps(plain)}}}"
+
     def _rkeys(self, keys: Keys, op: str, unique: bool = False) -> list[str]:
-        enc = encode_keys(keys, op)
+        p = self.prefix
+        if isinstance(keys, np.ndarray) and keys.dtype.kind in "iub" and keys.ndim == 2 and keys.shape[1] == 2:
+            rkeys = [f"{p}:{{{u}}}:[{q}]" for u, q in keys.astype(np.int64).tolist()]
+        elif isinstance(keys, np.ndarray) and keys.dtype.kind in "iub" and keys.ndim == 1:
+            rkeys = [f"{p}:{{{u}}}" for u in keys.astype(np.int64).tolist()]
+        elif isinstance(keys, np.ndarray) and keys.dtype.kind in "iub":
+            rkeys = [self.rkey(e) for e in encode_keys(keys, op)]
+        else:
+            rkeys = [self._rkey_of(plain_key(k, op)) for k in as_key_list(keys)]
         if unique:
-            check_unique(enc, op)
-        return [self.rkey(e) for e in enc]
+            check_unique(rkeys, op)
+        return rkeys
 
     # ---- reads
     def _mget(self, client, rkeys: list[str]) -> list[bytes | None]:
