@@ -167,7 +167,9 @@ def bench_redis(schema, args, tmp: Path) -> dict:
 def machine() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
-    return f"{platform.system()} {platform.release()}, {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (f"{platform.system()} {platform.release()}, {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}; "
+            f"load average at the end {load}")
 
 
 def commit() -> str:
@@ -206,7 +208,7 @@ def main() -> None:
         "",
         f"Command: `python experiments/bench_stores.py{' ' + argv if argv else ''}`  ",
         f"Commit: {commit()}  ",
-        f"Machine: {machine()}, shared with other jobs while it ran  ",
+        f"Machine: {machine()} (shared with other jobs)  ",
         f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         "",
         f"{args.n_users:,} keys `(user, \"topic_k\")` of the learner's schema ({' '.join(args.overrides)}): "

@@ -272,3 +272,24 @@ def test_bind_head_resets_or_refuses_state_of_another_head(make_shared_store):
     assert store.get_many([(1, "q")])["n"].tolist() == [0]
     with pytest.raises(ValueError, match="on_mismatch"):
         store.bind_head("x", on_mismatch="ignore")
+
+
+def test_the_online_learner_runs_on_the_store(make_shared_store):
+    """The learner's contract with stores: same events, same scores as in memory."""
+    from streamml.online import ResidualLearner
+
+    rng = np.random.default_rng(0)
+    items = rng.standard_normal((30, 8)).astype(np.float32)
+    item_query = np.repeat([0, 1, 2], 10)
+    ours = ResidualLearner(items, item_query, store=make_shared_store)
+    ref = ResidualLearner(items, item_query)
+    users, its = rng.integers(0, 4, 60), rng.integers(0, 30, 60)
+    labels = rng.integers(0, 2, 60)
+    for learner in (ours, ref):
+        learner.learn_many(users, item_query[its], its, labels)
+        learner.learn_one("carol", 1, 12, 1)
+        learner.forget(3)
+    for user, q in [(0, 0), (1, 2), ("carol", 1), (3, 0)]:
+        X = items[item_query == q]
+        np.testing.assert_allclose(ours.score(user, q, X), ref.score(user, q, X), atol=1e-2)
+    assert len(ours.store) == len(ref.store) > 0
