@@ -19,14 +19,11 @@ another schema fails instead of reading garbage.
 from __future__ import annotations
 
 import json
-from collections.abc import Hashable, Mapping, Sequence
-from typing import Union
+from collections.abc import Hashable, Mapping
 
 import numpy as np
 
-from streamml.stores import Field, as_key_list
-
-Keys = Union[Sequence[Hashable], np.ndarray]
+from streamml.stores.base import Field, Keys, as_key_list
 
 __all__ = ["plain_key", "encode_key", "encode_keys", "RecordCodec", "check_unique"]
 

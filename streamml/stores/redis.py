@@ -46,8 +46,7 @@ from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
 from redis.retry import Retry
 
-from streamml.stores import Field, Store
-from streamml.stores import as_key_list
+from streamml.stores.base import Field, Store, as_key_list
 from streamml.stores.codec import Keys, RecordCodec, check_unique, encode_key, encode_keys, plain_key
 from streamml.stores.errors import HeadMismatch, StoreUnavailable
 from streamml.stores.sqlite import _jsonable

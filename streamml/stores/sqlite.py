@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from streamml.stores import Field, Store
+from streamml.stores.base import Field, Store
 from streamml.stores.codec import Keys, RecordCodec, check_unique, encode_key, encode_keys
 from streamml.stores.errors import HeadMismatch, StoreUnavailable
 
