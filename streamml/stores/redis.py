@@ -85,9 +85,10 @@ def _client(client_or_url) -> redis.Redis | RedisCluster:
 
 
 def _check_prefix(prefix: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9_.\-]+", prefix):
-        raise ValueError(f"prefix must be letters, digits, '_', '.' or '-', got {prefix!r}")
-    return prefix
+    """A namespace without hash-tag braces or glob characters; a trailing ``:`` is dropped."""
+    if not re.fullmatch(r"[A-Za-z0-9_.:\-]*[A-Za-z0-9_.\-]:?", prefix):
+        raise ValueError(f"prefix must be letters, digits, '_', '.', '-' or ':', got {prefix!r}")
+    return prefix.rstrip(":")
 
 
 class _Slots:
@@ -132,7 +133,7 @@ class RedisStore(Store):
         self.prefix = _check_prefix(prefix)
         self.max_attempts = int(max_attempts)
         self._slots = _Slots(self.client)
-        self._meta = f"{prefix}:meta"
+        self._meta = f"{self.prefix}:meta"
         with _guard("opening the store"):
             stored = self.client.hget(self._meta, "schema")
             if stored is not None and stored.decode() != self.codec.signature:
@@ -396,10 +397,21 @@ class RedisEventLog:
             raise KeyError(f"unknown or expired event {event_id!r}")
         return won == 1
 
+    def release(self, event_id: str, item: Hashable) -> None:
+        with _guard("release"):
+            self.client.hdel(self._keys(event_id)[1], encode_key(item, "release item"))
+
+    def _ce_key(self, client_event_id: str) -> str:
+        return f"{self.prefix}:ce:{{{json.dumps(str(client_event_id))}}}"
+
+    def release_client_event(self, client_event_id: str) -> None:
+        with _guard("release_client_event"):
+            self.client.delete(self._ce_key(client_event_id))
+
     def claim_client_event(self, client_event_id: str, ttl_s: float) -> bool:
         if ttl_s <= 0:
             raise ValueError(f"ttl_s must be positive, got {ttl_s}")
-        key = f"{self.prefix}:ce:{{{json.dumps(str(client_event_id))}}}"
+        key = self._ce_key(client_event_id)
         with _guard("claim_client_event"):
             return bool(self.client.set(key, 1, nx=True, px=max(1, int(ttl_s * 1000))))
 
@@ -411,7 +423,7 @@ class RedisItems:
     def __init__(self, client, prefix: str = "streamml"):
         self.client = _client(client)
         self.prefix = _check_prefix(prefix)
-        self._meta = f"{prefix}:items:{{catalog}}"
+        self._meta = f"{self.prefix}:items:{{catalog}}"
         self._node = _Slots(self.client).node(self._meta)
 
     def _qkey(self, query: str) -> str:
@@ -421,7 +433,7 @@ class RedisItems:
         """Replace the catalog with the query files of ``folder`` (one MULTI/EXEC)."""
         from streamml.data import load_queries
 
-        data = load_queries(folder, embedding_dim=embedding_dim)
+        data = load_queries(folder, embedding_dim=embedding_dim, min_per_class=0)
         X = np.ascontiguousarray(data.X, np.float32)
         qcol = data.frame["query_id"].to_numpy()
         texts = data.frame["text"].tolist()

@@ -29,8 +29,10 @@ def test_keys_carry_the_user_in_a_hash_tag(redis_server):
     assert store.rkey(encode_key(("bob", 3, "x"))) == 'p:{"bob"}:[3,"x"]'
     assert store.rkey(encode_key(7)) == "p:{7}"
     assert store.rkey(encode_key((7,))) == "p:{[7]}"
-    with pytest.raises(ValueError, match="prefix"):
-        RedisStore(SCHEMA, redis_server.client(), prefix="a:{b}")
+    assert RedisStore(SCHEMA, redis_server.client(), prefix="p:").rkey("7") == "p:{7}"  # a trailing ':' is dropped
+    for bad in ("a:{b}", "a*", "", ":"):
+        with pytest.raises(ValueError, match="prefix"):
+            RedisStore(SCHEMA, redis_server.client(), prefix=bad)
 
 
 def test_a_users_keys_share_a_slot_and_users_spread_over_the_cluster(redis_cluster):

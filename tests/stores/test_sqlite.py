@@ -95,7 +95,6 @@ def test_acknowledged_updates_survive_sigkill(tmp_path):
     assert acked <= n <= acked + 1  # every acknowledged update is there; at most one unacknowledged
 
 
-@pytest.mark.filterwarnings(r"ignore:topic_\d\.json. only 8 (accepted|rejected) sentences:UserWarning")
 def test_items_cli_loads_a_folder(query_dir, tmp_path, capsys):
     db = tmp_path / "state.db"
     main(["load", str(query_dir), "--db", str(db)])
