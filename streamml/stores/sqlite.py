@@ -105,6 +105,13 @@ class SQLiteDB:
             local.conn, local.pid = conn, os.getpid()
         return local.conn
 
+    def close(self) -> None:
+        """Close this thread's connection (the next use opens a new one)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None and self._local.pid == os.getpid():
+            conn.close()
+        self._local = threading.local()
+
     @contextlib.contextmanager
     def transaction(self, write: bool = True) -> Iterator[sqlite3.Connection]:
         """``BEGIN IMMEDIATE`` (write) or ``BEGIN`` (a consistent read) ... ``COMMIT``;
