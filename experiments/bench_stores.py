@@ -192,6 +192,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "experiments" / "stores_benchmark.md"))
     args = parser.parse_args()
 
+    at_commit = commit()  # before the run: what was measured
     rows, schemas = [], {}
     for rule in args.rules:
         overrides = args.overrides + ([f"rule={rule}"] if rule else [])
@@ -214,7 +215,7 @@ def main() -> None:
         "# State stores: bytes per key and throughput",
         "",
         f"Command: `python experiments/bench_stores.py{' ' + argv if argv else ''}`  ",
-        f"Commit: {commit()}  ",
+        f"Commit: {at_commit}  ",
         f"Machine: {machine()} (shared with other jobs)  ",
         f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         "",
