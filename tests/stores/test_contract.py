@@ -34,9 +34,9 @@ def _factory(kind, request, tmp_path):
         return lambda schema: InMemoryStore(schema)
     if kind == "sqlite":
         return lambda schema: SQLiteStore(schema, tmp_path / f"{uuid.uuid4().hex}.db")
+    server = request.getfixturevalue("redis_server" if kind == "redis" else "redis_cluster")  # skips without Redis
     from streamml.stores.redis import RedisStore
 
-    server = request.getfixturevalue("redis_server" if kind == "redis" else "redis_cluster")
     return lambda schema: RedisStore(schema, server.client(), prefix=f"t{uuid.uuid4().hex[:8]}")
 
 

@@ -21,9 +21,9 @@ def backend(request, tmp_path):
     if request.param == "sqlite":
         path = tmp_path / "state.db"
         return SQLiteEventLog(path), SQLiteItems(path)
+    server = request.getfixturevalue("redis_server" if request.param == "redis" else "redis_cluster")  # skips without Redis
     from streamml.stores.redis import RedisEventLog, RedisItems
 
-    server = request.getfixturevalue("redis_server" if request.param == "redis" else "redis_cluster")
     prefix = f"t{uuid.uuid4().hex[:8]}"
     return RedisEventLog(server.client(), prefix=prefix), RedisItems(server.client(), prefix=prefix)
 
