@@ -158,3 +158,14 @@ def redis_cluster(tmp_path_factory):
         raise
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture
+def own_redis_cluster(tmp_path):
+    """A 3-master cluster of this test alone (to stop and restart a node)."""
+    need_redis()
+    cluster = RedisClusterServers(tmp_path / "cluster")
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
