@@ -1,6 +1,6 @@
 """Redis specifics: key layout and slots, schema checks, failing fast while Redis is down.
 
-The shared behaviour is in ``test_contract.py`` (state) and ``test_events.py``
+The shared behaviour is in ``test_store_contract.py`` (state) and ``test_events_and_items.py``
 (event log, item catalog), which run against a real server and a 3-master cluster.
 """
 

@@ -1,4 +1,4 @@
-"""Real Redis servers for the store tests: a single server and a 3-master cluster.
+"""Real Redis servers for tests (a pytest plugin, see the root conftest.py): a single server and a 3-master cluster.
 
 Each server runs from ``redis-server`` on a free loopback port, in a temp dir, and
 is stopped when the fixture ends. Tests that need one skip (with the reason) only
