@@ -1,0 +1,171 @@
+"""Where the service keeps its shared state: one backend object, four parts.
+
+- ``state(schema, namespace)``: the per-key residual store of the online learner
+  (:class:`~streamml.stores.Store`); ``namespace`` is the head's fingerprint, so a
+  residual is only ever read back against the head it was learned on.
+- ``events``: the event log (rank records, first-reward claims, client event ids).
+- ``catalog``: the item catalog (each query's item ids, texts and embeddings).
+- ``control``: one small record saying which model every worker should serve, so a
+  reload or rollback asked of one worker reaches the others.
+
+Every worker process opens the same backend; all cross-process consistency (atomic
+per-key updates, claims that succeed once) is the backend's. ``errors`` lists the
+exceptions that mean "the backend is unavailable" (answered with 503).
+
+Backends: :class:`MemoryBackend` (one process, tests), :class:`SQLiteBackend` (the
+embedded default: one WAL file), :class:`RedisBackend` (``redis.Redis`` or Redis Cluster).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from streamml.stores import InMemoryStore, Schema, Store
+
+__all__ = ["MemoryBackend", "MemoryCatalog", "MemoryEventLog", "SQLiteBackend", "RedisBackend", "read_folder"]
+
+
+def read_folder(path: str | Path, embedding_dim: int = 384) -> list[tuple[str, list[str], np.ndarray]]:
+    """``[(query, texts, X)]`` of a folder of query files (validated, duplicates merged)."""
+    from streamml.data import load_queries
+
+    data = load_queries(path, embedding_dim, min_per_class=0)
+    out = []
+    for q, query in enumerate(data.query_ids):
+        rows = np.flatnonzero(data.query == q)
+        out.append((query, data.frame["text"].iloc[rows].tolist(), data.X[rows]))
+    return out
+
+
+class MemoryEventLog:
+    """The event log in a dict (one process)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._events: dict[str, tuple[dict, float]] = {}
+        self._claims: set[tuple[str, int]] = set()
+        self._client: dict[str, float] = {}
+
+    def create(self, event_id: str, record: dict, ttl_s: float) -> None:
+        with self._lock:
+            self._events[event_id] = (record, time.time() + ttl_s)
+
+    def get(self, event_id: str) -> dict | None:
+        hit = self._events.get(event_id)
+        return hit[0] if hit and hit[1] > time.time() else None
+
+    def claim(self, event_id: str, item_id: int) -> bool:
+        with self._lock:
+            key = (event_id, int(item_id))
+            if key in self._claims:
+                return False
+            self._claims.add(key)
+            return True
+
+    def release(self, event_id: str, item_id: int) -> None:
+        with self._lock:
+            self._claims.discard((event_id, int(item_id)))
+
+    def claim_client_event(self, client_event_id: str, ttl_s: float) -> bool:
+        with self._lock:
+            now = time.time()
+            if self._client.get(client_event_id, 0.0) > now:
+                return False
+            self._client[client_event_id] = now + ttl_s
+            return True
+
+    def release_client_event(self, client_event_id: str) -> None:
+        with self._lock:
+            self._client.pop(client_event_id, None)
+
+
+class MemoryCatalog:
+    """The item catalog in memory: global item ids in load order."""
+
+    def __init__(self):
+        self._queries: dict[str, tuple[np.ndarray, list[str], np.ndarray]] = {}
+        self._next = 0
+
+    def load_folder(self, path: str | Path, embedding_dim: int = 384) -> int:
+        n = 0
+        for query, texts, X in read_folder(path, embedding_dim):
+            ids = np.arange(self._next, self._next + len(texts))
+            self._next += len(texts)
+            self._queries[query] = (ids, texts, X.astype(np.float32))
+            n += len(texts)
+        return n
+
+    def queries(self) -> list[str]:
+        return sorted(self._queries)
+
+    def items(self, query: str):
+        return self._queries[query]
+
+
+class MemoryControl:
+    def __init__(self):
+        self._value: dict | None = None
+
+    def get(self) -> dict | None:
+        return self._value
+
+    def set(self, value: dict) -> None:
+        self._value = dict(value)
+
+
+class MemoryBackend:
+    """Everything in this process: for tests and single-process experiments."""
+
+    errors: tuple[type[BaseException], ...] = ()
+
+    def __init__(self):
+        self.events, self.catalog, self.control = MemoryEventLog(), MemoryCatalog(), MemoryControl()
+        self._stores: dict[str, Store] = {}
+
+    def state(self, schema: Schema, namespace: str) -> Store:
+        if namespace not in self._stores:
+            self._stores[namespace] = InMemoryStore(schema)
+        return self._stores[namespace]
+
+    def ping(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class SQLiteControl:
+    """The control record in its own table of the backend's SQLite file."""
+
+    def __init__(self, path: str | Path):
+        self._db = sqlite3.connect(str(path), timeout=5.0, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("CREATE TABLE IF NOT EXISTS serve_control (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
+
+    def get(self) -> dict | None:
+        row = self._db.execute("SELECT value FROM serve_control WHERE name = 'model'").fetchone()
+        return json.loads(row[0]) if row else None
+
+    def set(self, value: dict) -> None:
+        self._db.execute("INSERT OR REPLACE INTO serve_control VALUES ('model', ?)", (json.dumps(value),))
+
+    def close(self) -> None:
+        self._db.close()
+
+
+class RedisControl:
+    def __init__(self, client, key: str):
+        self._client, self._key = client, key
+
+    def get(self) -> dict | None:
+        raw = self._client.get(self._key)
+        return json.loads(raw) if raw else None
+
+    def set(self, value: dict) -> None:
+        self._client.set(self._key, json.dumps(value))

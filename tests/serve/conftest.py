@@ -1,0 +1,51 @@
+"""Service fixtures: a tiny catalog and two logged heads in a private MLflow store (helpers: serve_helpers)."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import lightning as L
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+from serve_helpers import serve_cfg, write_queries
+from streamml import tracking
+from streamml.data import load_queries
+from streamml.offline.heads import LinearHeads
+from streamml.offline.losses import ranknet
+from streamml.offline.module import HeadLearner
+
+
+def _fit(data, seed: int) -> HeadLearner:
+    trainer = partial(L.Trainer, max_epochs=3, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      enable_checkpointing=False, accelerator="cpu")
+    learner = HeadLearner(partial(LinearHeads, dim=data.X.shape[1]), ranknet, partial(torch.optim.Adam, lr=0.05),
+                          trainer, seed=seed)
+    return learner.fit(data.X, data.y, data.query)
+
+
+@pytest.fixture(scope="session")
+def served_models(tmp_path_factory):
+    """(items_dir, tracking_uri, [uri of run 0, uri of run 1]): run 1 is the newer."""
+    root = tmp_path_factory.mktemp("serve")
+    items_dir = write_queries(root / "queries", n_queries=3, n_per_class=8)
+    data = load_queries(items_dir, min_per_class=0)
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.create_experiment("default", artifact_location=str(root / "artifacts"))
+    mlflow.set_experiment("default")
+    uris = []
+    for seed in (0, 1):
+        with mlflow.start_run():
+            model_uri = tracking.log_model(_fit(data, seed), data.query_ids, data.X.shape[1])
+        run_id = mlflow.last_active_run().info.run_id
+        uris.append(f"runs:/{run_id}/model")
+    return items_dir, uri, uris
+
+
+@pytest.fixture
+def cfg(served_models):
+    items_dir, tracking_uri, _ = served_models
+    return serve_cfg(items_dir, tracking_uri)
