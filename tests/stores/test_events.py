@@ -1,0 +1,123 @@
+"""Contract of the event log and the item catalog, for SQLite and Redis (plain and cluster)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+import uuid
+
+import numpy as np
+import pytest
+
+from streamml.data import load_queries
+from streamml.stores import SQLiteEventLog, SQLiteItems
+
+SMALL_QUERIES = r"ignore:topic_\d\.json. only 8 (accepted|rejected) sentences:UserWarning"  # the tiny test folder
+pytestmark = pytest.mark.filterwarnings(SMALL_QUERIES)
+
+KINDS = ["sqlite", "redis", "redis-cluster"]
+
+
+@pytest.fixture(params=KINDS)
+def backend(request, tmp_path):
+    """``(event log, item catalog)`` of one backend, empty."""
+    if request.param == "sqlite":
+        path = tmp_path / "state.db"
+        return SQLiteEventLog(path), SQLiteItems(path)
+    from streamml.stores.redis import RedisEventLog, RedisItems
+
+    server = request.getfixturevalue("redis_server" if request.param == "redis" else "redis_cluster")
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    return RedisEventLog(server.client(), prefix=prefix), RedisItems(server.client(), prefix=prefix)
+
+
+RECORD = {"user": 7, "query": "q1", "items": [3, 5, 9], "propensities": [0.9, 0.05, 0.05],
+          "model_version": "run-1", "bucket": "A"}
+
+
+def test_create_get(backend):
+    log, _ = backend
+    before = time.time()
+    log.create("e1", {**RECORD, "scores": np.array([1.5, 0.5]), "k": np.int64(3)}, ttl_s=60)
+    got = log.get("e1")
+    assert {k: got[k] for k in RECORD} == RECORD
+    assert got["scores"] == [1.5, 0.5] and got["k"] == 3
+    assert before - 1 <= got["created"] <= time.time() + 1
+    assert log.get("e2") is None
+    with pytest.raises(ValueError, match="already exists"):
+        log.create("e1", RECORD, ttl_s=60)
+    with pytest.raises(TypeError, match="JSON"):
+        log.create("e3", {"x": object()}, ttl_s=60)
+    assert log.get("e3") is None
+
+
+def test_claim_is_first_wins_per_item(backend):
+    log, _ = backend
+    log.create("e1", RECORD, ttl_s=60)
+    assert [log.claim("e1", 3), log.claim("e1", 3), log.claim("e1", 5), log.claim("e1", "3")] == [True, False, True, True]
+    with pytest.raises(KeyError, match="e2"):
+        log.claim("e2", 3)
+
+
+def test_events_and_claims_expire(backend):
+    log, _ = backend
+    log.create("e1", RECORD, ttl_s=0.3)
+    assert log.claim("e1", 3)
+    time.sleep(0.5)
+    assert log.get("e1") is None
+    with pytest.raises(KeyError):
+        log.claim("e1", 3)
+    log.create("e1", RECORD, ttl_s=60)  # an expired id can be reused, with fresh claims
+    assert log.claim("e1", 3)
+
+
+def test_client_event_ids_are_idempotent_until_they_expire(backend):
+    log, _ = backend
+    assert log.claim_client_event("c1", ttl_s=0.3)
+    assert not log.claim_client_event("c1", ttl_s=0.3)
+    assert log.claim_client_event("c2", ttl_s=60)
+    time.sleep(0.5)
+    assert log.claim_client_event("c1", ttl_s=60)
+    assert not log.claim_client_event("c2", ttl_s=60)
+
+
+def _claim_all(log, n, barrier, out):
+    barrier.wait()
+    out.put([log.claim("e1", i) for i in range(n)])
+
+
+@pytest.mark.slow
+def test_concurrent_claims_have_one_winner(backend):
+    log, _ = backend
+    log.create("e1", RECORD, ttl_s=60)
+    ctx = multiprocessing.get_context("fork")
+    n, barrier, out = 100, ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_claim_all, args=(log, n, barrier, out)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    wins = [out.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(60)
+    assert (np.array(wins).sum(0) == 1).all()  # each item claimed exactly once
+
+
+def test_item_catalog(backend, query_dir):
+    _, items = backend
+    assert items.queries() == []
+    assert items.load_folder(query_dir) == 48
+    data = load_queries(query_dir)
+    assert items.queries() == data.query_ids and items.fingerprint == data.fingerprint
+    ids, texts, X = items.items("topic_1")
+    rows = np.flatnonzero(data.frame["query_id"] == "topic_1")
+    np.testing.assert_array_equal(ids, rows)
+    assert texts == data.frame["text"].iloc[rows].tolist()
+    assert X.dtype == np.float32 and X.shape == (16, 384)
+    np.testing.assert_array_equal(X, data.X[rows])
+    all_ids, queries, all_texts, all_X = items.all()
+    np.testing.assert_array_equal(all_ids, np.arange(48))
+    assert queries == data.frame["query_id"].tolist() and all_texts == data.frame["text"].tolist()
+    np.testing.assert_array_equal(all_X, data.X)
+    with pytest.raises(KeyError, match="topic_9"):
+        items.items("topic_9")
+    assert items.load_folder(query_dir) == 48  # reloading replaces, never duplicates
+    assert len(items.all()[0]) == 48

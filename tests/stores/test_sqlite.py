@@ -1,0 +1,103 @@
+"""SQLite specifics: the file's mode, schema checks, threads, SIGKILL durability, the CLI.
+
+The shared behaviour is in ``test_contract.py`` (state) and ``test_events.py``
+(event log, item catalog).
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from streamml.stores import Field, SQLiteDB, SQLiteItems, SQLiteStore
+from streamml.stores.sqlite import main
+
+REPO = Path(__file__).resolve().parents[2]
+
+SCHEMA = {"r": Field((4,), "float16"), "n": Field((), "int64")}
+
+
+def test_one_wal_file_with_big_pages(tmp_path):
+    store = SQLiteStore(SCHEMA, tmp_path / "s.db")
+    conn = store.db.conn
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA page_size").fetchone()[0] == 16384
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+    assert SQLiteDB(tmp_path / "f.db", synchronous="full").conn.execute("PRAGMA synchronous").fetchone()[0] == 2
+    with pytest.raises(ValueError, match="synchronous"):
+        SQLiteDB(tmp_path / "x.db", synchronous="OFF")
+
+
+def test_tables_share_one_file_and_bad_table_names_fail(tmp_path):
+    db = SQLiteDB(tmp_path / "s.db")
+    a, b = SQLiteStore(SCHEMA, db, table="a"), SQLiteStore({"x": Field((), "int8")}, db, table="b")
+    a.put_many([1], {"n": np.array([4])})
+    assert len(a) == 1 and len(b) == 0
+    for bad in ("events", "x; DROP TABLE a", "1abc"):
+        with pytest.raises(ValueError, match="table"):
+            SQLiteStore(SCHEMA, db, table=bad)
+
+
+def test_another_schema_is_refused_unless_reset(tmp_path):
+    path = tmp_path / "s.db"
+    SQLiteStore(SCHEMA, path).put_many([1], {"n": np.array([4])})
+    other = {"r": Field((8,), "float16"), "n": Field((), "int64")}
+    with pytest.raises(ValueError, match="schema"):
+        SQLiteStore(other, path)
+    assert SQLiteStore(SCHEMA, path).get_many([1])["n"].tolist() == [4]  # untouched
+    store = SQLiteStore(other, path, on_schema_mismatch="reset")
+    assert len(store) == 0 and store.get_many([1])["r"].shape == (1, 8)
+
+
+def test_threads_share_a_store(tmp_path):
+    """The service calls a store from a thread pool: a connection per thread, no lost update."""
+    store = SQLiteStore(SCHEMA, tmp_path / "s.db")
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda _: store.update_many(["k"], lambda s: {"n": s["n"] + 1}), range(200)))
+    assert store.get_many(["k"])["n"].tolist() == [200]
+
+
+_WRITER = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    from streamml.stores import Field, SQLiteStore
+    store = SQLiteStore({"r": Field((4,), "float16"), "n": Field((), "int64")}, sys.argv[1])
+    for i in range(1, 100000):
+        store.update_many([("u", "q")], lambda s: {"n": s["n"] + 1})
+        print(i, flush=True)  # acknowledged: the commit returned
+    """
+)
+
+
+@pytest.mark.slow
+def test_acknowledged_updates_survive_sigkill(tmp_path):
+    path = tmp_path / "s.db"
+    SQLiteStore(SCHEMA, path)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(path)], stdout=subprocess.PIPE, text=True, env=env)
+    acked = 0
+    for line in proc.stdout:
+        acked = int(line)
+        if acked >= 300:
+            proc.send_signal(signal.SIGKILL)
+            break
+    acked = max([acked, *(int(x) for x in proc.stdout.read().split())])
+    proc.wait(30)
+    assert proc.returncode == -signal.SIGKILL
+    n = int(SQLiteStore(SCHEMA, path).get_many([("u", "q")])["n"][0])
+    assert acked <= n <= acked + 1  # every acknowledged update is there; at most one unacknowledged
+
+
+@pytest.mark.filterwarnings(r"ignore:topic_\d\.json. only 8 (accepted|rejected) sentences:UserWarning")
+def test_items_cli_loads_a_folder(query_dir, tmp_path, capsys):
+    db = tmp_path / "state.db"
+    main(["load", str(query_dir), "--db", str(db)])
+    assert "loaded 48 items of 3 queries" in capsys.readouterr().out
+    assert SQLiteItems(db).queries() == ["topic_0", "topic_1", "topic_2"]
