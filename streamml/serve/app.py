@@ -26,6 +26,7 @@ from importlib import resources
 
 import numpy as np
 from fastapi import Depends, FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -141,11 +142,18 @@ def create_app(cfg: DictConfig, backend=None) -> FastAPI:
     async def _serve_error(request: Request, err: events.ServeError):
         return JSONResponse({"detail": err.detail}, err.status)
 
-    if backend.errors:
-        @app.exception_handler(backend.errors)
-        async def _store_error(request: Request, err: Exception):
-            metrics.STORE_ERRORS.inc()
-            return JSONResponse({"detail": f"the state backend is unavailable: {type(err).__name__}: {err}"}, 503)
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, err: RequestValidationError):
+        # without the offending input: it may be NaN (not JSON) or a megabyte of floats
+        detail = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in err.errors()]
+        return JSONResponse({"detail": detail}, 422)
+
+    async def _store_error(request: Request, err: Exception):
+        metrics.STORE_ERRORS.inc()
+        return JSONResponse({"detail": f"the state backend is unavailable: {type(err).__name__}: {err}"}, 503)
+
+    for error in backend.errors:
+        app.add_exception_handler(error, _store_error)
 
     def served():
         if lifecycle.current is None:

@@ -140,23 +140,68 @@ class MemoryBackend:
         pass
 
 
-class SQLiteControl:
-    """The control record in its own table of the backend's SQLite file."""
+def _sqlite_event_log():
+    from streamml.stores import SQLiteEventLog
+    from streamml.stores.codec import encode_key
 
-    def __init__(self, path: str | Path):
-        self._db = sqlite3.connect(str(path), timeout=5.0, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("CREATE TABLE IF NOT EXISTS serve_control (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    class EventLog(SQLiteEventLog):
+        """The SQLite event log, plus releasing a claim whose update failed."""
 
-    def get(self) -> dict | None:
-        row = self._db.execute("SELECT value FROM serve_control WHERE name = 'model'").fetchone()
-        return json.loads(row[0]) if row else None
+        def release(self, event_id: str, item) -> None:
+            with self.db.transaction() as conn:
+                conn.execute("DELETE FROM claims WHERE event_id = ? AND item = ?", (event_id, encode_key(item, "item")))
 
-    def set(self, value: dict) -> None:
-        self._db.execute("INSERT OR REPLACE INTO serve_control VALUES ('model', ?)", (json.dumps(value),))
+        def release_client_event(self, client_event_id: str) -> None:
+            with self.db.transaction() as conn:
+                conn.execute("DELETE FROM client_events WHERE id = ?", (str(client_event_id),))
+
+    return EventLog
+
+
+class SQLiteBackend:
+    """The embedded default: items, per-user state, event log and control record in one
+    SQLite file in WAL mode (:mod:`streamml.stores.sqlite`), shared by every worker.
+
+    Each head's residuals live in their own table ``state_<fingerprint>``, bound to that
+    head (:meth:`~streamml.stores.SQLiteStore.bind_head`): a new head starts from fresh
+    residuals, and a rollback finds the old head's residuals where it left them.
+    """
+
+    def __init__(self, path: str | Path = "streamml.db", synchronous: str = "NORMAL", busy_timeout_s: float = 10.0):
+        from streamml.stores import SQLiteDB, SQLiteItems, StoreUnavailable
+
+        self.db = SQLiteDB(path, synchronous=synchronous, busy_timeout_s=busy_timeout_s)
+        self.events, self.catalog = _sqlite_event_log()(self.db), SQLiteItems(self.db)
+        self.control = SQLiteControl(self.db)
+        self.errors = (StoreUnavailable, sqlite3.OperationalError)
+
+    def state(self, schema: Schema, namespace: str) -> Store:
+        from streamml.stores import SQLiteStore
+
+        store = SQLiteStore(schema, self.db, table=f"state_{namespace}")
+        store.bind_head(namespace, on_mismatch="error")
+        return store
+
+    def ping(self) -> None:
+        self.db.conn.execute("SELECT 1").fetchone()
 
     def close(self) -> None:
-        self._db.close()
+        pass
+
+
+class SQLiteControl:
+    """The control record in the ``meta`` table of the backend's SQLite file."""
+
+    def __init__(self, db):
+        self.db = db
+
+    def get(self) -> dict | None:
+        value = self.db.meta_get(self.db.conn, "serve.model")
+        return json.loads(value) if value else None
+
+    def set(self, value: dict) -> None:
+        with self.db.transaction() as conn:
+            self.db.meta_set(conn, "serve.model", json.dumps(value))
 
 
 class RedisControl:

@@ -10,7 +10,9 @@ describe what would be shown. Plain feedback (a caller that ranked elsewhere) is
 idempotent on the caller's own event id the same way.
 
 Every check runs before anything is written, so bad input changes nothing. If applying an
-update fails (the backend went away), its claim is released, so a retry can apply it.
+update fails (the backend went away), its claim is released, so a retry can apply it; only
+if the release fails too (the backend is still away) does the claim stay, and a retry is then
+acknowledged as a duplicate without the update (a claim and a state update are two writes).
 Errors are :class:`ServeError` with the HTTP status to answer.
 """
 
@@ -200,7 +202,11 @@ def reward(served: Served, event_id: str, req: schemas.RewardRequest, limits: Li
     vectors = _decode(record["vectors"], served.head.dim) if "vectors" in record else None
     results, applied = [], 0
     for r in req.rewards:
-        if not events.claim(event_id, r.item):
+        try:
+            first = events.claim(event_id, r.item)
+        except KeyError:  # expired since the get above
+            raise ServeError(404, f"unknown or expired event {event_id!r}") from None
+        if not first:
             metrics.DUPLICATES.labels("reward").inc()
             results.append(schemas.Outcome(item=r.item, status="duplicate"))
             continue

@@ -30,7 +30,7 @@ def _fit(data, seed: int) -> HeadLearner:
 def served_models(tmp_path_factory):
     """(items_dir, tracking_uri, [uri of run 0, uri of run 1]): run 1 is the newer."""
     root = tmp_path_factory.mktemp("serve")
-    items_dir = write_queries(root / "queries", n_queries=3, n_per_class=8)
+    items_dir = write_queries(root / "queries", n_queries=3, n_per_class=20)
     data = load_queries(items_dir, min_per_class=0)
     uri = f"sqlite:///{root / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
