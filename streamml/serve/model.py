@@ -101,8 +101,27 @@ def resolve_model_uri(model: str | None, tracking_uri: str, experiment: str = "d
     return f"runs:/{runs[0].info.run_id}/model"
 
 
+_CACHE: dict[tuple[str, str | None], Head] = {}
+
+
+def _immutable(uri: str) -> bool:
+    """A run's artifacts and a numbered model version never change; an alias can move."""
+    return uri.startswith("runs:/") or (uri.startswith("models:/") and "@" not in uri and uri.rstrip("/").rsplit("/", 1)[-1].isdigit())
+
+
 def load_head(uri: str, tracking_uri: str | None = None) -> Head:
-    """Load the pyfunc logged by :func:`streamml.tracking.log_model` and take its head out."""
+    """Load the pyfunc logged by :func:`streamml.tracking.log_model` and take its head out
+    (loaded once per process for URIs that cannot change)."""
+    key = (uri, tracking_uri)
+    if key not in _CACHE:
+        head = _load_head(uri, tracking_uri)
+        if not _immutable(uri):
+            return head
+        _CACHE[key] = head
+    return _CACHE[key]
+
+
+def _load_head(uri: str, tracking_uri: str | None) -> Head:
     import mlflow
     import torch
 

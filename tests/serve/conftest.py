@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from functools import partial
 
-import lightning as L
 import mlflow
 import numpy as np
 import pytest
@@ -18,12 +17,16 @@ from streamml.offline.losses import ranknet
 from streamml.offline.module import HeadLearner
 
 
-def _fit(data, seed: int) -> HeadLearner:
-    trainer = partial(L.Trainer, max_epochs=3, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                      enable_checkpointing=False, accelerator="cpu")
-    learner = HeadLearner(partial(LinearHeads, dim=data.X.shape[1]), ranknet, partial(torch.optim.Adam, lr=0.05),
-                          trainer, seed=seed)
-    return learner.fit(data.X, data.y, data.query)
+def _fitted(data, seed: int) -> HeadLearner:
+    """A HeadLearner as ``fit`` leaves it, with random heads (training is not what is tested here)."""
+    torch.manual_seed(seed)
+    learner = HeadLearner(partial(LinearHeads, dim=data.X.shape[1]), ranknet, partial(torch.optim.Adam), None, seed=seed)
+    learner.groups_ = np.arange(len(data.query_ids))
+    heads = LinearHeads(len(data.query_ids), data.X.shape[1])
+    with torch.no_grad():
+        heads.weight.normal_()
+    learner.heads_ = heads.eval()
+    return learner
 
 
 @pytest.fixture(scope="session")
@@ -39,7 +42,7 @@ def served_models(tmp_path_factory):
     uris = []
     for seed in (0, 1):
         with mlflow.start_run():
-            model_uri = tracking.log_model(_fit(data, seed), data.query_ids, data.X.shape[1])
+            model_uri = tracking.log_model(_fitted(data, seed), data.query_ids, data.X.shape[1])
         run_id = mlflow.last_active_run().info.run_id
         uris.append(f"runs:/{run_id}/model")
     return items_dir, uri, uris

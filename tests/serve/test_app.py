@@ -4,6 +4,7 @@ bad-input case, the token, the reward window, duplicates, reload and rollback.""
 from __future__ import annotations
 
 import json
+import uuid
 
 import numpy as np
 import pytest
@@ -17,15 +18,32 @@ from streamml.serve.app import create_app
 QUERY = "topic_0"
 
 
-@pytest.fixture(params=["memory", "sqlite"])
-def client(request, served_models, tmp_path):
+def _client(backend, served_models, tmp_path):
     items_dir, tracking_uri, _ = served_models
-    cfg = serve_cfg(items_dir, tracking_uri, backend=request.param)
-    if request.param == "sqlite":
+    cfg = serve_cfg(items_dir, tracking_uri, backend=backend)
+    if backend == "sqlite":
         with open_dict(cfg):
             cfg.backend.path = str(tmp_path / "serve.db")
-    with TestClient(create_app(cfg)) as c:
+    return TestClient(create_app(cfg))
+
+
+@pytest.fixture(scope="module", params=["memory", "sqlite"])
+def client(request, served_models, tmp_path_factory):
+    """One app per backend for the module: every test uses users of its own (``user``)."""
+    with _client(request.param, served_models, tmp_path_factory.mktemp("app")) as c:
         yield c
+
+
+@pytest.fixture
+def fresh(served_models, tmp_path):
+    """An app of this test alone (it changes the served model)."""
+    with _client("sqlite", served_models, tmp_path) as c:
+        yield c
+
+
+@pytest.fixture
+def user():
+    return uuid.uuid4().hex
 
 
 def make_client(cfg, **overrides):
@@ -39,13 +57,13 @@ def make_client(cfg, **overrides):
     return TestClient(create_app(cfg))
 
 
-def rank(client, user="alice", k=3, **body):
+def rank(client, user, k=3, **body):
     r = client.post("/v1/rank", json={"user": user, "query": QUERY, "k": k, **body})
     assert r.status_code == 200, r.text
     return r.json()
 
 
-def residuals(client, user="alice") -> dict[str, float]:
+def residuals(client, user) -> dict[str, float]:
     r = client.get(f"/v1/users/{user}")
     assert r.status_code == 200, r.text
     return {q["query"]: q["residual_norm"] for q in r.json()["queries"]}
@@ -60,9 +78,9 @@ def metric(client, name: str, labels: str = "") -> float:
 
 
 # ---------------------------------------------------------------- rank
-def test_rank_returns_event_scores_propensities_model_and_policy(client):
-    out = rank(client, k=4)
-    assert len(out["event_id"]) == 32 and out["user"] == "alice" and out["query"] == QUERY
+def test_rank_returns_event_scores_propensities_model_and_policy(client, user):
+    out = rank(client, user, k=4)
+    assert len(out["event_id"]) == 32 and out["user"] == user and out["query"] == QUERY
     assert [s["position"] for s in out["items"]] == [0, 1, 2, 3]
     assert all(0 < s["propensity"] <= 1 for s in out["items"])
     assert all(s["text"].startswith("topic 0 sentence") for s in out["items"])
@@ -71,15 +89,15 @@ def test_rank_returns_event_scores_propensities_model_and_policy(client):
     assert len({s["item"] for s in out["items"]}) == 4
 
 
-def test_rank_explicit_items_and_raw_embeddings(client):
-    items = [s["item"] for s in rank(client, k=5)["items"]]
-    out = rank(client, k=2, items=items[:3])
+def test_rank_explicit_items_and_raw_embeddings(client, user):
+    items = [s["item"] for s in rank(client, user, k=5)["items"]]
+    out = rank(client, user, k=2, items=items[:3])
     assert {s["item"] for s in out["items"]} <= set(items[:3]) and len(out["items"]) == 2
-    out = rank(client, k=10, embeddings=[vec(seed=1), vec(seed=2)])  # k is capped by the candidates
+    out = rank(client, user, k=10, embeddings=[vec(seed=1), vec(seed=2)])  # k is capped by the candidates
     assert sorted(s["item"] for s in out["items"]) == [0, 1] and all(s["text"] is None for s in out["items"])
 
 
-def test_unknown_user_is_a_cold_start_in_head_order(client, served_models):
+def test_unknown_user_is_a_cold_start_in_head_order(client, user, served_models):
     assert residuals(client, "nobody") == {}
     greedy = serve_cfg(*served_models[:2], overrides=["explore=greedy"])
     with TestClient(create_app(greedy)) as c:
@@ -90,45 +108,45 @@ def test_unknown_user_is_a_cold_start_in_head_order(client, served_models):
 
 
 # ---------------------------------------------------------------- reward
-def test_reward_applies_once_and_the_next_rank_reflects_it(client):
-    ev = rank(client, k=3)
+def test_reward_applies_once_and_the_next_rank_reflects_it(client, user):
+    ev = rank(client, user, k=3)
     item = ev["items"][2]["item"]
-    before = {s["item"]: s["score"] for s in rank(client, k=40)["items"]}
+    before = {s["item"]: s["score"] for s in rank(client, user, k=40)["items"]}
     applied = metric(client, "streamml_updates_applied_total", '{source="reward"}')
     r = client.post(f"/v1/events/{ev['event_id']}/reward", json={"rewards": [{"item": item, "label": "accepted"}]})
     assert r.status_code == 200 and r.json()["applied"] == 1 and r.json()["results"] == [{"item": item, "status": "applied"}]
-    after = {s["item"]: s["score"] for s in rank(client, k=40)["items"]}
+    after = {s["item"]: s["score"] for s in rank(client, user, k=40)["items"]}
     assert after[item] > before[item]  # visible on the very next request
-    state = residuals(client)
+    state = residuals(client, user)
     # the same reward again: acknowledged, not applied
     r = client.post(f"/v1/events/{ev['event_id']}/reward", json={"rewards": [{"item": item, "label": "rejected"}]})
     assert r.status_code == 200 and r.json() == {"event_id": ev["event_id"], "results": [{"item": item, "status": "duplicate"}],
                                                  "applied": 0, "duplicates": 1}
-    assert residuals(client) == state
+    assert residuals(client, user) == state
     assert metric(client, "streamml_updates_applied_total", '{source="reward"}') == applied + 1
 
 
-def test_reward_of_several_items_and_a_duplicate_inside_one_request(client):
-    ev = rank(client, k=3)
+def test_reward_of_several_items_and_a_duplicate_inside_one_request(client, user):
+    ev = rank(client, user, k=3)
     a, b = ev["items"][0]["item"], ev["items"][1]["item"]
     body = {"rewards": [{"item": a, "label": "accepted"}, {"item": b, "label": "rejected"}, {"item": a, "label": "accepted"}]}
     out = client.post(f"/v1/events/{ev['event_id']}/reward", json=body).json()
     assert [x["status"] for x in out["results"]] == ["applied", "applied", "duplicate"]
 
 
-def test_reward_on_raw_embeddings_needs_learn_vector(client):
-    ev = rank(client, k=2, embeddings=[vec(seed=1), vec(seed=2)])
+def test_reward_on_raw_embeddings_needs_learn_vector(client, user):
+    ev = rank(client, user, k=2, embeddings=[vec(seed=1), vec(seed=2)])
     r = client.post(f"/v1/events/{ev['event_id']}/reward", json={"rewards": [{"item": 0, "label": "accepted"}]})
     learner = client.app.state.lifecycle.current.learner
     if hasattr(learner, "learn_vector"):
         assert r.status_code == 200 and r.json()["applied"] == 1
     else:  # the learner of this branch has no learn_vector yet (interfaces.md §2)
         assert r.status_code == 501 and "learn_vector" in r.json()["detail"]
-        assert residuals(client) == {}
+        assert residuals(client, user) == {}
 
 
-def test_late_reward_is_refused_with_410_and_changes_nothing(client, monkeypatch):
-    ev = rank(client, k=2)
+def test_late_reward_is_refused_with_410_and_changes_nothing(client, user, monkeypatch):
+    ev = rank(client, user, k=2)
     late = metric(client, "streamml_late_rewards_total")
     now = events_mod.time.time()
 
@@ -140,7 +158,7 @@ def test_late_reward_is_refused_with_410_and_changes_nothing(client, monkeypatch
     monkeypatch.setattr(events_mod, "time", Clock)
     r = client.post(f"/v1/events/{ev['event_id']}/reward", json={"rewards": [{"item": ev["items"][0]["item"], "label": "accepted"}]})
     assert r.status_code == 410 and "600 s" in r.json()["detail"]
-    assert residuals(client) == {}
+    assert residuals(client, user) == {}
     assert metric(client, "streamml_late_rewards_total") == late + 1
 
 
@@ -150,8 +168,8 @@ def test_late_reward_is_refused_with_410_and_changes_nothing(client, monkeypatch
     ({"rewards": []}, 422, "at least 1"),
     ({"rewards": [{"item": "SHOWN"}]}, 422, "label"),
 ])
-def test_bad_rewards_are_4xx_and_apply_nothing(client, body, status, message):
-    ev = rank(client, k=2)
+def test_bad_rewards_are_4xx_and_apply_nothing(client, user, body, status, message):
+    ev = rank(client, user, k=2)
     text = json.dumps(body).replace('"SHOWN"', str(ev["items"][0]["item"]))
     # a valid reward next to the bad one is not applied either
     bad = json.loads(text)
@@ -159,10 +177,10 @@ def test_bad_rewards_are_4xx_and_apply_nothing(client, body, status, message):
         bad["rewards"].insert(0, {"item": ev["items"][1]["item"], "label": "accepted"})
     r = client.post(f"/v1/events/{ev['event_id']}/reward", json=bad)
     assert r.status_code == status and message in r.text
-    assert residuals(client) == {}
+    assert residuals(client, user) == {}
 
 
-def test_unknown_event_is_404(client):
+def test_unknown_event_is_404(client, user):
     r = client.post("/v1/events/nope/reward", json={"rewards": [{"item": 0, "label": "accepted"}]})
     assert r.status_code == 404 and "unknown or expired event 'nope'" in r.json()["detail"]
 
@@ -192,9 +210,9 @@ def _rank_cases():
 
 
 @pytest.mark.parametrize("body, status, message", _rank_cases())
-def test_bad_rank_requests_are_4xx_and_log_no_event(client, body, status, message):
+def test_bad_rank_requests_are_4xx_and_log_no_event(client, user, body, status, message):
     events_before = metric(client, "streamml_rank_events_total", '{bucket="main"}')
-    r = client.post("/v1/rank", content=json.dumps({"user": "alice", "query": QUERY, "k": 3, **body}),
+    r = client.post("/v1/rank", content=json.dumps({"user": user, "query": QUERY, "k": 3, **body}),
                     headers={"content-type": "application/json"})
     assert r.status_code == status, r.text
     assert message in r.text
@@ -221,14 +239,14 @@ def test_malformed_json_and_oversize_body(cfg):
 
 
 # ---------------------------------------------------------------- feedback
-def test_feedback_is_idempotent_on_the_client_event_id(client):
-    body = {"user": "bob", "query": QUERY, "item": 3, "label": "accepted", "event_id": "client-1"}
-    assert client.post("/v1/feedback", json=body).json() == {"event_id": "client-1", "status": "applied"}
-    state = residuals(client, "bob")
+def test_feedback_is_idempotent_on_the_client_event_id(client, user):
+    body = {"user": user, "query": QUERY, "item": 3, "label": "accepted", "event_id": user + "client-1"}
+    assert client.post("/v1/feedback", json=body).json() == {"event_id": user + "client-1", "status": "applied"}
+    state = residuals(client, user)
     assert list(state) == [QUERY] and state[QUERY] > 0
     assert client.post("/v1/feedback", json={**body, "label": "rejected"}).json()["status"] == "duplicate"
-    assert residuals(client, "bob") == state
-    assert client.post("/v1/feedback", json={**body, "event_id": "client-2"}).json()["status"] == "applied"
+    assert residuals(client, user) == state
+    assert client.post("/v1/feedback", json={**body, "event_id": user + "client-2"}).json()["status"] == "applied"
 
 
 @pytest.mark.parametrize("change, status, message", [
@@ -240,39 +258,39 @@ def test_feedback_is_idempotent_on_the_client_event_id(client):
     ({"item": None, "embedding": [0.0] * 3}, 422, "embedding[0] has 3 floats"),
     ({"event_id": ""}, 422, "event_id"),
 ])
-def test_bad_feedback_is_4xx_and_changes_nothing(client, change, status, message):
-    body = {"user": "bob", "query": QUERY, "item": 3, "label": "accepted", "event_id": "c-9", **change}
+def test_bad_feedback_is_4xx_and_changes_nothing(client, user, change, status, message):
+    body = {"user": user, "query": QUERY, "item": 3, "label": "accepted", "event_id": user + "c-9", **change}
     r = client.post("/v1/feedback", json=body)
     assert r.status_code == status and message in r.text
-    assert residuals(client, "bob") == {}
-    ok = {"user": "bob", "query": QUERY, "item": 3, "label": "accepted", "event_id": "c-9"}
+    assert residuals(client, user) == {}
+    ok = {"user": user, "query": QUERY, "item": 3, "label": "accepted", "event_id": user + "c-9"}
     assert client.post("/v1/feedback", json=ok).json()["status"] == "applied"  # the id was not used up
 
 
 # ---------------------------------------------------------------- users
-def test_get_and_delete_a_user(client):
-    cold = [s["score"] for s in rank(client, user="carol", k=16, items=list(range(16)))["items"]]
-    client.post("/v1/feedback", json={"user": "carol", "query": QUERY, "item": 5, "label": "rejected", "event_id": "x"})
-    client.post("/v1/feedback", json={"user": "carol", "query": "topic_1", "item": 50, "label": "accepted", "event_id": "y"})
-    body = client.get("/v1/users/carol").json()
+def test_get_and_delete_a_user(client, user):
+    cold = [s["score"] for s in rank(client, user=user, k=16, items=list(range(16)))["items"]]
+    client.post("/v1/feedback", json={"user": user, "query": QUERY, "item": 5, "label": "rejected", "event_id": user + "x"})
+    client.post("/v1/feedback", json={"user": user, "query": "topic_1", "item": 50, "label": "accepted", "event_id": user + "y"})
+    body = client.get(f"/v1/users/{user}").json()
     assert sorted(q["query"] for q in body["queries"]) == [QUERY, "topic_1"] and body["bucket"] == "main"
-    assert client.delete("/v1/users/carol").json() == {"user": "carol", "deleted": True}
-    assert residuals(client, "carol") == {}
-    after = rank(client, user="carol", k=16, items=list(range(16)))["items"]
+    assert client.delete(f"/v1/users/{user}").json() == {"user": user, "deleted": True}
+    assert residuals(client, user) == {}
+    after = rank(client, user=user, k=16, items=list(range(16)))["items"]
     assert sorted(s["score"] for s in after) == sorted(cold)  # back to the head's scores
     assert client.delete("/v1/users/never-seen").status_code == 200
 
 
-def test_integer_and_string_user_ids_are_one_user(client):
-    client.post("/v1/feedback", json={"user": 42, "query": QUERY, "item": 1, "label": "accepted", "event_id": "i"})
+def test_integer_and_string_user_ids_are_one_user(client, user):
+    client.post("/v1/feedback", json={"user": 42, "query": QUERY, "item": 1, "label": "accepted", "event_id": user + "i"})
     assert list(residuals(client, "42")) == [QUERY]
 
 
 # ---------------------------------------------------------------- ops, token, pages
-def test_health_ready_metrics_docs_and_demo(client):
+def test_health_ready_metrics_docs_and_demo(client, user):
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").json()["status"] == "ready"
-    rank(client)
+    rank(client, user)
     text = client.get("/metrics").text
     for name in ("streamml_request_seconds_bucket", "streamml_updates_applied", "streamml_duplicates",
                  "streamml_late_rewards_total", "streamml_store_errors_total", "streamml_rank_events_total"):
@@ -304,20 +322,21 @@ def test_bearer_token_guards_everything_but_health(cfg, monkeypatch):
 
 
 # ---------------------------------------------------------------- model lifecycle
-def test_reload_and_rollback(client, served_models):
+def test_reload_and_rollback(fresh, user, served_models):
+    client = fresh
     _, _, (old_uri, new_uri) = served_models
     first = client.get("/v1/model").json()
     assert first["model_uri"] == new_uri  # the newest finished run by default
-    client.post("/v1/feedback", json={"user": "dan", "query": QUERY, "item": 2, "label": "accepted", "event_id": "d1"})
-    learned = residuals(client, "dan")
-    ev = rank(client, user="dan")
+    client.post("/v1/feedback", json={"user": user, "query": QUERY, "item": 2, "label": "accepted", "event_id": user + "d1"})
+    learned = residuals(client, user)
+    ev = rank(client, user=user)
 
     r = client.post("/v1/admin/reload", json={"model": old_uri})
     assert r.status_code == 200, r.text
     info = r.json()
     assert info["model_uri"] == old_uri and info["previous_uri"] == new_uri and info["model_version"] != first["model_version"]
-    assert rank(client)["model_version"] == info["model_version"]
-    assert residuals(client, "dan") == {}  # residuals are per head: never reused across heads
+    assert rank(client, user)["model_version"] == info["model_version"]
+    assert residuals(client, user) == {}  # residuals are per head: never reused across heads
     # a reward on an event ranked by the previous head applies to the current one
     out = client.post(f"/v1/events/{ev['event_id']}/reward", json={"rewards": [{"item": ev["items"][0]["item"], "label": "accepted"}]})
     assert out.json()["applied"] == 1
@@ -325,15 +344,16 @@ def test_reload_and_rollback(client, served_models):
     r = client.post("/v1/admin/rollback")
     assert r.status_code == 200 and r.json()["model_uri"] == new_uri and r.json()["previous_uri"] == old_uri
     assert r.json()["model_version"] == first["model_version"]
-    assert residuals(client, "dan") == learned  # the old head's residuals are where it left them
+    assert residuals(client, user) == learned  # the old head's residuals are where it left them
 
 
-def test_a_bad_reload_keeps_the_current_model(client):
+def test_a_bad_reload_keeps_the_current_model(fresh, user):
+    client = fresh
     first = client.get("/v1/model").json()
     r = client.post("/v1/admin/reload", json={"model": "runs:/0123456789abcdef/model"})
     assert r.status_code == 422 and "the current one stays" in r.json()["detail"]
     assert client.get("/v1/model").json() == first
-    assert rank(client)["model_version"] == first["model_version"]
+    assert rank(client, user)["model_version"] == first["model_version"]
 
 
 def test_rollback_without_a_previous_model_is_409(cfg):
