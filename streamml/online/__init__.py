@@ -1,5 +1,6 @@
 """Online, per-user adaptation: residual learners over a frozen head, slate policies, the simulator."""
 
-from streamml.online.learner import Catalog, PairwiseSGD, PointwiseSGD, ResidualLearner
+from streamml.online.learner import ResidualLearner
+from streamml.online.rules import Catalog, DiagonalLaplace, PairwiseSGD, PointwiseSGD
 
-__all__ = ["Catalog", "PairwiseSGD", "PointwiseSGD", "ResidualLearner"]
+__all__ = ["Catalog", "DiagonalLaplace", "PairwiseSGD", "PointwiseSGD", "ResidualLearner"]

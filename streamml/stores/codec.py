@@ -19,19 +19,17 @@ another schema fails instead of reading garbage.
 from __future__ import annotations
 
 import json
-from collections.abc import Hashable, Mapping, Sequence
-from typing import Union
+from collections.abc import Hashable, Mapping
 
 import numpy as np
 
-from streamml.stores import Field, as_key_list
+from streamml.stores.base import Field, Keys, as_key_list
 
-Keys = Union[Sequence[Hashable], np.ndarray]
-
-__all__ = ["encode_key", "encode_keys", "user_tag", "RecordCodec", "check_unique"]
+__all__ = ["plain_key", "encode_key", "encode_keys", "RecordCodec", "check_unique"]
 
 
-def _plain(key: Hashable, where: str):
+def plain_key(key: Hashable, where: str = "key"):
+    """The key as JSON-ready Python values: ints, strings and lists."""
     if isinstance(key, (bool, np.bool_)):
         return int(key)
     if isinstance(key, (int, np.integer)):
@@ -39,7 +37,7 @@ def _plain(key: Hashable, where: str):
     if isinstance(key, str):
         return key
     if isinstance(key, tuple):
-        return [_plain(k, where) for k in key]
+        return [plain_key(k, where) for k in key]
     raise TypeError(
         f"{where}: keys must be ints, strings or tuples of them, got {key!r} of type {type(key).__name__}"
     )
@@ -51,7 +49,7 @@ def encode_key(key: Hashable, where: str = "key") -> str:
     >>> encode_key((np.int64(3), "q1")), encode_key(7), encode_key((7,)), encode_key("7")
     ('[3,"q1"]', '7', '[7]', '"7"')
     """
-    return json.dumps(_plain(key, where), separators=(",", ":"))
+    return json.dumps(plain_key(key, where), separators=(",", ":"))
 
 
 def encode_keys(keys: Keys, where: str = "keys") -> list[str]:
@@ -63,21 +61,6 @@ def encode_keys(keys: Keys, where: str = "keys") -> list[str]:
             return ["[" + ",".join(map(str, row)) + "]" for row in keys.astype(np.int64).tolist()]
         raise ValueError(f"{where}: integer key arrays must be (B,) or (B, w>=1), got shape {keys.shape}")
     return [encode_key(k, where) for k in as_key_list(keys)]
-
-
-def user_tag(encoded: str) -> str:
-    """The part of an encoded key that names its user: the first element of a tuple
-    of 2 or more, else the whole key. Redis puts it in a hash tag, so all of a user's
-    ``(user, query)`` keys share one cluster slot.
-
-    >>> user_tag('[3,"q1"]'), user_tag('7'), user_tag('[7]')
-    ('3', '7', '[7]')
-    """
-    if encoded.startswith("["):
-        items = json.loads(encoded)
-        if len(items) >= 2:
-            return json.dumps(items[0], separators=(",", ":"))
-    return encoded
 
 
 def check_unique(encoded: list[str], op: str) -> None:

@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from streamml.stores import Field, Store
+from streamml.stores.base import Field, Store
 from streamml.stores.codec import Keys, RecordCodec, check_unique, encode_key, encode_keys
 from streamml.stores.errors import HeadMismatch, StoreUnavailable
 
@@ -104,6 +104,13 @@ class SQLiteDB:
             conn.execute(f"PRAGMA synchronous={self.synchronous}")
             local.conn, local.pid = conn, os.getpid()
         return local.conn
+
+    def close(self) -> None:
+        """Close this thread's connection (the next use opens a new one)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None and self._local.pid == os.getpid():
+            conn.close()
+        self._local = threading.local()
 
     @contextlib.contextmanager
     def transaction(self, write: bool = True) -> Iterator[sqlite3.Connection]:
@@ -314,7 +321,8 @@ class SQLiteEventLog:
     model version, bucket ...) as JSON, stamped with ``created`` (epoch seconds);
     it is kept ``ttl_s`` seconds. The service judges late rewards by ``created``;
     the TTL only bounds how long events are kept. ``claim`` is first-wins per
-    (event, item); ``claim_client_event`` is first-wins per client id until it expires.
+    (event, item); ``claim_client_event`` is first-wins per client id until it expires;
+    ``release`` and ``release_client_event`` undo a claim whose update then failed.
 
     Examples
     --------
@@ -385,6 +393,16 @@ class SQLiteEventLog:
             cur = conn.execute("INSERT OR IGNORE INTO claims(event_id, item) VALUES (?, ?)", (event_id, item_key))
             return cur.rowcount == 1
 
+    def release(self, event_id: str, item: Hashable) -> None:
+        """Undo a claim whose update could not be applied, so a retried reward counts."""
+        with self.db.transaction() as conn:
+            conn.execute("DELETE FROM claims WHERE event_id = ? AND item = ?", (event_id, encode_key(item, "release item")))
+
+    def release_client_event(self, client_event_id: str) -> None:
+        """Undo :meth:`claim_client_event` (its update could not be applied)."""
+        with self.db.transaction() as conn:
+            conn.execute("DELETE FROM client_events WHERE id = ?", (str(client_event_id),))
+
     def claim_client_event(self, client_event_id: str, ttl_s: float) -> bool:
         """True the first time ``client_event_id`` is seen within ``ttl_s`` seconds
         (idempotent plain feedback); False for a repeat."""
@@ -438,7 +456,7 @@ class SQLiteItems:
         """Replace the catalog with the query files of ``folder``; returns the item count."""
         from streamml.data import load_queries  # pandas: only needed when loading
 
-        data = load_queries(folder, embedding_dim=embedding_dim)
+        data = load_queries(folder, embedding_dim=embedding_dim, min_per_class=0)  # serving needs no minimum
         X = np.ascontiguousarray(data.X, np.float32)
         rows = zip(range(len(X)), data.frame["query_id"].tolist(), data.frame["text"].tolist(), (x.tobytes() for x in X))
         with self.db.transaction() as conn:

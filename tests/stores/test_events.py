@@ -12,9 +12,6 @@ import pytest
 from streamml.data import load_queries
 from streamml.stores import SQLiteEventLog, SQLiteItems
 
-SMALL_QUERIES = r"ignore:topic_\d\.json. only 8 (accepted|rejected) sentences:UserWarning"  # the tiny test folder
-pytestmark = pytest.mark.filterwarnings(SMALL_QUERIES)
-
 KINDS = ["sqlite", "redis", "redis-cluster"]
 
 
@@ -24,9 +21,9 @@ def backend(request, tmp_path):
     if request.param == "sqlite":
         path = tmp_path / "state.db"
         return SQLiteEventLog(path), SQLiteItems(path)
+    server = request.getfixturevalue("redis_server" if request.param == "redis" else "redis_cluster")  # skips without Redis
     from streamml.stores.redis import RedisEventLog, RedisItems
 
-    server = request.getfixturevalue("redis_server" if request.param == "redis" else "redis_cluster")
     prefix = f"t{uuid.uuid4().hex[:8]}"
     return RedisEventLog(server.client(), prefix=prefix), RedisItems(server.client(), prefix=prefix)
 
@@ -57,6 +54,8 @@ def test_claim_is_first_wins_per_item(backend):
     assert [log.claim("e1", 3), log.claim("e1", 3), log.claim("e1", 5), log.claim("e1", "3")] == [True, False, True, True]
     with pytest.raises(KeyError, match="e2"):
         log.claim("e2", 3)
+    log.release("e1", 3)  # its update failed: the next reward of item 3 counts
+    assert log.claim("e1", 3) and not log.claim("e1", 5)
 
 
 def test_events_and_claims_expire(backend):
@@ -75,6 +74,8 @@ def test_client_event_ids_are_idempotent_until_they_expire(backend):
     log, _ = backend
     assert log.claim_client_event("c1", ttl_s=0.3)
     assert not log.claim_client_event("c1", ttl_s=0.3)
+    log.release_client_event("c1")
+    assert log.claim_client_event("c1", ttl_s=0.3)
     assert log.claim_client_event("c2", ttl_s=60)
     time.sleep(0.5)
     assert log.claim_client_event("c1", ttl_s=60)
@@ -105,7 +106,7 @@ def test_item_catalog(backend, query_dir):
     _, items = backend
     assert items.queries() == []
     assert items.load_folder(query_dir) == 48
-    data = load_queries(query_dir)
+    data = load_queries(query_dir, min_per_class=0)
     assert items.queries() == data.query_ids and items.fingerprint == data.fingerprint
     ids, texts, X = items.items("topic_1")
     rows = np.flatnonzero(data.frame["query_id"] == "topic_1")

@@ -1,7 +1,5 @@
-"""Contract tests every state store passes.
-
-Add an implementation by adding a factory to ``STORES``: each factory takes a
-schema and returns an empty store (SQLite: a temp file; Redis: a fresh db).
+"""Tests of the in-memory store: the store contract on its two growth regimes, plus its in-process fast path
+(``rows_for``, ``columns``) and its memory per key.
 """
 
 import pickle
@@ -202,20 +200,6 @@ def test_field_validation():
         Field((4,), "int8", fill=1000)
     with pytest.raises(ValueError):
         InMemoryStore({})
-
-
-def test_in_memory_row_views_write_through():
-    store = InMemoryStore(SCHEMA)
-    assert store.row_views(1) is None
-    store.put_many([1, (2, 3)], {"n": np.array([4, 5])})
-    views = store.row_views((2, 3))
-    assert views["n"] == 5 and views["buffer"].shape == (2, 3)
-    views["n"][...] = 7
-    views["residual"][:] = 0.5
-    out = store.get_many([(2, 3), 1])
-    assert out["n"].tolist() == [7, 4]
-    np.testing.assert_array_equal(out["residual"][0], 0.5)
-    np.testing.assert_array_equal(out["residual"][1], 0)
 
 
 def test_in_memory_rows_for_creates_each_new_key_once():

@@ -34,6 +34,13 @@ def test_one_wal_file_with_big_pages(tmp_path):
         SQLiteDB(tmp_path / "x.db", synchronous="OFF")
 
 
+def test_close_then_reuse(tmp_path):
+    store = SQLiteStore(SCHEMA, tmp_path / "s.db")
+    store.put_many([1], {"n": np.array([4])})
+    store.db.close()
+    assert store.get_many([1])["n"].tolist() == [4]  # reopened on use
+
+
 def test_tables_share_one_file_and_bad_table_names_fail(tmp_path):
     db = SQLiteDB(tmp_path / "s.db")
     a, b = SQLiteStore(SCHEMA, db, table="a"), SQLiteStore({"x": Field((), "int8")}, db, table="b")
@@ -95,7 +102,6 @@ def test_acknowledged_updates_survive_sigkill(tmp_path):
     assert acked <= n <= acked + 1  # every acknowledged update is there; at most one unacknowledged
 
 
-@pytest.mark.filterwarnings(r"ignore:topic_\d\.json. only 8 (accepted|rejected) sentences:UserWarning")
 def test_items_cli_loads_a_folder(query_dir, tmp_path, capsys):
     db = tmp_path / "state.db"
     main(["load", str(query_dir), "--db", str(db)])

@@ -1,0 +1,353 @@
+"""Compiled update kernels: one numba kernel per rule of :mod:`streamml.online.rules`.
+
+A kernel applies a batch of events to per-key state arrays in place, strictly in event
+order, so a key's events apply one after the other. The learner runs them on an
+:class:`~streamml.stores.InMemoryStore`'s own arrays (``rows`` index them), and on the
+arrays a remote store's ``update_many`` hands out (``rows`` index the distinct keys of
+the batch). The math is that of the rule's ``reference``; ``tests/online/test_kernels.py``
+checks that they agree on random event streams.
+
+Numba has no float16 on the CPU: a float16 column is passed as its uint16 bits and
+converted per element, by the CPU's own instructions (F16C on x86, always present on
+arm64) or else in software. At 1M keys the state rows are nowhere in the caches, so each
+kernel prefetches the rows of the event a few places ahead.
+
+A big batch is split over ``threads`` plain Python threads (each applies the events whose
+row falls in its part, with the GIL released), not numba's ``parallel=True``: GNU OpenMP,
+numba's usual threading layer, kills a forked child that uses it once the parent has.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic, overload
+
+from streamml.online.rules import DiagonalLaplace, PairwiseSGD, PointwiseSGD
+from streamml.stores.memory import prefetch
+
+__all__ = ["apply", "PARALLEL_MIN_EVENTS"]
+
+_FASTMATH = {"reassoc", "contract"}  # vectorised dot products; no change to inf/nan handling
+
+
+def _native_half() -> bool:
+    """Can LLVM lower float16 <-> float32 conversions to instructions on the target CPU?
+    (Without them it emits calls to compiler-rt helpers that numba does not link.)"""
+    import llvmlite.binding as ll
+    from numba.core import config
+
+    if ll.get_process_triple().startswith(("aarch64", "arm64")):
+        return True
+    if config.CPU_NAME and config.CPU_NAME != "host":  # NUMBA_CPU_NAME pins another target
+        return "+f16c" in (config.CPU_FEATURES or "")
+    return "+f16c" in ll.get_host_cpu_features().flatten()
+
+
+NATIVE_HALF = _native_half()
+
+
+@intrinsic
+def _h2f_native(typingctx, h):
+    def codegen(context, builder, sig, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(types.uint16), codegen
+
+
+@intrinsic
+def _f2h_native(typingctx, x):
+    def codegen(context, builder, sig, args):  # fptrunc rounds to nearest even, as numpy does
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return types.uint16(types.float32), codegen
+
+
+@njit(cache=True)
+def _h2f_soft(h):
+    """float16 bits -> float32, by arithmetic (exact for all 65536 inputs)."""
+    h = np.int32(h)
+    e, m = (h >> 10) & 0x1F, h & 0x3FF
+    if e == 0:
+        v = np.float32(m) * np.float32(2.0**-24)
+    elif e == 31:
+        v = np.float32(np.inf) if m == 0 else np.float32(np.nan)
+    else:
+        v = np.float32(m + 1024) * np.float32(2.0) ** np.float32(e - 25)
+    return -v if h & 0x8000 else v
+
+
+@njit(cache=True)
+def _f2h_soft(x):
+    """float32 -> float16 bits, rounded to nearest even, by arithmetic."""
+    sign = 0x8000 if x < 0 or (x == 0 and math.copysign(1.0, x) < 0) else 0
+    a = abs(np.float64(x))
+    if a != a:
+        return np.uint16(0x7E00)
+    if a >= 65520.0:  # rounds past the largest float16, 65504
+        return np.uint16(sign | 0x7C00)
+    if a < 2.0**-14:  # subnormal: the bits are the multiple of 2^-24 (1024 = the smallest normal)
+        return np.uint16(sign | int(np.rint(a * 2.0**24)))
+    mant, exp = math.frexp(a)  # a = mant 2^exp, mant in [0.5, 1)
+    q = int(np.rint(mant * 2048.0))  # 11 significant bits; exact scaling, then round half to even
+    return np.uint16(sign | ((exp + 14) << 10) + q - 1024)  # q == 2048 carries into the exponent
+
+
+def _to_f32(v):  # a stored residual element -> float32 (typed in numba only)
+    raise NotImplementedError
+
+
+def _from_f32(x, dtype):  # float32 -> an element of an array of ``dtype``
+    raise NotImplementedError
+
+
+@overload(_to_f32)
+def _to_f32_impl(v):
+    if v == types.uint16:
+        return (lambda v: _h2f_native(v)) if NATIVE_HALF else (lambda v: _h2f_soft(v))
+    return lambda v: np.float32(v)
+
+
+@overload(_from_f32)
+def _from_f32_impl(x, dtype):  # dtype: the array's .dtype, not the array (no refcounting per element)
+    if dtype.dtype == types.uint16:
+        return (lambda x, dtype: _f2h_native(x)) if NATIVE_HALF else (lambda x, dtype: _f2h_soft(x))
+    return lambda x, dtype: x
+
+
+# Each kernel is one loop over the events with the per-event work written out in it:
+# calls to helpers that take arrays are not inlined and cost reference counting. The
+# work is a few passes over D, each fusing what it can (the residual row is read once
+# and written once, a pass reads up to 5 catalog rows), and the rows of the event
+# ``_AHEAD`` places on are prefetched: at 1M keys the residual rows are nowhere in the
+# caches, and waiting for them one event at a time cost more than all the arithmetic.
+_AHEAD = 4
+
+
+@njit(cache=True)
+def _sigmoid1(a):
+    return 0.5 * (1.0 + math.tanh(0.5 * a))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _prefetch_event(res, X, row, item):
+    """Ask for the residual row and the item's embedding of an event a few steps ahead."""
+    for off in range(0, X.shape[1] * res.itemsize, 64):
+        prefetch(res, row, off)
+    for off in range(0, X.shape[1] * X.itemsize, 64):
+        prefetch(X, item, off)
+
+
+@njit(cache=True, nogil=True)
+def _my_events(rows, part, parts):
+    """Positions of the events of part ``part`` of ``parts``, in order: those whose row is in
+    a block of 8 consecutive rows numbered ``part`` mod ``parts``. A key has one row, so
+    its events stay in one part, in order; blocks, not single rows, so that two parts
+    share a cache line of the arrays only at block edges."""
+    if parts == 1:
+        return np.arange(rows.shape[0])
+    mine = np.empty(rows.shape[0], np.int64)
+    n = 0
+    for e in range(rows.shape[0]):
+        if (rows[e] >> 3) % parts == part:
+            mine[n] = e
+            n += 1
+    return mine[:n]
+
+
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def _pointwise_events(res, rows, items, labels, X, z, lr, shrink, max_norm, part, parts):
+    """Pointwise SGD steps of events ``(rows[e], items[e], labels[e])``, in order, in place
+    (only the events of ``part`` of ``parts``: see ``_my_events``).
+
+    ``res``: (n_rows, D) residual rows (float32, or float16 bits as uint16); X, z: the catalog.
+    """
+    mine = _my_events(rows, part, parts)
+    n, D = mine.shape[0], X.shape[1]
+    r = np.empty(D, np.float32)
+    sh, dt = np.float32(shrink), res.dtype
+    for t in range(n):
+        if t + _AHEAD < n:
+            _prefetch_event(res, X, rows[mine[t + _AHEAD]], items[mine[t + _AHEAD]])
+        e = mine[t]
+        row, i = rows[e], items[e]
+        s = np.float32(0.0)
+        for d in range(D):  # load r, and x_i · r
+            v = _to_f32(res[row, d])
+            r[d] = v
+            s += X[i, d] * v
+        c = np.float32(-lr * (_sigmoid1(s + z[i]) - (1.0 if labels[e] else 0.0)))
+        n2 = np.float32(0.0)
+        for d in range(D):  # r <- shrink r - lr (sigmoid(s) - y) x_i, stored unscaled
+            v = sh * r[d] + c * X[i, d]
+            r[d] = v
+            n2 += v * v
+            res[row, d] = _from_f32(v, dt)
+        norm = math.sqrt(n2)
+        if norm > max_norm:  # cap ||r||: store again, scaled
+            scale = np.float32(max_norm / norm)
+            for d in range(D):
+                res[row, d] = _from_f32(r[d] * scale, dt)
+
+
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def _pairwise_events(res, buf, rows, items, labels, X, z, lr, shrink, max_norm, part, parts):
+    """Pairwise SGD steps of events ``(rows[e], items[e], labels[e])``, in order, in place
+    (only the events of ``part`` of ``parts``: see ``_my_events``).
+
+    ``buf``: (n_rows, 2, m) item-id rings, row y for label y, newest first, -1 empty.
+    """
+    mine = _my_events(rows, part, parts)
+    n, D, m = mine.shape[0], X.shape[1], buf.shape[2]
+    width = (m + 3) // 4 * 4  # the opposite items, padded to whole groups of 4
+    r = np.empty(D, np.float32)
+    opp = np.empty(width, np.int64)
+    coef = np.zeros(width, np.float32)
+    sh, dt = np.float32(shrink), res.dtype
+    for t in range(n):
+        if t + _AHEAD < n:
+            _prefetch_event(res, X, rows[mine[t + _AHEAD]], items[mine[t + _AHEAD]])
+            prefetch(buf, rows[mine[min(t + 2 * _AHEAD, n - 1)]], 0)
+        e = mine[t]
+        row, i = rows[e], items[e]
+        y = 1 if labels[e] else 0
+        k = 0
+        for j in range(m):  # the opposite label's ring
+            o = buf[row, 1 - y, j]
+            if o >= 0:
+                opp[k] = o
+                k += 1
+        for j in range(k, width):  # padding: the item itself, at weight 0
+            opp[j] = i
+            coef[j] = 0.0
+        s_i = np.float32(0.0)
+        for d in range(D):  # load r, and x_i · r
+            v = _to_f32(res[row, d])
+            r[d] = v
+            s_i += X[i, d] * v
+        s_i += z[i]
+        sign = 1.0 if y else -1.0
+        total = 0.0
+        for g in range(0, k, 4):  # x_j · r, four at a time; w_j = sigmoid(-sign (s_i - s_j)) / k
+            a, b, c, f = opp[g], opp[g + 1], opp[g + 2], opp[g + 3]
+            sa = sb = sc = sf = np.float32(0.0)
+            for d in range(D):
+                v = r[d]
+                sa += X[a, d] * v
+                sb += X[b, d] * v
+                sc += X[c, d] * v
+                sf += X[f, d] * v
+            for j, s_j in enumerate((sa, sb, sc, sf)):
+                if g + j < k:
+                    w = _sigmoid1(-sign * (s_i - (s_j + z[opp[g + j]]))) / k
+                    total += w
+                    coef[g + j] = -lr * sign * w
+        # r <- shrink r - lr sign (sum_j w_j x_j - (sum_j w_j) x_i), one group of 4 x_j per pass
+        c_i, sh_g = np.float32(lr * sign * total), sh
+        n2 = np.float32(0.0)
+        for g in range(0, max(k, 1), 4):
+            a, b, c, f = opp[g], opp[g + 1], opp[g + 2], opp[g + 3]
+            ca, cb, cc, cf = coef[g], coef[g + 1], coef[g + 2], coef[g + 3]
+            n2 = np.float32(0.0)
+            for d in range(D):
+                v = sh_g * r[d] + c_i * X[i, d] + ca * X[a, d] + cb * X[b, d] + cc * X[c, d] + cf * X[f, d]
+                r[d] = v
+                n2 += v * v
+            c_i, sh_g = np.float32(0.0), np.float32(1.0)
+        scale = np.float32(1.0)
+        norm = math.sqrt(n2)
+        if norm > max_norm:
+            scale = np.float32(max_norm / norm)
+        for d in range(D):
+            res[row, d] = _from_f32(r[d] * scale, dt)
+        for j in range(m - 1, 0, -1):  # push the item, newest first
+            buf[row, y, j] = buf[row, y, j - 1]
+        buf[row, y, 0] = i
+
+
+
+
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def _laplace_events(res, ev, rows, items, labels, X, z, q0, part, parts):
+    """Diagonal Laplace steps of events ``(rows[e], items[e], labels[e])``, in order, in place.
+
+    ``res``: (n_rows, D) posterior means; ``ev``: (n_rows, D) evidence (float32 or float16 bits).
+    """
+    mine = _my_events(rows, part, parts)
+    n, D = mine.shape[0], X.shape[1]
+    dt_r, dt_e, q0 = res.dtype, ev.dtype, np.float32(q0)
+    for t in range(n):
+        if t + _AHEAD < n:
+            _prefetch_event(res, X, rows[mine[t + _AHEAD]], items[mine[t + _AHEAD]])
+            _prefetch_event(ev, X, rows[mine[t + _AHEAD]], items[mine[t + _AHEAD]])
+        e = mine[t]
+        row, i = rows[e], items[e]
+        s = np.float32(0.0)
+        for d in range(D):
+            s += X[i, d] * _to_f32(res[row, d])
+        p = np.float32(_sigmoid1(s + z[i]))
+        w, g = p * (np.float32(1.0) - p), np.float32(1.0 if labels[e] else 0.0) - p
+        for d in range(D):
+            x = X[i, d]
+            a = _to_f32(ev[row, d]) + w * x * x
+            ev[row, d] = _from_f32(a, dt_e)
+            res[row, d] = _from_f32(_to_f32(res[row, d]) + g * x / (q0 + a), dt_r)
+
+
+def _n_parts(n_events: int, threads: int) -> int:
+    return max(1, min(threads, n_events // PARALLEL_MIN_EVENTS))
+
+
+def _in_parts(kernel, n_events: int, threads: int, *args) -> None:
+    """``kernel(*args, part, parts)`` for every part, on as many threads."""
+    parts = 1 if threads == 1 else _n_parts(n_events, threads)
+    if parts == 1:
+        kernel(*args, 0, 1)
+        return
+    others = [threading.Thread(target=kernel, args=(*args, p, parts)) for p in range(1, parts)]
+    for t in others:
+        t.start()
+    kernel(*args, 0, parts)
+    for t in others:
+        t.join()
+
+
+# A batch is split over threads only if each gets at least this many events: below it,
+# starting a thread costs more than it saves.
+PARALLEL_MIN_EVENTS = 4096
+
+
+_HALF = np.dtype(np.float16)
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    return a.view(np.uint16) if a.dtype is _HALF or a.dtype == _HALF else a
+
+
+def apply(rule, cols: dict[str, np.ndarray], rows: np.ndarray, items: np.ndarray, labels: np.ndarray,
+          X: np.ndarray, z: np.ndarray, threads: int = 1) -> None:
+    """Apply events ``(rows[e], items[e], labels[e])`` in order to the state arrays ``cols``
+    (field -> (n_rows, ...) array, written in place) with ``rule``'s kernel.
+
+    ``rows`` (int64), ``items`` (int64, rows of ``X``), ``labels`` (bool); ``X`` (n_items, D)
+    float32 and ``z`` (n_items,) float32 are the catalog.
+    """
+    res = _bits(cols["residual"])
+    n = len(rows)
+    kind = type(rule)
+    if kind is PointwiseSGD:
+        shrink = 1.0 - rule.decay - rule.lr * rule.l2
+        _in_parts(_pointwise_events, n, threads, res, rows, items, labels, X, z, rule.lr, shrink, rule.max_norm)
+    elif kind is PairwiseSGD:
+        shrink = 1.0 - rule.decay - rule.lr * rule.l2
+        _in_parts(_pairwise_events, n, threads, res, cols["buffer"], rows, items, labels, X, z,
+                  rule.lr, shrink, rule.max_norm)
+    elif kind is DiagonalLaplace:
+        _in_parts(_laplace_events, n, threads, res, _bits(cols["evidence"]), rows, items, labels, X, z,
+                  1.0 / rule.prior_var)
+    else:
+        raise TypeError(f"no compiled kernel for rule {type(rule).__name__}; rules: PointwiseSGD, PairwiseSGD, DiagonalLaplace")

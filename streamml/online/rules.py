@@ -1,0 +1,254 @@
+"""Update rules of the residual learner: one feedback event on one key's state.
+
+A rule names its hyperparameters (plain keyword arguments, so Hydra builds it from
+``_target_``), the per-key fields it keeps beside the residual (:meth:`fields`), and
+one readable numpy :meth:`reference` of what an event does to that state. Each rule has
+one compiled twin in :mod:`streamml.online.kernels`, which the learner runs;
+``tests/online/test_kernels.py`` checks that the two agree on random event streams.
+
+Notation: ``x`` is the event's item in the learner's features (standardised per query),
+``z`` its standardised head score, ``r`` the key's residual, ``s = z + r·x`` its score
+and ``y`` the label (1 accepted, 0 rejected).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from streamml.stores import Field
+
+__all__ = ["Catalog", "Rule", "PointwiseSGD", "PairwiseSGD", "DiagonalLaplace"]
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """What the rules read besides the key's state.
+
+    Attributes
+    ----------
+    embeddings
+        (n_items, D) float32 item features, C-contiguous.
+    head
+        (n_items,) float32 standardised head scores ``z``, zeros with no head.
+    """
+
+    embeddings: np.ndarray
+    head: np.ndarray
+
+
+@runtime_checkable
+class Rule(Protocol):
+    """What the learner needs from an update rule."""
+
+    def fields(self, dim: int) -> dict[str, Field]:
+        """Per-key state besides the residual (D,), which the learner keeps."""
+
+    def reference(self, state: dict[str, np.ndarray], x: np.ndarray, z: float, label: bool,
+                  cat: Catalog, item: int = -1) -> None:
+        """Apply one event to one key's ``state`` in place (``state["residual"]`` float32 (D,)).
+
+        ``item`` is the catalog id of ``x``, or -1 for an embedding outside the catalog.
+        """
+
+
+def _sigmoid(a: float) -> float:
+    return 0.5 * (1.0 + math.tanh(0.5 * a))  # no overflow for any finite a
+
+
+def _cap(r: np.ndarray, max_norm: float) -> None:
+    norm = float(np.sqrt(r @ r))
+    if norm > max_norm:
+        r *= np.float32(max_norm / norm)
+
+
+class _SGD:
+    """Shared hyperparameters of the SGD rules: ``r <- cap(shrink r - lr grad)``,
+    ``shrink = 1 - decay - lr l2``, ``||r||`` capped at ``max_norm`` after every event."""
+
+    def __init__(self, lr: float, l2: float, decay: float, max_norm: float):
+        if not lr > 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        if l2 < 0:
+            raise ValueError(f"l2 must be >= 0, got {l2}")
+        if not 0 <= decay < 1:
+            raise ValueError(f"decay must be in [0, 1), got {decay}")
+        if not (0 < max_norm < np.inf):
+            raise ValueError(f"max_norm must be finite and > 0, got {max_norm}")
+        if decay + lr * l2 >= 1:
+            raise ValueError(f"decay + lr * l2 must be < 1 (got {decay + lr * l2}): the shrink would overshoot zero")
+        self.lr, self.l2, self.decay, self.max_norm = float(lr), float(l2), float(decay), float(max_norm)
+
+    @property
+    def shrink(self) -> float:
+        return 1.0 - self.decay - self.lr * self.l2
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({args})"
+
+    def __eq__(self, other) -> bool:
+        return type(self) is type(other) and vars(self) == vars(other)
+
+    def fields(self, dim: int) -> dict[str, Field]:
+        return {}
+
+
+class PointwiseSGD(_SGD):
+    """Logistic loss on the single event, one SGD step: ``r <- cap(shrink r - lr (sigmoid(s) - y) x)``.
+
+    Parameters
+    ----------
+    lr
+        Step size.
+    l2
+        Pull towards zero (towards the head), added to the gradient.
+    decay
+        Forgetting: the residual shrinks by ``(1 - decay)`` on every event.
+    max_norm
+        Cap on ``||r||``, enforced after every step.
+
+    Examples
+    --------
+    >>> cat = Catalog(np.eye(2, dtype=np.float32), np.zeros(2, np.float32))
+    >>> state = {"residual": np.zeros(2, np.float32)}
+    >>> PointwiseSGD(lr=1.0).reference(state, cat.embeddings[0], 0.0, True, cat, item=0)
+    >>> state["residual"]                 # towards the accepted item, by lr * sigmoid(0)
+    array([0.5, 0. ], dtype=float32)
+    """
+
+    def __init__(self, lr: float = 3.0, l2: float = 0.0, decay: float = 0.0, max_norm: float = 10.0):
+        super().__init__(lr, l2, decay, max_norm)
+
+    def reference(self, state, x, z, label, cat, item=-1) -> None:
+        r = state["residual"]
+        c = np.float32(-self.lr * (_sigmoid(z + float(x @ r)) - float(label)))
+        r *= np.float32(self.shrink)
+        r += c * x
+        _cap(r, self.max_norm)
+
+
+class PairwiseSGD(_SGD):
+    """Pairwise logistic (RankNet) step of the new item against the key's recent opposite feedback.
+
+    A key remembers its last ``m = buffer_size // 2`` rejected and last ``m`` accepted
+    catalog items (field ``buffer``, (2, m) int32, row ``y`` for label ``y``, newest
+    first, -1 empty). An accepted item ``i`` is pushed above each buffered rejected
+    item ``j``, a rejected one below each accepted one::
+
+        loss = mean_j softplus(-sign (s_i - s_j)),   sign = +1 / -1
+        r <- cap(shrink r + lr sign sum_j w_j (x_i - x_j)),  w_j = sigmoid(-sign (s_i - s_j)) / n
+
+    Then the item enters its own label's buffer (an embedding outside the catalog,
+    ``item=-1``, does not). With no opposite item yet only the shrink acts. Two
+    per-label rings, not one ring of recent events, so that the comparison set holds
+    opposite items even when feedback is lopsided.
+
+    Parameters
+    ----------
+    lr, l2, decay, max_norm
+        As in :class:`PointwiseSGD`.
+    buffer_size
+        Item ids remembered per key, half per label. Even, >= 2.
+
+    Examples
+    --------
+    >>> cat = Catalog(np.eye(2, dtype=np.float32), np.zeros(2, np.float32))
+    >>> state = {"residual": np.zeros(2, np.float32), "buffer": np.array([[-1], [0]], np.int32)}
+    >>> PairwiseSGD(lr=1.0, buffer_size=2).reference(state, cat.embeddings[1], 0.0, False, cat, item=1)
+    >>> state["residual"], state["buffer"].tolist()   # item 1 rejected: pushed below accepted item 0
+    (array([ 0.5, -0.5], dtype=float32), [[1], [0]])
+    """
+
+    def __init__(self, lr: float = 10.0, l2: float = 0.0, decay: float = 0.0, max_norm: float = 10.0,
+                 buffer_size: int = 8):
+        super().__init__(lr, l2, decay, max_norm)
+        if buffer_size < 2 or buffer_size % 2:
+            raise ValueError(f"buffer_size must be even and >= 2, got {buffer_size}")
+        self.buffer_size = int(buffer_size)
+
+    def fields(self, dim: int) -> dict[str, Field]:
+        return {"buffer": Field((2, self.buffer_size // 2), "int32", -1)}
+
+    def reference(self, state, x, z, label, cat, item=-1) -> None:
+        r, buf = state["residual"], state["buffer"]
+        y = int(bool(label))
+        opp = [j for j in buf[1 - y].tolist() if j >= 0]
+        sign = 1.0 if y else -1.0
+        step = np.zeros_like(r)
+        if opp:
+            s_i = z + float(x @ r)
+            for j in opp:
+                x_j = cat.embeddings[j]
+                w = _sigmoid(-sign * (s_i - (float(cat.head[j]) + float(x_j @ r)))) / len(opp)
+                step += np.float32(self.lr * sign * w) * (x - x_j)
+        r *= np.float32(self.shrink)
+        r += step
+        _cap(r, self.max_norm)
+        if item >= 0:
+            buf[y, 1:] = buf[y, :-1].copy()
+            buf[y, 0] = item
+
+
+class DiagonalLaplace:
+    """Online Bayesian logistic regression on the residual, with a diagonal Gaussian posterior.
+
+    The prior is ``r ~ N(0, prior_var I)``: the head. The key keeps the posterior mean
+    ``m`` (the residual) and the evidence ``a`` (field ``evidence``, (D,)) it has
+    gathered per dimension, so the precision is ``q = 1 / prior_var + a``. Each event
+    takes the diagonal Laplace step of Chapelle and Li (2011) on the latest event::
+
+        p = sigmoid(z + m·x)
+        a <- a + p (1 - p) x²
+        m <- m + (y - p) x / q
+
+    The step size per dimension is the key's own posterior variance ``1 / q``: large
+    while the key has seen little along that dimension, shrinking as evidence builds.
+    :meth:`variance` gives the posterior that the Thompson policy samples from.
+
+    Parameters
+    ----------
+    prior_var
+        Prior variance of each residual coordinate (the first step's size).
+    dtype
+        Storage dtype of the evidence (``"float16"``: D * 2 bytes).
+
+    Examples
+    --------
+    >>> cat = Catalog(np.eye(2, dtype=np.float32), np.zeros(2, np.float32))
+    >>> rule = DiagonalLaplace(prior_var=1.0)
+    >>> state = {"residual": np.zeros(2, np.float32), "evidence": np.zeros(2, np.float32)}
+    >>> rule.reference(state, cat.embeddings[0], 0.0, True, cat)
+    >>> state["residual"], state["evidence"]      # q = 1 + 0.25: step 0.5 / 1.25
+    (array([0.4, 0. ], dtype=float32), array([0.25, 0.  ], dtype=float32))
+    """
+
+    def __init__(self, prior_var: float = 3.0, dtype: str = "float16"):
+        if not (0 < prior_var < np.inf):
+            raise ValueError(f"prior_var must be finite and > 0, got {prior_var}")
+        self.prior_var = float(prior_var)
+        self.dtype = str(np.dtype(dtype))
+        if self.dtype not in ("float16", "float32"):
+            raise ValueError(f"dtype must be float16 or float32, got {dtype}")
+
+    def __repr__(self) -> str:
+        return f"DiagonalLaplace(prior_var={self.prior_var!r}, dtype={self.dtype!r})"
+
+    def __eq__(self, other) -> bool:
+        return type(self) is type(other) and vars(self) == vars(other)
+
+    def fields(self, dim: int) -> dict[str, Field]:
+        return {"evidence": Field((dim,), self.dtype, 0)}
+
+    def reference(self, state, x, z, label, cat, item=-1) -> None:
+        m, a = state["residual"], state["evidence"]
+        p = _sigmoid(z + float(x @ m))
+        a += np.float32(p * (1.0 - p)) * x * x
+        m += np.float32(float(label) - p) * x / (np.float32(1.0 / self.prior_var) + a)
+
+    def variance(self, state: dict[str, np.ndarray]) -> np.ndarray:
+        """Posterior variance of each residual coordinate, ``1 / q``. (..., D) float32."""
+        return 1.0 / (np.float32(1.0 / self.prior_var) + state["evidence"].astype(np.float32))

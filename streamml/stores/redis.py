@@ -1,0 +1,486 @@
+"""Per-key state, the event log and the item catalog in Redis or Redis Cluster.
+
+- **Layout.** A key's record is one Redis string holding the fields' bytes
+  (:mod:`streamml.stores.codec`), at ``prefix:{user}`` or ``prefix:{user}:[query]``.
+  The braces are a hash tag: every key of one user lands in one cluster slot, so a
+  user's keys can be read and written in one transaction. A string per key costs
+  Redis ~60-100 bytes over the payload; a hash per user with a field per query
+  would save the per-key overhead only while the hash stays small (listpack),
+  which a 768-byte field already exceeds.
+- **Atomic updates: WATCH/MULTI with retry.** ``update_many`` WATCHes the keys,
+  reads them, applies ``fn`` (numpy, in this process) and writes them in
+  MULTI/EXEC; if another client wrote one of them meanwhile, EXEC aborts, nothing
+  is written and the batch is read and computed again. A Lua script would need the
+  update rule in Lua, and one writer per key would need routing in front of Redis;
+  optimistic retries cost nothing when users rarely collide, which is the case
+  for per-user state. ``fn`` must therefore be pure (it may run more than once).
+  In a cluster a transaction cannot span slots, and a WATCH per slot would cost a
+  held connection and three round trips per user of the batch. There each key is
+  written by a compare-and-set script (set the new blob only if the key still
+  holds the blob that was read), pipelined per node: still atomic per key, two
+  round trips per batch, and the keys that changed meanwhile are computed again.
+  A cluster batch over several users is therefore not all or nothing if Redis
+  fails midway (each key is either old or new).
+- **Failures.** Clients from :func:`connect` have short socket timeouts and no
+  automatic retries. A connection error or timeout raises :class:`StoreUnavailable`
+  from every call, and a failed MULTI/EXEC has written nothing. The client reconnects
+  by itself on the next call once Redis is back, so the store object is kept.
+- **Event log and claims.** An event is a string set with ``SET NX PX`` (expires
+  with the TTL); claims are a hash next to it (same hash tag), written by a Lua
+  script that checks the event exists, does ``HSETNX`` and gives the hash the
+  event's remaining TTL. Client event ids are ``SET NX PX`` keys.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import time
+from collections.abc import Callable, Hashable, Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+import redis
+from redis.backoff import NoBackoff
+from redis.cluster import RedisCluster
+from redis.retry import Retry
+
+from streamml.stores.base import Field, Store, as_key_list
+from streamml.stores.codec import Keys, RecordCodec, check_unique, encode_key, encode_keys, plain_key
+from streamml.stores.errors import HeadMismatch, StoreUnavailable
+from streamml.stores.sqlite import _jsonable
+
+__all__ = ["connect", "RedisStore", "RedisEventLog", "RedisItems"]
+
+_UNAVAILABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.ClusterError)
+_CHUNK = 1000
+
+
+def _dumps(v) -> str:
+    return json.dumps(v, separators=(",", ":"))
+
+
+def connect(url: str, timeout_s: float = 0.5) -> redis.Redis | RedisCluster:
+    """A client that fails fast: ``redis://host:port/db`` or ``redis-cluster://host:port``.
+
+    Socket timeouts of ``timeout_s`` and no automatic retries (a retried EXEC or claim
+    could apply twice): the caller sees :class:`StoreUnavailable` at once."""
+    opts = dict(socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    if url.startswith("redis-cluster://"):
+        return RedisCluster.from_url("redis://" + url[len("redis-cluster://") :], retry=Retry(NoBackoff(), 0), **opts)
+    return redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **opts)
+
+
+@contextlib.contextmanager
+def _guard(what: str) -> Iterator[None]:
+    try:
+        yield
+    except _UNAVAILABLE as e:
+        raise StoreUnavailable(f"Redis unavailable during {what}: {type(e).__name__}: {e}") from e
+
+
+def _client(client_or_url) -> redis.Redis | RedisCluster:
+    return connect(client_or_url) if isinstance(client_or_url, str) else client_or_url
+
+
+def _check_prefix(prefix: str) -> str:
+    """A namespace without hash-tag braces or glob characters; a trailing ``:`` is dropped."""
+    if not re.fullmatch(r"[A-Za-z0-9_.:\-]*[A-Za-z0-9_.\-]:?", prefix):
+        raise ValueError(f"prefix must be letters, digits, '_', '.', '-' or ':', got {prefix!r}")
+    return prefix.rstrip(":")
+
+
+class _Slots:
+    """Per-slot access to a plain or cluster client: a multi-key transaction goes to
+    a client of the node that owns the keys' slot."""
+
+    def __init__(self, client):
+        self.client = client
+        self.cluster = isinstance(client, RedisCluster)
+
+    def node(self, rkey: str) -> redis.Redis:
+        """A plain client on the node that owns ``rkey`` (the client itself if not a cluster)."""
+        if not self.cluster:
+            return self.client
+        return self.client.get_redis_connection(self.client.get_node_from_key(rkey))
+
+
+class RedisStore(Store):
+    """Per-key state in Redis (plain or cluster), shared by every process using it.
+
+    Parameters
+    ----------
+    schema
+        Field name -> :class:`~streamml.stores.Field`.
+    client
+        ``redis.Redis``, ``redis.cluster.RedisCluster`` or a URL for :func:`connect`.
+    prefix
+        Namespace of every key (several stores can share one server).
+    on_schema_mismatch
+        ``"error"`` (default) or ``"reset"`` when the prefix holds another schema's records.
+    max_attempts
+        Optimistic transaction attempts before ``update_many`` gives up (``RuntimeError``).
+    """
+
+    def __init__(self, schema: Mapping[str, Field], client, prefix: str = "streamml",
+                 on_schema_mismatch: str = "error", max_attempts: int = 100):
+        if on_schema_mismatch not in ("error", "reset"):
+            raise ValueError(f"on_schema_mismatch must be 'error' or 'reset', got {on_schema_mismatch!r}")
+        self.codec = RecordCodec(schema)
+        self.schema: dict[str, Field] = self.codec.schema
+        self.client = _client(client)
+        self.prefix = _check_prefix(prefix)
+        self.max_attempts = int(max_attempts)
+        self._slots = _Slots(self.client)
+        self._meta = f"{self.prefix}:meta"
+        with _guard("opening the store"):
+            stored = self.client.hget(self._meta, "schema")
+            if stored is not None and stored.decode() != self.codec.signature:
+                if on_schema_mismatch == "error":
+                    raise ValueError(
+                        f"Redis prefix {prefix!r} holds records of schema {stored.decode()}, not {self.codec.signature}; "
+                        "pass on_schema_mismatch='reset' to drop that state, or use another prefix"
+                    )
+                self.clear()
+            self.client.hset(self._meta, "schema", self.codec.signature)
+
+    def __repr__(self) -> str:
+        return f"RedisStore(prefix={self.prefix!r}, fields={list(self.schema)}, cluster={self._slots.cluster})"
+
+    def rkey(self, encoded: str) -> str:
+        """The Redis key of an encoded key: ``prefix:{user}`` or ``prefix:{user}:[rest]``."""
+        if encoded.startswith("["):
+            return self._rkey_of(json.loads(encoded))
+        return f"{self.prefix}:{{{encoded}}}"
+
+    def _rkey_of(self, plain) -> str:
+        if type(plain) is list and len(plain) >= 2:
+            return f"{self.prefix}:{{{_dumps(plain[0])}}}:{_dumps(plain[1:])}"
+        return f"{self.prefix}:{{{_dumps(plain)}}}"
+
+    def _rkeys(self, keys: Keys, op: str, unique: bool = False) -> list[str]:
+        p = self.prefix
+        if isinstance(keys, np.ndarray) and keys.dtype.kind in "iub" and keys.ndim == 2 and keys.shape[1] == 2:
+            rkeys = [f"{p}:{{{u}}}:[{q}]" for u, q in keys.astype(np.int64).tolist()]
+        elif isinstance(keys, np.ndarray) and keys.dtype.kind in "iub" and keys.ndim == 1:
+            rkeys = [f"{p}:{{{u}}}" for u in keys.astype(np.int64).tolist()]
+        elif isinstance(keys, np.ndarray) and keys.dtype.kind in "iub":
+            rkeys = [self.rkey(e) for e in encode_keys(keys, op)]
+        else:
+            rkeys = [self._rkey_of(plain_key(k, op)) for k in as_key_list(keys)]
+        if unique:
+            check_unique(rkeys, op)
+        return rkeys
+
+    # ---- reads
+    def _mget(self, client, rkeys: list[str]) -> list[bytes | None]:
+        out = []
+        for i in range(0, len(rkeys), _CHUNK):
+            out += client.mget(rkeys[i : i + _CHUNK])
+        return out
+
+    def get_many(self, keys: Keys) -> dict[str, np.ndarray]:
+        rkeys = self._rkeys(keys, "get_many")
+        blobs: list[bytes | None] = [None] * len(rkeys)
+        with _guard("get_many"):
+            if self._slots.cluster:
+                for i in range(0, len(rkeys), _CHUNK):
+                    blobs[i : i + _CHUNK] = self.client.mget_nonatomic(rkeys[i : i + _CHUNK])
+            else:
+                blobs = self._mget(self.client, rkeys)
+        return self.codec.unpack(blobs)
+
+    def __contains__(self, key: Hashable) -> bool:
+        with _guard("__contains__"):
+            return bool(self.client.exists(self.rkey(encode_key(key))))
+
+    def _scan(self) -> Iterator[bytes]:
+        pattern = re.sub(r"([*?\[\]\\])", r"\\\1", self.prefix) + ":{*"
+        return self.client.scan_iter(match=pattern, count=1000)
+
+    def __len__(self) -> int:
+        """Number of stored keys (a SCAN over the prefix: O(keys), for tests and tools)."""
+        with _guard("__len__"):
+            return sum(1 for _ in self._scan())
+
+    # ---- writes
+    def _transact(self, rkeys: list[str], compute: Callable[[list[bytes | None]], list[bytes]], op: str) -> None:
+        """Read-modify-write of every key, atomic per key; retried on conflicts.
+
+        Plain Redis: WATCH the keys, read them, ``compute`` the new blobs, MULTI/MSET/EXEC
+        (all or nothing); a WatchError redoes the whole batch. Cluster: read, ``compute``,
+        then one compare-and-set script per key, pipelined per node; the keys that
+        changed meanwhile are re-read and the batch computed again for them."""
+        with _guard(op):
+            if self._slots.cluster:
+                return self._cas(rkeys, compute, op)
+            for _ in range(self.max_attempts):
+                with self.client.pipeline(transaction=True) as pipe:
+                    pipe.watch(*rkeys)
+                    base = self._mget(pipe, rkeys)
+                    blobs = compute(base)
+                    pipe.multi()
+                    for j in range(0, len(rkeys), _CHUNK):
+                        pipe.mset(dict(zip(rkeys[j : j + _CHUNK], blobs[j : j + _CHUNK])))
+                    try:
+                        pipe.execute()
+                        return
+                    except redis.exceptions.WatchError:
+                        continue
+        raise RuntimeError(f"{op}: gave up after {self.max_attempts} conflicting concurrent writes to the same keys")
+
+    def _cas(self, rkeys, compute, op) -> None:
+        base: list[bytes | None] = []
+        for i in range(0, len(rkeys), _CHUNK):
+            base += self.client.mget_nonatomic(rkeys[i : i + _CHUNK])
+        pending = list(range(len(rkeys)))
+        for _ in range(self.max_attempts):
+            blobs = compute(base)
+            pipe = self.client.pipeline()
+            for i in pending:
+                old = base[i]
+                pipe.execute_command("EVAL", _CAS, 1, rkeys[i], b"" if old is None else b"1" + old, blobs[i])
+            results = pipe.execute()
+            conflicted = [i for i, ok in zip(pending, results) if ok != 1]
+            if not conflicted:
+                return
+            for i, fresh in zip(conflicted, self.client.mget_nonatomic([rkeys[i] for i in conflicted])):
+                base[i] = fresh
+            pending = conflicted
+        raise RuntimeError(f"{op}: gave up after {self.max_attempts} conflicting concurrent writes to the same keys")
+
+    def put_many(self, keys: Keys, values: Mapping[str, np.ndarray]) -> None:
+        rkeys = self._rkeys(keys, "put_many", unique=True)
+        vals = self.codec.check_values(values, len(rkeys))
+        if not rkeys:
+            return
+        if len(vals) == len(self.schema):  # no stored field survives: blind writes
+            blobs = self.codec.pack(vals, len(rkeys))
+            with _guard("put_many"):
+                if self._slots.cluster:  # a SET per key, pipelined per node
+                    pipe = self.client.pipeline()
+                    for k, b in zip(rkeys, blobs):
+                        pipe.set(k, b)
+                    pipe.execute()
+                else:  # one MULTI/EXEC: all or nothing
+                    pipe = self.client.pipeline(transaction=True)
+                    for j in range(0, len(rkeys), _CHUNK):
+                        pipe.mset(dict(zip(rkeys[j : j + _CHUNK], blobs[j : j + _CHUNK])))
+                    pipe.execute()
+            return
+        self._transact(rkeys, lambda base: self.codec.pack(vals, len(rkeys), base), "put_many")
+
+    def update_many(self, keys: Keys, fn: Callable[[dict[str, np.ndarray]], Mapping[str, np.ndarray]]) -> None:
+        """``put_many(keys, fn(get_many(keys)))``, atomic per key (WATCH/MULTI; ``fn``
+        runs again on the whole batch if another client changed one of its keys)."""
+        rkeys = self._rkeys(keys, "update_many", unique=True)
+        n = len(rkeys)
+
+        def compute(base):
+            return self.codec.pack(fn(self.codec.unpack(base)), n, base)
+
+        if not n:
+            self.codec.check_values(fn(self.codec.unpack([])), 0)
+            return
+        self._transact(rkeys, compute, "update_many")
+
+    def delete_many(self, keys: Keys) -> None:
+        rkeys = list(dict.fromkeys(self._rkeys(keys, "delete_many")))
+        with _guard("delete_many"):
+            for i in range(0, len(rkeys), _CHUNK):
+                self.client.delete(*rkeys[i : i + _CHUNK])
+
+    def clear(self) -> None:
+        """Delete every key of this prefix's state (SCAN + DEL: not atomic with writers)."""
+        with _guard("clear"):
+            batch = []
+            for k in self._scan():
+                batch.append(k)
+                if len(batch) == _CHUNK:
+                    self.client.delete(*batch)
+                    batch = []
+            if batch:
+                self.client.delete(*batch)
+
+    # ---- head fingerprint
+    @property
+    def head_fingerprint(self) -> str | None:
+        with _guard("head_fingerprint"):
+            v = self.client.hget(self._meta, "head_fingerprint")
+        return None if v is None else v.decode()
+
+    def bind_head(self, fingerprint: str, on_mismatch: str = "reset") -> str:
+        """See :meth:`streamml.stores.sqlite.SQLiteStore.bind_head` (same contract).
+        A reset deletes the state with SCAN + DEL: bind before serving."""
+        if on_mismatch not in ("reset", "error", "keep"):
+            raise ValueError(f"on_mismatch must be 'reset', 'error' or 'keep', got {on_mismatch!r}")
+        if not isinstance(fingerprint, str) or not fingerprint:
+            raise ValueError(f"fingerprint must be a non-empty string, got {fingerprint!r}")
+        old = self.head_fingerprint
+        if old == fingerprint:
+            return "unchanged"
+        if old is not None and on_mismatch == "error":
+            raise HeadMismatch(
+                f"Redis prefix {self.prefix!r} holds state learned against head {old!r}, not {fingerprint!r}; "
+                "bind with on_mismatch='reset' to drop it or 'keep' to migrate it as is"
+            )
+        if old is not None and on_mismatch == "reset":
+            self.clear()
+        with _guard("bind_head"):
+            self.client.hset(self._meta, "head_fingerprint", fingerprint)
+        return "bound" if old is None else ("reset" if on_mismatch == "reset" else "kept")
+
+
+# compare-and-set of one key: ARGV[1] is "" if the key was absent, else "1" + its old value
+_CAS = """
+local cur = redis.call('get', KEYS[1])
+local want = ARGV[1]
+if (cur == false and want == '') or (cur ~= false and want == '1' .. cur) then
+  redis.call('set', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+_CREATE = """
+if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  redis.call('del', KEYS[2])
+  return 1
+end
+return 0
+"""
+
+_CLAIM = """
+local ttl = redis.call('pttl', KEYS[1])
+if ttl < 0 then return -1 end
+local won = redis.call('hsetnx', KEYS[2], ARGV[1], '1')
+redis.call('pexpire', KEYS[2], ttl)
+return won
+"""
+
+
+class RedisEventLog:
+    """Served events, reward claims and client event ids in Redis; the contract of
+    :class:`streamml.stores.sqlite.SQLiteEventLog` (expiry by Redis itself)."""
+
+    def __init__(self, client, prefix: str = "streamml"):
+        self.client = _client(client)
+        self.prefix = _check_prefix(prefix)
+        self._create = self.client.register_script(_CREATE)
+        self._claim = self.client.register_script(_CLAIM)
+
+    def _keys(self, event_id: str) -> list[str]:
+        tag = json.dumps(str(event_id))
+        return [f"{self.prefix}:ev:{{{tag}}}", f"{self.prefix}:ev:{{{tag}}}:claims"]
+
+    def create(self, event_id: str, record: Mapping, ttl_s: float) -> None:
+        if ttl_s <= 0:
+            raise ValueError(f"ttl_s must be positive, got {ttl_s}")
+        with _guard("event create"):
+            rec = dict(record)
+            rec.setdefault("created", time.time())
+            text = json.dumps(rec, default=_jsonable, separators=(",", ":"))
+            if not self._create(keys=self._keys(event_id), args=[text, max(1, int(ttl_s * 1000))]):
+                raise ValueError(f"event {event_id!r} already exists")
+
+    def get(self, event_id: str) -> dict | None:
+        with _guard("event get"):
+            text = self.client.get(self._keys(event_id)[0])
+        return None if text is None else json.loads(text)
+
+    def claim(self, event_id: str, item: Hashable) -> bool:
+        item_key = encode_key(item, "claim item")
+        with _guard("claim"):
+            won = self._claim(keys=self._keys(event_id), args=[item_key])
+        if won < 0:
+            raise KeyError(f"unknown or expired event {event_id!r}")
+        return won == 1
+
+    def release(self, event_id: str, item: Hashable) -> None:
+        with _guard("release"):
+            self.client.hdel(self._keys(event_id)[1], encode_key(item, "release item"))
+
+    def _ce_key(self, client_event_id: str) -> str:
+        return f"{self.prefix}:ce:{{{json.dumps(str(client_event_id))}}}"
+
+    def release_client_event(self, client_event_id: str) -> None:
+        with _guard("release_client_event"):
+            self.client.delete(self._ce_key(client_event_id))
+
+    def claim_client_event(self, client_event_id: str, ttl_s: float) -> bool:
+        if ttl_s <= 0:
+            raise ValueError(f"ttl_s must be positive, got {ttl_s}")
+        key = self._ce_key(client_event_id)
+        with _guard("claim_client_event"):
+            return bool(self.client.set(key, 1, nx=True, px=max(1, int(ttl_s * 1000))))
+
+
+class RedisItems:
+    """The item catalog in Redis, one hash per query under one hash tag (one slot);
+    the contract of :class:`streamml.stores.sqlite.SQLiteItems`."""
+
+    def __init__(self, client, prefix: str = "streamml"):
+        self.client = _client(client)
+        self.prefix = _check_prefix(prefix)
+        self._meta = f"{self.prefix}:items:{{catalog}}"
+        self._node = _Slots(self.client).node(self._meta)
+
+    def _qkey(self, query: str) -> str:
+        return f"{self._meta}:q:{json.dumps(str(query))}"
+
+    def load_folder(self, folder: str | Path, embedding_dim: int = 384) -> int:
+        """Replace the catalog with the query files of ``folder`` (one MULTI/EXEC)."""
+        from streamml.data import load_queries
+
+        data = load_queries(folder, embedding_dim=embedding_dim, min_per_class=0)
+        X = np.ascontiguousarray(data.X, np.float32)
+        qcol = data.frame["query_id"].to_numpy()
+        texts = data.frame["text"].tolist()
+        with _guard("items load_folder"):
+            old = self.queries()
+            pipe = self._node.pipeline(transaction=True)
+            for q in old:
+                pipe.delete(self._qkey(q))
+            for q in data.query_ids:
+                rows = np.flatnonzero(qcol == q)
+                pipe.hset(self._qkey(q), mapping={
+                    "ids": rows.astype(np.int64).tobytes(),
+                    "texts": json.dumps([texts[i] for i in rows]),
+                    "X": X[rows].tobytes(),
+                })
+            pipe.hset(self._meta, mapping={"queries": json.dumps(list(data.query_ids)),
+                                           "fingerprint": data.fingerprint, "embedding_dim": X.shape[1]})
+            pipe.execute()
+        return len(X)
+
+    @property
+    def fingerprint(self) -> str | None:
+        with _guard("items fingerprint"):
+            v = self._node.hget(self._meta, "fingerprint")
+        return None if v is None else v.decode()
+
+    def queries(self) -> list[str]:
+        with _guard("items queries"):
+            v = self._node.hget(self._meta, "queries")
+        return [] if v is None else json.loads(v)
+
+    def items(self, query: str) -> tuple[np.ndarray, list[str], np.ndarray]:
+        with _guard("items"):
+            h = self._node.hgetall(self._qkey(query))
+            dim = self._node.hget(self._meta, "embedding_dim")
+        if not h:
+            raise KeyError(f"unknown query {query!r}; the catalog has {self.queries()}")
+        ids = np.frombuffer(h[b"ids"], np.int64).copy()
+        return ids, json.loads(h[b"texts"]), np.frombuffer(h[b"X"], np.float32).reshape(len(ids), int(dim)).copy()
+
+    def all(self) -> tuple[np.ndarray, list[str], list[str], np.ndarray]:
+        parts = [(q, *self.items(q)) for q in self.queries()]
+        if not parts:
+            return np.zeros(0, np.int64), [], [], np.zeros((0, 0), np.float32)
+        ids = np.concatenate([p[1] for p in parts])
+        queries = [p[0] for p in parts for _ in p[1]]
+        texts = [t for p in parts for t in p[2]]
+        X = np.concatenate([p[3] for p in parts])
+        order = np.argsort(ids, kind="stable")
+        return ids[order], [queries[i] for i in order], [texts[i] for i in order], X[order]

@@ -1,0 +1,107 @@
+"""Redis specifics: key layout and slots, schema checks, failing fast while Redis is down.
+
+The shared behaviour is in ``test_contract.py`` (state) and ``test_events.py``
+(event log, item catalog), which run against a real server and a 3-master cluster.
+"""
+
+import time
+import uuid
+
+import numpy as np
+import pytest
+
+from streamml.stores import Field, StoreUnavailable
+
+redis_mod = pytest.importorskip("redis", reason="the redis package is in the serve extra: pip install -e '.[serve]'")
+from streamml.stores.codec import encode_key  # noqa: E402
+from streamml.stores.redis import RedisEventLog, RedisStore, connect  # noqa: E402
+
+SCHEMA = {"r": Field((4,), "float16"), "n": Field((), "int64")}
+
+
+def _prefix():
+    return f"t{uuid.uuid4().hex[:8]}"
+
+
+def test_keys_carry_the_user_in_a_hash_tag(redis_server):
+    store = RedisStore(SCHEMA, redis_server.client(), prefix="p")
+    assert store.rkey(encode_key((7, "q1"))) == 'p:{7}:["q1"]'
+    assert store.rkey(encode_key(("bob", 3, "x"))) == 'p:{"bob"}:[3,"x"]'
+    assert store.rkey(encode_key(7)) == "p:{7}"
+    assert store.rkey(encode_key((7,))) == "p:{[7]}"
+    assert RedisStore(SCHEMA, redis_server.client(), prefix="p:").rkey("7") == "p:{7}"  # a trailing ':' is dropped
+    for bad in ("a:{b}", "a*", "", ":"):
+        with pytest.raises(ValueError, match="prefix"):
+            RedisStore(SCHEMA, redis_server.client(), prefix=bad)
+
+
+def test_a_users_keys_share_a_slot_and_users_spread_over_the_cluster(redis_cluster):
+    client = redis_cluster.client()
+    store = RedisStore(SCHEMA, client, prefix=_prefix())
+    keys = [(u, q) for u in range(40) for q in ("q1", "q2", "q3")] + [f"user{u}" for u in range(10)]
+    store.put_many(keys, {"n": np.arange(len(keys))})
+    slots = {}
+    for u in range(40):
+        slots[u] = {client.keyslot(store.rkey(encode_key((u, q)))) for q in ("q1", "q2", "q3")}
+        assert len(slots[u]) == 1
+    nodes = {client.get_node_from_key(store.rkey(encode_key((u, "q1")))).name for u in range(40)}
+    assert len(nodes) == 3  # 40 users land on all three masters
+    assert len(store) == len(keys)
+    np.testing.assert_array_equal(store.get_many(keys[::-1])["n"], np.arange(len(keys))[::-1])
+
+
+def test_urls_build_fail_fast_clients(redis_server, redis_cluster):
+    store = RedisStore(SCHEMA, f"redis://127.0.0.1:{redis_server.port}/0", prefix=_prefix())
+    store.put_many([1], {"n": np.array([3])})
+    assert store.client.connection_pool.connection_kwargs["socket_timeout"] == 0.5
+    cluster = RedisStore(SCHEMA, f"redis-cluster://127.0.0.1:{redis_cluster.nodes[1].port}", prefix=_prefix())
+    cluster.update_many([(1, "q")], lambda s: {"n": s["n"] + 4})
+    assert cluster.get_many([(1, "q")])["n"].tolist() == [4]
+
+
+def test_another_schema_is_refused_unless_reset(redis_server):
+    prefix = _prefix()
+    RedisStore(SCHEMA, redis_server.client(), prefix=prefix).put_many([1, 2], {"n": np.array([4, 5])})
+    other = {"r": Field((8,), "float16"), "n": Field((), "int64")}
+    with pytest.raises(ValueError, match="schema"):
+        RedisStore(other, redis_server.client(), prefix=prefix)
+    assert RedisStore(SCHEMA, redis_server.client(), prefix=prefix).get_many([1])["n"].tolist() == [4]
+    store = RedisStore(other, redis_server.client(), prefix=prefix, on_schema_mismatch="reset")
+    assert len(store) == 0
+
+
+def _fails_fast(call):
+    t0 = time.monotonic()
+    with pytest.raises(StoreUnavailable, match="Redis unavailable"):
+        call()
+    assert time.monotonic() - t0 < 5  # short socket timeouts, no retry loop: no hanging request
+
+
+def test_redis_down_fails_fast_writes_nothing_and_recovers(own_redis_server):
+    server = own_redis_server
+    url = f"redis://127.0.0.1:{server.port}/0"
+    store, log = RedisStore(SCHEMA, url), RedisEventLog(url)
+    store.put_many([(1, "q"), (2, "q")], {"n": np.array([10, 20])})
+    log.create("e1", {"user": 1}, ttl_s=600)
+
+    # Redis stops between the read and the write of an update: EXEC fails, nothing is written
+    def stop_then_compute(state):
+        server.stop()
+        return {"n": state["n"] + 1}
+
+    with pytest.raises(StoreUnavailable):
+        store.update_many([(1, "q"), (2, "q")], stop_then_compute)
+    _fails_fast(lambda: store.get_many([(1, "q")]))
+    _fails_fast(lambda: store.put_many([(3, "q"), (1, "q")], {"n": np.array([30, 31])}))
+    _fails_fast(lambda: store.update_many([(1, "q")], lambda s: {"n": s["n"] + 1}))
+    _fails_fast(lambda: store.delete_many([(1, "q")]))
+    _fails_fast(lambda: (1, "q") in store)
+    _fails_fast(lambda: log.claim("e1", 3))
+    _fails_fast(lambda: log.create("e2", {"user": 1}, ttl_s=60))
+
+    server.start()  # same port, same append-only file; the store objects are reused as they are
+    out = store.get_many([(1, "q"), (2, "q"), (3, "q")])
+    assert out["n"].tolist() == [10, 20, 0] and len(store) == 2  # no partial write
+    store.update_many([(1, "q")], lambda s: {"n": s["n"] + 1})
+    assert store.get_many([(1, "q")])["n"].tolist() == [11]
+    assert log.claim("e1", 3) and log.get("e2") is None
