@@ -140,24 +140,6 @@ class MemoryBackend:
         pass
 
 
-def _sqlite_event_log():
-    from streamml.stores import SQLiteEventLog
-    from streamml.stores.codec import encode_key
-
-    class EventLog(SQLiteEventLog):
-        """The SQLite event log, plus releasing a claim whose update failed."""
-
-        def release(self, event_id: str, item) -> None:
-            with self.db.transaction() as conn:
-                conn.execute("DELETE FROM claims WHERE event_id = ? AND item = ?", (event_id, encode_key(item, "item")))
-
-        def release_client_event(self, client_event_id: str) -> None:
-            with self.db.transaction() as conn:
-                conn.execute("DELETE FROM client_events WHERE id = ?", (str(client_event_id),))
-
-    return EventLog
-
-
 class SQLiteBackend:
     """The embedded default: items, per-user state, event log and control record in one
     SQLite file in WAL mode (:mod:`streamml.stores.sqlite`), shared by every worker.
@@ -168,10 +150,10 @@ class SQLiteBackend:
     """
 
     def __init__(self, path: str | Path = "streamml.db", synchronous: str = "NORMAL", busy_timeout_s: float = 10.0):
-        from streamml.stores import SQLiteDB, SQLiteItems, StoreUnavailable
+        from streamml.stores import SQLiteDB, SQLiteEventLog, SQLiteItems, StoreUnavailable
 
         self.db = SQLiteDB(path, synchronous=synchronous, busy_timeout_s=busy_timeout_s)
-        self.events, self.catalog = _sqlite_event_log()(self.db), SQLiteItems(self.db)
+        self.events, self.catalog = SQLiteEventLog(self.db), SQLiteItems(self.db)
         self.control = SQLiteControl(self.db)
         self.errors = (StoreUnavailable, sqlite3.OperationalError)
 
@@ -209,8 +191,59 @@ class RedisControl:
         self._client, self._key = client, key
 
     def get(self) -> dict | None:
-        raw = self._client.get(self._key)
+        from streamml.stores.redis import _guard
+
+        with _guard("control get"):
+            raw = self._client.get(self._key)
         return json.loads(raw) if raw else None
 
     def set(self, value: dict) -> None:
-        self._client.set(self._key, json.dumps(value))
+        from streamml.stores.redis import _guard
+
+        with _guard("control set"):
+            self._client.set(self._key, json.dumps(value))
+
+
+class RedisBackend:
+    """Per-user state, the event log, the item catalog and the control record in Redis
+    (:mod:`streamml.stores.redis`), shared by every worker on every host.
+
+    Parameters
+    ----------
+    url
+        ``redis://host:port/db``; with ``cluster=True`` the URL of any node of a Redis Cluster.
+    prefix
+        Namespace of every key. Each head's residuals live under ``<prefix>:s<fingerprint>``.
+    timeout_s
+        Socket timeouts; there are no automatic retries, so a request fails fast (503)
+        when Redis is down, and the client reconnects by itself once it is back.
+    """
+
+    def __init__(self, url: str = "redis://127.0.0.1:6379/0", cluster: bool = False, prefix: str = "streamml",
+                 timeout_s: float = 0.5):
+        from streamml.stores import StoreUnavailable
+        from streamml.stores.redis import RedisEventLog, RedisItems, connect
+
+        if cluster and url.startswith("redis://"):
+            url = "redis-cluster://" + url[len("redis://"):]
+        self.client = connect(url, timeout_s)
+        self.prefix = prefix.rstrip(":")
+        self.events, self.catalog = RedisEventLog(self.client, self.prefix), RedisItems(self.client, self.prefix)
+        self.control = RedisControl(self.client, f"{self.prefix}:control")
+        self.errors = (StoreUnavailable,)
+
+    def state(self, schema: Schema, namespace: str) -> Store:
+        from streamml.stores.redis import RedisStore
+
+        store = RedisStore(schema, self.client, prefix=f"{self.prefix}:s{namespace}")
+        store.bind_head(namespace, on_mismatch="error")
+        return store
+
+    def ping(self) -> None:
+        from streamml.stores.redis import _guard
+
+        with _guard("ping"):
+            self.client.ping()
+
+    def close(self) -> None:
+        self.client.close()

@@ -18,19 +18,24 @@ from streamml.serve.app import create_app
 QUERY = "topic_0"
 
 
-def _client(backend, served_models, tmp_path):
+def _client(backend, served_models, tmp_path, redis_url=None):
     items_dir, tracking_uri, _ = served_models
     cfg = serve_cfg(items_dir, tracking_uri, backend=backend)
-    if backend == "sqlite":
-        with open_dict(cfg):
+    with open_dict(cfg):
+        if backend == "sqlite":
             cfg.backend.path = str(tmp_path / "serve.db")
+        if backend == "redis":
+            cfg.backend.url, cfg.backend.prefix = redis_url, f"app{uuid.uuid4().hex[:8]}"
     return TestClient(create_app(cfg))
 
 
-@pytest.fixture(scope="module", params=["memory", "sqlite"])
+@pytest.fixture(scope="module", params=["memory", "sqlite", "redis"])
 def client(request, served_models, tmp_path_factory):
     """One app per backend for the module: every test uses users of its own (``user``)."""
-    with _client(request.param, served_models, tmp_path_factory.mktemp("app")) as c:
+    url = None
+    if request.param == "redis":
+        url = f"redis://127.0.0.1:{request.getfixturevalue('redis_server').port}/0"
+    with _client(request.param, served_models, tmp_path_factory.mktemp("app"), url) as c:
         yield c
 
 
