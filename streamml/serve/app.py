@@ -194,11 +194,11 @@ def create_app(cfg: DictConfig, backend=None) -> FastAPI:
 
     @app.post("/v1/events/{event_id}/reward", response_model=schemas.RewardResponse, tags=["rank"], dependencies=guarded)
     async def reward(event_id: str, req: schemas.RewardRequest):
-        return events.reward(served(), event_id, req, limits, backend.events)
+        return events.reward(served(), event_id, req, limits, backend)
 
     @app.post("/v1/feedback", response_model=schemas.FeedbackResponse, tags=["rank"], dependencies=guarded)
     async def feedback(req: schemas.FeedbackRequest):
-        return events.feedback(served(), req, limits, backend.events)
+        return events.feedback(served(), req, limits, backend)
 
     @app.get("/v1/queries", tags=["catalog"], dependencies=guarded)
     async def queries():

@@ -43,6 +43,77 @@ def read_folder(path: str | Path, embedding_dim: int = 384) -> list[tuple[str, l
     return out
 
 
+# ---------------------------------------------------------------- claims
+# ``claim`` is ("event", event_id, item, None) for a reward, ("client", client_event_id, None, ttl_s)
+# for plain feedback. ``claim_and_apply(claim, apply)`` runs ``apply`` (the learner's update)
+# only if the claim is won, and returns whether it was.
+
+
+def _claim_then_apply(events, claim: tuple, apply) -> bool:
+    """Two writes: the claim, then the update; a failed update releases its claim. A process
+    killed between the two leaves a claim without its update (a retry then reads duplicate)."""
+    kind, ident, item, ttl_s = claim
+    won = events.claim(ident, item) if kind == "event" else events.claim_client_event(ident, ttl_s)
+    if not won:
+        return False
+    try:
+        apply()
+    except BaseException:
+        try:
+            events.release(ident, item) if kind == "event" else events.release_client_event(ident)
+        except Exception:  # the backend is still away: the claim stays (see above)
+            pass
+        raise
+    return True
+
+
+class _AlreadyClaimed(Exception):
+    pass
+
+
+_PENDING = threading.local()  # the claim the next SQLite update on this thread must win, inside its transaction
+
+
+def _sqlite_claim(conn, now: float, kind: str, ident: str, item, ttl_s) -> bool:
+    """The SQLite event log's claim (tables of :class:`~streamml.stores.SQLiteEventLog`) on ``conn``."""
+    from streamml.stores.codec import encode_key
+
+    if kind == "event":
+        row = conn.execute("SELECT expires FROM events WHERE event_id = ?", (ident,)).fetchone()
+        if row is None or row[0] <= now:
+            raise KeyError(f"unknown or expired event {ident!r}")
+        return conn.execute("INSERT OR IGNORE INTO claims(event_id, item) VALUES (?, ?)",
+                            (ident, encode_key(item, "claim item"))).rowcount == 1
+    return conn.execute(
+        "INSERT INTO client_events(id, expires) VALUES (?, ?) "
+        "ON CONFLICT(id) DO UPDATE SET expires = excluded.expires WHERE client_events.expires <= ?",
+        (str(ident), now + ttl_s, now),
+    ).rowcount == 1
+
+
+def _sqlite_claiming_store():
+    from streamml.stores import SQLiteStore
+
+    class ClaimingSQLiteStore(SQLiteStore):
+        """A SQLiteStore whose ``update_many`` first wins the thread's pending claim, in the
+        same transaction: the claim and the state update commit together or not at all."""
+
+        def update_many(self, keys, fn):
+            claim = getattr(_PENDING, "claim", None)
+            if claim is None:
+                return super().update_many(keys, fn)
+            _PENDING.claim = None  # one claim, one update
+
+            def claimed(state):
+                if not claim(self.db.conn):
+                    raise _AlreadyClaimed
+                return fn(state)
+
+            return super().update_many(keys, claimed)
+
+    return ClaimingSQLiteStore
+
+
 class MemoryEventLog:
     """The event log in a dict (one process)."""
 
@@ -128,6 +199,9 @@ class MemoryBackend:
         self.events, self.catalog, self.control = MemoryEventLog(), MemoryCatalog(), MemoryControl()
         self._stores: dict[str, Store] = {}
 
+    def claim_and_apply(self, claim: tuple, apply) -> bool:
+        return _claim_then_apply(self.events, claim, apply)
+
     def state(self, schema: Schema, namespace: str) -> Store:
         if namespace not in self._stores:
             self._stores[namespace] = InMemoryStore(schema)
@@ -160,9 +234,22 @@ class SQLiteBackend:
     def state(self, schema: Schema, namespace: str) -> Store:
         from streamml.stores import SQLiteStore
 
-        store = SQLiteStore(schema, self.db, table=f"state_{namespace}")
+        store = _sqlite_claiming_store()(schema, self.db, table=f"state_{namespace}")
         store.bind_head(namespace, on_mismatch="error")
         return store
+
+    def claim_and_apply(self, claim: tuple, apply) -> bool:
+        """Claim and update in one SQLite transaction: a killed process leaves both or neither."""
+        _PENDING.claim = lambda conn: _sqlite_claim(conn, self.events.clock(), *claim)
+        try:
+            apply()
+            if _PENDING.claim is not None:  # the learner wrote without update_many: the claim was never made
+                raise RuntimeError("the online learner's update did not go through the store's update_many")
+        except _AlreadyClaimed:
+            return False
+        finally:
+            _PENDING.claim = None
+        return True
 
     def ping(self) -> None:
         self.db.conn.execute("SELECT 1").fetchone()
@@ -238,6 +325,9 @@ class RedisBackend:
         store = RedisStore(schema, self.client, prefix=f"{self.prefix}:s{namespace}")
         store.bind_head(namespace, on_mismatch="error")
         return store
+
+    def claim_and_apply(self, claim: tuple, apply) -> bool:
+        return _claim_then_apply(self.events, claim, apply)
 
     def ping(self) -> None:
         from streamml.stores.redis import _guard

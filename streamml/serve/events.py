@@ -9,10 +9,11 @@ is refused (410): the user's state has moved on, and the logged propensities no 
 describe what would be shown. Plain feedback (a caller that ranked elsewhere) is
 idempotent on the caller's own event id the same way.
 
-Every check runs before anything is written, so bad input changes nothing. If applying an
-update fails (the backend went away), its claim is released, so a retry can apply it; only
-if the release fails too (the backend is still away) does the claim stay, and a retry is then
-acknowledged as a duplicate without the update (a claim and a state update are two writes).
+Every check runs before anything is written, so bad input changes nothing. The claim and the
+update go through ``backend.claim_and_apply``: on SQLite both commit in one transaction, so a
+killed process leaves both or neither; on Redis they are two writes (the claim's key and the
+user's key live in different cluster slots), a failed update releases its claim, and only a
+process killed between the two writes leaves a claim without its update.
 Errors are :class:`ServeError` with the HTTP status to answer.
 """
 
@@ -22,6 +23,7 @@ import base64
 import hashlib
 import time
 import uuid
+from functools import partial
 
 import numpy as np
 
@@ -182,8 +184,8 @@ def _apply_vector(served: Served, user: str, query: str, x: np.ndarray, head: fl
     learn_vector(user, query, x, head, label)
 
 
-def reward(served: Served, event_id: str, req: schemas.RewardRequest, limits: Limits, events) -> schemas.RewardResponse:
-    record = events.get(event_id)
+def reward(served: Served, event_id: str, req: schemas.RewardRequest, limits: Limits, backend) -> schemas.RewardResponse:
+    record = backend.events.get(event_id)
     if record is None:
         raise ServeError(404, f"unknown or expired event {event_id!r}")
     age = time.time() - record["created"]
@@ -202,60 +204,42 @@ def reward(served: Served, event_id: str, req: schemas.RewardRequest, limits: Li
     vectors = _decode(record["vectors"], served.head.dim) if "vectors" in record else None
     results, applied = [], 0
     for r in req.rewards:
+        if vectors is None:
+            apply = partial(_apply_item, served, user, query, r.item, _label(r.label))
+        else:
+            j = shown[r.item]
+            apply = partial(_apply_vector, served, user, query, vectors[j], record["head"][j], _label(r.label))
         try:
-            first = events.claim(event_id, r.item)
+            won = backend.claim_and_apply(("event", event_id, r.item, None), apply)
         except KeyError:  # expired since the get above
             raise ServeError(404, f"unknown or expired event {event_id!r}") from None
-        if not first:
+        if not won:
             metrics.DUPLICATES.labels("reward").inc()
             results.append(schemas.Outcome(item=r.item, status="duplicate"))
             continue
-        try:
-            if vectors is None:
-                _apply_item(served, user, query, r.item, _label(r.label))
-            else:
-                j = shown[r.item]
-                _apply_vector(served, user, query, vectors[j], record["head"][j], _label(r.label))
-        except BaseException:
-            _release(events, "release", event_id, r.item)
-            raise
         metrics.UPDATES.labels("reward").inc()
         applied += 1
         results.append(schemas.Outcome(item=r.item, status="applied"))
     return schemas.RewardResponse(event_id=event_id, results=results, applied=applied, duplicates=len(results) - applied)
 
 
-def _release(events, name: str, *args) -> None:
-    release = getattr(events, name, None)
-    if release is not None:
-        try:
-            release(*args)
-        except Exception:  # the backend is down: the claim stays, the caller gets the original error
-            pass
-
-
-def feedback(served: Served, req: schemas.FeedbackRequest, limits: Limits, events) -> schemas.FeedbackResponse:
+def feedback(served: Served, req: schemas.FeedbackRequest, limits: Limits, backend) -> schemas.FeedbackResponse:
     user = str(req.user)
     items = _query(served, req.query)
     if req.item is not None:
         row = served.row_of.get(req.item)
         if row is None or row < items.rows[0] or row > items.rows[-1]:
             raise ServeError(404, f"unknown item {req.item} for query {req.query!r}")
-        apply = lambda: _apply_item(served, user, req.query, req.item, _label(req.label))  # noqa: E731
+        apply = partial(_apply_item, served, user, req.query, req.item, _label(req.label))
     else:
         x = _vectors(served, [req.embedding], "embedding")[0]
         if not hasattr(served.learner, "learn_vector"):
             raise ServeError(501, "this online learner cannot learn from raw embeddings (no learn_vector)")
         head = float(served.head.score(req.query, x[None])[0])
-        apply = lambda: _apply_vector(served, user, req.query, x, head, _label(req.label))  # noqa: E731
-    if not events.claim_client_event(req.event_id, limits.client_event_ttl_s):
+        apply = partial(_apply_vector, served, user, req.query, x, head, _label(req.label))
+    if not backend.claim_and_apply(("client", req.event_id, None, limits.client_event_ttl_s), apply):
         metrics.DUPLICATES.labels("feedback").inc()
         return schemas.FeedbackResponse(event_id=req.event_id, status="duplicate")
-    try:
-        apply()
-    except BaseException:
-        _release(events, "release_client_event", req.event_id)
-        raise
     metrics.UPDATES.labels("feedback").inc()
     return schemas.FeedbackResponse(event_id=req.event_id, status="applied")
 
