@@ -382,3 +382,19 @@ def test_ab_buckets_are_stable_and_logged_on_every_event(served_models):
             assert c.get(f"/v1/users/user{u}").json()["bucket"] == out["bucket"]
         assert set(seen.values()) == {"main", "greedy"}
         assert events_mod.bucket_of("user3", [("main", 0.5), ("greedy", 0.5)], "streamml") == seen["user3"]
+
+
+def test_rank_raw_texts_through_the_embedder(client, user, monkeypatch):
+    import streamml.embed
+
+    seen = []
+
+    def fake_embed(texts):  # the real model is tested in tests/test_embed.py (slow)
+        seen.extend(texts)
+        return np.array([vec(seed=i) for i in range(len(texts))], np.float32)
+
+    monkeypatch.setattr(streamml.embed, "embed_texts", fake_embed)
+    out = rank(client, user, k=2, texts=["a wildfire", "an election"])
+    assert seen == ["a wildfire", "an election"]
+    assert sorted(s["item"] for s in out["items"]) == [0, 1]
+    assert {s["text"] for s in out["items"]} == {"a wildfire", "an election"}
