@@ -15,16 +15,20 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 
 __all__ = ["LATENCY", "UPDATES", "DUPLICATES", "LATE", "STORE_ERRORS", "EVENTS", "render"]
 
+# the service's own registry (not the global one): importing this module twice, as doctest
+# collection does, must not register the metrics twice
+REGISTRY = CollectorRegistry()
 # request latency up to 1 s, finest around the 10-25 ms targets
 LATENCY = Histogram(
-    "streamml_request_seconds", "Request latency by endpoint", ["endpoint", "method"],
+    "streamml_request_seconds", "Request latency by endpoint", ["endpoint", "method"], registry=REGISTRY,
     buckets=(0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
 )
-UPDATES = Counter("streamml_updates_applied", "Online updates applied (rewards and feedback)", ["source"])
-DUPLICATES = Counter("streamml_duplicates", "Rewards or feedback acknowledged but not applied again", ["source"])
-LATE = Counter("streamml_late_rewards", "Rewards refused because the event's reward window had closed")
-STORE_ERRORS = Counter("streamml_store_errors", "Requests answered 503 because the backend failed")
-EVENTS = Counter("streamml_rank_events", "Rank events logged, by A/B bucket", ["bucket"])
+UPDATES = Counter("streamml_updates_applied", "Online updates applied (rewards and feedback)", ["source"], registry=REGISTRY)
+DUPLICATES = Counter("streamml_duplicates", "Rewards or feedback acknowledged but not applied again", ["source"],
+                     registry=REGISTRY)
+LATE = Counter("streamml_late_rewards", "Rewards refused because the event's reward window had closed", registry=REGISTRY)
+STORE_ERRORS = Counter("streamml_store_errors", "Requests answered 503 because the backend failed", registry=REGISTRY)
+EVENTS = Counter("streamml_rank_events", "Rank events logged, by A/B bucket", ["bucket"], registry=REGISTRY)
 
 
 def render() -> tuple[bytes, str]:
@@ -35,4 +39,4 @@ def render() -> tuple[bytes, str]:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
         return generate_latest(registry), CONTENT_TYPE_LATEST
-    return generate_latest(), CONTENT_TYPE_LATEST
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
