@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -152,11 +153,10 @@ async def open_loop(session, url: str, bodies: list, rate: float, duration: floa
     import aiohttp
 
     n = min(len(bodies), int(rate * duration))
-    lat, errors, out = [], 0, [None] * n
+    lat, errors, out = [], Counter(), [None] * n
     t0 = time.perf_counter() + 0.05
 
     async def one(i):
-        nonlocal errors
         due = t0 + i / rate
         await asyncio.sleep(max(0.0, due - time.perf_counter()))
         path, body = bodies[i]
@@ -167,9 +167,9 @@ async def open_loop(session, url: str, bodies: list, rate: float, duration: floa
                     lat.append((time.perf_counter() - due) * 1000)
                     out[i] = data
                 else:
-                    errors += 1
-        except (aiohttp.ClientError, asyncio.TimeoutError):
-            errors += 1
+                    errors[str(r.status)] += 1
+        except (aiohttp.ClientError, asyncio.TimeoutError) as err:
+            errors["timeout" if isinstance(err, asyncio.TimeoutError) else type(err).__name__] += 1
 
     await asyncio.gather(*(one(i) for i in range(n)))
     return np.array(lat), errors, [o for o in out if o is not None]
@@ -234,19 +234,22 @@ def main(argv=None):
                             (rl, re_, rn), (wl, we, wn) = asyncio.run(run_cell(url, args, rate, rng))
                             for name, lat, err, n in (("rank", rl, re_, rn), ("reward", wl, we, wn)):
                                 p50, p99 = (np.percentile(lat, [50, 99]) if len(lat) else (float("nan"),) * 2)
-                                rows.append((backend, workers, name, rate, n, err, p50, p99))
+                                kinds = ", ".join(f"{k}: {v}" for k, v in sorted(err.items()))
+                                rows.append((backend, workers, name, rate, n, sum(err.values()), kinds, p50, p99))
                                 print(f"  {backend:6s} workers={workers} {name:6s} {rate:5.0f}/s: {n} requests, "
-                                      f"{err} errors, p50 {p50:.1f} ms, p99 {p99:.1f} ms", flush=True)
+                                      f"{sum(err.values())} errors ({kinds}), p50 {p50:.1f} ms, p99 {p99:.1f} ms", flush=True)
                     finally:
                         os.killpg(proc.pid, signal.SIGTERM)
                         proc.wait(30)
         finally:
             if redis:
                 redis.stop()
-    table = ["| backend | workers | endpoint | rate (req/s) | requests | errors | p50 (ms) | p99 (ms) |",
-             "|---|---|---|---|---|---|---|---|"]
-    table += [f"| {b} | {w} | {e} | {r:.0f} | {n} | {err} | {p50:.1f} | {p99:.1f} |" for b, w, e, r, n, err, p50, p99 in rows]
-    text = "\n".join(["# Service load benchmark", "", *header, "", __doc__.split("\n\n")[1].strip(), "", *table, ""])
+    table = ["| backend | workers | endpoint | rate (req/s) | requests | errors | error kinds | p50 (ms) | p99 (ms) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    table += [f"| {b} | {w} | {e} | {r:.0f} | {n} | {err} | {kinds} | {p50:.1f} | {p99:.1f} |"
+              for b, w, e, r, n, err, kinds, p50, p99 in rows]
+    method = "\n\n".join(__doc__.split("\n\n")[1:4]).strip()
+    text = "\n".join(["# Service load benchmark", "", *header, "", method, "", *table, ""])
     print(text)
     if args.out:
         args.out.write_text(text)
