@@ -1,0 +1,259 @@
+"""Load benchmark of the service: open-loop requests at fixed rates, on loopback.
+
+For each backend (SQLite, Redis) and number of uvicorn workers, the script starts
+``python -m streamml.serve`` on a free port over a synthetic catalog (``--queries`` queries of
+``--items`` items; random 384-d unit embeddings and a random linear head logged to a private
+MLflow store), then for each rate:
+
+1. ``rank``: POST /v1/rank for one of ``--users`` users with ``--candidates`` catalog item ids, k=10;
+2. ``reward``: POST /v1/events/{id}/reward of one shown item of each event of step 1.
+
+Requests are sent open loop: request i is due at ``t0 + i / rate`` whether or not earlier ones
+have answered, and its latency counts from when it was due (so a stalled server is not hidden
+by a client that waits). Each cell is bounded by ``--duration`` seconds and ``--max-requests``.
+An error is any status other than 200, or a timeout. The load generator runs on the same
+machine and cores as the service. Results go to ``--out`` with the command, commit and machine.
+
+    python experiments/bench_serve.py --out experiments/serve_benchmark.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def commit() -> str:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    return out + ("-dirty" if dirty else "")
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = os.getloadavg()
+    return (f"{platform.system()} {platform.release()}, {os.cpu_count()} cores ({cpu}), Python {platform.python_version()}; "
+            f"load average at start {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}")
+
+
+def make_catalog(root: Path, n_queries: int, n_items: int, dim: int = 384) -> tuple[Path, str]:
+    """A synthetic catalog folder and an MLflow store holding one random linear head over it."""
+    import json
+    from functools import partial
+
+    import mlflow
+    import torch
+
+    from streamml import tracking
+    from streamml.data import load_queries
+    from streamml.offline.heads import LinearHeads
+    from streamml.offline.losses import ranknet
+    from streamml.offline.module import HeadLearner
+
+    rng = np.random.default_rng(0)
+    folder = root / "queries"
+    folder.mkdir(parents=True)
+    for q in range(n_queries):
+        X = rng.normal(size=(n_items, dim))
+        X /= np.linalg.norm(X, axis=1, keepdims=True)
+        rows = [{"text": f"query {q} sentence {i}", "label": "accepted" if i % 2 else "rejected",
+                 "embedding": x.round(6).tolist()} for i, x in enumerate(X)]
+        (folder / f"q{q:02d}.json").write_text(json.dumps(rows))
+    data = load_queries(folder, dim, min_per_class=0)
+    learner = HeadLearner(partial(LinearHeads, dim=dim), ranknet, partial(torch.optim.Adam), None)
+    learner.groups_ = np.arange(len(data.query_ids))
+    heads = LinearHeads(len(data.query_ids), dim)
+    with torch.no_grad():
+        heads.weight.normal_()
+    learner.heads_ = heads.eval()
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.create_experiment("default", artifact_location=str(root / "artifacts"))
+    mlflow.set_experiment("default")
+    with mlflow.start_run():
+        tracking.log_model(learner, data.query_ids, dim)
+    return folder, uri
+
+
+class Redis:
+    def __init__(self, root: Path):
+        self.port, self.dir = free_port(), root / "redis"
+        self.dir.mkdir()
+        # AOF fsynced every second: like SQLite's synchronous=NORMAL, it survives a killed process
+        self.proc = subprocess.Popen(
+            [shutil.which("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+             "--save", "", "--appendonly", "yes", "--appendfsync", "everysec"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def start_service(root: Path, backend: str, workers: int, items: Path, tracking_uri: str, redis_port: int | None):
+    port = free_port()
+    if backend == "sqlite":
+        db = root / f"serve-{workers}.db"
+        over = [f"backend.path={db}"]
+    else:
+        over = ["serve/backend@backend=redis", f"backend.url=redis://127.0.0.1:{redis_port}/0",
+                f"backend.prefix=bench{workers}"]
+    log = open(root / f"serve-{backend}-{workers}.log", "ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamml.serve", f"port={port}", f"workers={workers}", "log_level=warning",
+         f"items_dir={items}", f"tracking_uri={tracking_uri}", *over],
+        cwd=REPO, stdout=log, stderr=log, start_new_session=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    url = f"http://127.0.0.1:{port}"
+    import urllib.request
+
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the service exited; see {root}/serve-{backend}-{workers}.log")
+        try:
+            if urllib.request.urlopen(url + "/readyz", timeout=2).status == 200:
+                return proc, url
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError("the service did not become ready")
+
+
+async def open_loop(session, url: str, bodies: list, rate: float, duration: float, timeout: float):
+    """Send ``bodies`` [(path, json)] at ``rate``/s for at most ``duration`` s; returns
+    (latencies of the 200s in ms, errors, responses)."""
+    import aiohttp
+
+    n = min(len(bodies), int(rate * duration))
+    lat, errors, out = [], Counter(), [None] * n
+    t0 = time.perf_counter() + 0.05
+
+    async def one(i):
+        due = t0 + i / rate
+        await asyncio.sleep(max(0.0, due - time.perf_counter()))
+        path, body = bodies[i]
+        try:
+            async with session.post(url + path, json=body, timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+                data = await r.json()
+                if r.status == 200:
+                    lat.append((time.perf_counter() - due) * 1000)
+                    out[i] = data
+                else:
+                    errors[str(r.status)] += 1
+        except (aiohttp.ClientError, asyncio.TimeoutError) as err:
+            errors["timeout" if isinstance(err, asyncio.TimeoutError) else type(err).__name__] += 1
+
+    await asyncio.gather(*(one(i) for i in range(n)))
+    return np.array(lat), errors, [o for o in out if o is not None]
+
+
+async def run_cell(url, args, rate, rng):
+    import aiohttp
+
+    n = min(args.max_requests, int(rate * args.duration))
+    users = rng.integers(0, args.users, n)
+    queries = rng.integers(0, args.queries, n)
+    first_ids = queries * args.items
+    ranks = []
+    for u, q, base in zip(users.tolist(), queries.tolist(), first_ids.tolist()):
+        cands = (base + rng.choice(args.items, args.candidates, replace=False)).tolist()
+        ranks.append(("/v1/rank", {"user": f"user{u}", "query": f"q{q:02d}", "k": 10, "items": cands}))
+    conn = aiohttp.TCPConnector(limit=256)
+    async with aiohttp.ClientSession(connector=conn) as session:
+        # warm up every worker (first requests compile and fill caches): not measured
+        await open_loop(session, url, ranks[: min(200, n)], min(rate, 100), 2.0, args.timeout)
+        rank_lat, rank_err, shown = await open_loop(session, url, ranks, rate, args.duration, args.timeout)
+        rewards = [(f"/v1/events/{ev['event_id']}/reward",
+                    {"rewards": [{"item": ev["items"][int(rng.integers(len(ev["items"])))]["item"],
+                                  "label": "accepted" if rng.random() < 0.5 else "rejected"}]}) for ev in shown]
+        reward_lat, reward_err, _ = await open_loop(session, url, rewards, rate, args.duration, args.timeout)
+    return (rank_lat, rank_err, n), (reward_lat, reward_err, len(rewards))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--backends", nargs="+", default=["sqlite", "redis"])
+    p.add_argument("--workers", nargs="+", type=int, default=[1, 2])
+    p.add_argument("--rates", nargs="+", type=float, default=[100, 300])
+    p.add_argument("--duration", type=float, default=10.0, help="seconds per (rate, endpoint) cell")
+    p.add_argument("--max-requests", type=int, default=3000, help="requests per cell at most")
+    p.add_argument("--candidates", type=int, default=100)
+    p.add_argument("--queries", type=int, default=10)
+    p.add_argument("--items", type=int, default=200, help="catalog items per query")
+    p.add_argument("--users", type=int, default=10000)
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds before a request counts as an error")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    if args.candidates > args.items:
+        p.error("--candidates must be <= --items")
+    command = "python experiments/bench_serve.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    header = [f"- command: `{command.strip()}`", f"- commit: {commit()}", f"- machine: {machine()}",
+              f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"]
+    rng = np.random.default_rng(0)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+        root = Path(tmp)
+        print("building the catalog and the head ...", flush=True)
+        items, tracking_uri = make_catalog(root, args.queries, args.items)
+        redis = Redis(root) if "redis" in args.backends else None
+        try:
+            for backend in args.backends:
+                for workers in args.workers:
+                    print(f"starting the service: {backend}, {workers} worker(s) ...", flush=True)
+                    proc, url = start_service(root, backend, workers, items, tracking_uri, redis and redis.port)
+                    try:
+                        for rate in args.rates:
+                            (rl, re_, rn), (wl, we, wn) = asyncio.run(run_cell(url, args, rate, rng))
+                            for name, lat, err, n in (("rank", rl, re_, rn), ("reward", wl, we, wn)):
+                                p50, p99 = (np.percentile(lat, [50, 99]) if len(lat) else (float("nan"),) * 2)
+                                kinds = ", ".join(f"{k}: {v}" for k, v in sorted(err.items()))
+                                rows.append((backend, workers, name, rate, n, sum(err.values()), kinds, p50, p99))
+                                print(f"  {backend:6s} workers={workers} {name:6s} {rate:5.0f}/s: {n} requests, "
+                                      f"{sum(err.values())} errors ({kinds}), p50 {p50:.1f} ms, p99 {p99:.1f} ms", flush=True)
+                    finally:
+                        os.killpg(proc.pid, signal.SIGTERM)
+                        proc.wait(30)
+        finally:
+            if redis:
+                redis.stop()
+    table = ["| backend | workers | endpoint | rate (req/s) | requests | errors | error kinds | p50 (ms) | p99 (ms) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    table += [f"| {b} | {w} | {e} | {r:.0f} | {n} | {err} | {kinds} | {p50:.1f} | {p99:.1f} |"
+              for b, w, e, r, n, err, kinds, p50, p99 in rows]
+    method = "\n\n".join(__doc__.split("\n\n")[1:4]).strip()
+    text = "\n".join(["# Service load benchmark", "", *header, "", method, "", *table, ""])
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

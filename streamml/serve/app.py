@@ -1,0 +1,255 @@
+"""The FastAPI app: ``create_app(cfg)`` wires the backend, the model lifecycle and the routes.
+
+Routes are ``async`` and do their (short, blocking) backend calls inline: one worker
+answers one request at a time, so the online learner and the store connections are
+never shared between threads; throughput comes from more worker processes (uvicorn
+``workers``), which share the backend. Only model loading runs in a thread, and its
+result is swapped in on the event loop.
+
+Errors are JSON ``{"detail": ...}``: 4xx for bad input (nothing is written), 404 for an
+unknown query, item or event, 410 for a late reward, 413 for an oversize body, 503 when
+the backend fails (counted in ``streamml_store_errors``). Set the environment variable
+named by ``auth.token_env`` (default ``STREAMML_TOKEN``) to require
+``Authorization: Bearer <token>`` on every route except ``/healthz``, ``/readyz`` and
+the static pages (the demo page and the OpenAPI docs, which hold no data).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import time
+from importlib import resources
+
+import numpy as np
+from fastapi import Depends, FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from starlette.exceptions import HTTPException
+
+from streamml.serve import events, metrics, schemas
+from streamml.serve.lifecycle import Lifecycle, bootstrap
+
+__all__ = ["create_app", "factory"]
+
+log = logging.getLogger("streamml.serve")
+CONFIG_ENV = "STREAMML_SERVE_CONFIG"  # how ``python -m streamml.serve`` hands its config to the workers
+
+
+class BodyLimit:
+    """ASGI middleware: refuse bodies over ``max_bytes`` (413) and time every request."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, int(max_bytes)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        too_big = f"request body is over the limit of {self.max_bytes} bytes"
+        try:
+            length = dict(scope["headers"]).get(b"content-length")
+            if length is not None and int(length) > self.max_bytes:
+                return await JSONResponse({"detail": too_big}, 413)(scope, receive, send)
+            received = 0
+
+            async def limited():
+                nonlocal received
+                message = await receive()
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise HTTPException(413, too_big)
+                return message
+
+            await self.app(scope, limited, send)
+        finally:
+            route = scope.get("route")
+            metrics.LATENCY.labels(getattr(route, "path", "other"), scope["method"]).observe(time.perf_counter() - start)
+
+
+def _policies(cfg: DictConfig) -> list[tuple[str, float, object]]:
+    buckets = [(str(name), float(b.share), instantiate(b.explore)) for name, b in cfg.ab.buckets.items()]
+    total = sum(share for _, share, _ in buckets)
+    if not buckets or abs(total - 1.0) > 1e-9 or any(share < 0 for _, share, _ in buckets):
+        raise ValueError(f"ab.buckets shares must be >= 0 and sum to 1, got {[(n, s) for n, s, _ in buckets]}")
+    return buckets
+
+
+def create_app(cfg: DictConfig, backend=None) -> FastAPI:
+    """The service for ``cfg`` (``configs/serve/default.yaml``); ``backend`` overrides ``cfg.backend``."""
+    backend = instantiate(cfg.backend) if backend is None else backend
+    limits = events.Limits(**cfg.limits, **cfg.events)
+    buckets = _policies(cfg)
+    policies = {name: (policy, repr(policy)) for name, _, policy in buckets}
+    shares = [(name, share) for name, share, _ in buckets]
+    salt = str(cfg.ab.salt)
+    lifecycle = Lifecycle(backend, instantiate(cfg.online), cfg.tracking_uri, cfg.experiment)
+    token = os.environ.get(cfg.auth.token_env) or None
+    rng = np.random.default_rng()
+    swap_lock = asyncio.Lock()
+
+    async def load(uri: str | None, publish: bool) -> dict | None:
+        async with swap_lock:
+            prepared = await asyncio.to_thread(lifecycle.prepare, uri)
+            lifecycle.activate(prepared)
+            return lifecycle.publish(prepared.head.uri) if publish else None
+
+    async def follow():  # pick up reloads published by other workers
+        while True:
+            await asyncio.sleep(cfg.reload.poll_s)
+            try:
+                record = lifecycle.pending()
+                if record is not None:
+                    await load(record["uri"], publish=False)
+                    lifecycle.seen_version = record["version"]
+                    log.info("now serving %s (%s)", record["uri"], lifecycle.current.version)
+            except Exception as err:  # keep serving the current head; try again at the next poll
+                log.warning("could not follow the published model: %s", err)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        uri = await asyncio.to_thread(bootstrap, cfg, backend)
+        record = backend.control.get()
+        await load(uri, publish=False)
+        lifecycle.seen_version = record["version"] if record else None
+        task = asyncio.create_task(follow())
+        try:
+            yield
+        finally:
+            task.cancel()
+            backend.close()
+
+    app = FastAPI(title="streamml", version="1", lifespan=lifespan,
+                  description="Per-user online ranking of short texts: rank, reward, feedback, model lifecycle.")
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    app.state.lifecycle, app.state.backend = lifecycle, backend
+
+    def authorized(authorization: str | None = Header(None, include_in_schema=False)) -> None:
+        if token is None:
+            return
+        scheme, _, given = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(given.encode(), token.encode()):
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    guarded = [Depends(authorized)]
+
+    @app.exception_handler(events.ServeError)
+    async def _serve_error(request: Request, err: events.ServeError):
+        return JSONResponse({"detail": err.detail}, err.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, err: RequestValidationError):
+        # without the offending input: it may be NaN (not JSON) or a megabyte of floats
+        detail = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in err.errors()]
+        return JSONResponse({"detail": detail}, 422)
+
+    async def _store_error(request: Request, err: Exception):
+        metrics.STORE_ERRORS.inc()
+        return JSONResponse({"detail": f"the state backend is unavailable: {type(err).__name__}: {err}"}, 503)
+
+    for error in backend.errors:
+        app.add_exception_handler(error, _store_error)
+
+    def served():
+        if lifecycle.current is None:
+            raise events.ServeError(503, "no model loaded yet")
+        return lifecycle.current
+
+    # ---- health, metrics, pages
+    @app.get("/healthz", tags=["ops"])
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["ops"])
+    async def readyz():
+        if lifecycle.current is None:
+            return JSONResponse({"status": "loading"}, 503)
+        try:
+            backend.ping()
+        except (backend.errors or ()) as err:
+            return JSONResponse({"status": "backend unavailable", "detail": str(err)}, 503)
+        return {"status": "ready", "model_version": lifecycle.current.version}
+
+    @app.get("/metrics", tags=["ops"], dependencies=guarded)
+    async def prometheus():
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    @app.get("/demo", response_class=HTMLResponse, include_in_schema=False)
+    async def demo():
+        return HTMLResponse(resources.files("streamml.serve").joinpath("static/demo.html").read_text())
+
+    # ---- ranking and feedback
+    @app.post("/v1/rank", response_model=schemas.RankResponse, tags=["rank"], dependencies=guarded)
+    async def rank(req: schemas.RankRequest):
+        bucket = events.bucket_of(str(req.user), shares, salt)
+        policy, name = policies[bucket]
+        return events.rank(served(), req, limits, backend.events, policy, name, bucket, rng)
+
+    @app.post("/v1/events/{event_id}/reward", response_model=schemas.RewardResponse, tags=["rank"], dependencies=guarded)
+    async def reward(event_id: str, req: schemas.RewardRequest):
+        return events.reward(served(), event_id, req, limits, backend)
+
+    @app.post("/v1/feedback", response_model=schemas.FeedbackResponse, tags=["rank"], dependencies=guarded)
+    async def feedback(req: schemas.FeedbackRequest):
+        return events.feedback(served(), req, limits, backend)
+
+    @app.get("/v1/queries", tags=["catalog"], dependencies=guarded)
+    async def queries():
+        return {"queries": sorted(served().queries)}
+
+    # ---- users
+    @app.get("/v1/users/{user}", response_model=schemas.UserState, tags=["users"], dependencies=guarded)
+    async def get_user(user: str):
+        return events.user_state(served(), user, events.bucket_of(user, shares, salt))
+
+    @app.delete("/v1/users/{user}", tags=["users"], dependencies=guarded)
+    async def delete_user(user: str):
+        events.forget(served(), user)
+        return {"user": user, "deleted": True}
+
+    # ---- model lifecycle
+    def info() -> schemas.ModelInfo:
+        s, record = served(), backend.control.get() or {}
+        return schemas.ModelInfo(model_version=s.version, model_uri=s.head.uri, previous_uri=record.get("previous"),
+                                 queries=sorted(s.queries))
+
+    @app.get("/v1/model", response_model=schemas.ModelInfo, tags=["model"], dependencies=guarded)
+    async def model():
+        return info()
+
+    async def swap(uri: str | None) -> schemas.ModelInfo:
+        try:
+            await load(uri, publish=True)
+        except (LookupError, ValueError, OSError) as err:
+            raise events.ServeError(422, f"model {uri or '(latest run)'} cannot be served, the current one stays: {err}")
+        except Exception as err:  # mlflow raises its own exception types for bad URIs
+            if type(err).__module__.startswith("mlflow"):
+                raise events.ServeError(422, f"model {uri or '(latest run)'} cannot be loaded, the current one stays: {err}")
+            raise
+        return info()
+
+    @app.post("/v1/admin/reload", response_model=schemas.ModelInfo, tags=["model"], dependencies=guarded)
+    async def reload(req: schemas.ReloadRequest | None = None):
+        return await swap(req.model if req else None)
+
+    @app.post("/v1/admin/rollback", response_model=schemas.ModelInfo, tags=["model"], dependencies=guarded)
+    async def rollback():
+        previous = (backend.control.get() or {}).get("previous")
+        if not previous:
+            raise events.ServeError(409, "there is no previous model to roll back to")
+        return await swap(previous)
+
+    return app
+
+
+def factory() -> FastAPI:
+    """The app of the config that ``python -m streamml.serve`` put in ``STREAMML_SERVE_CONFIG``
+    (uvicorn imports it in each worker)."""
+    return create_app(OmegaConf.create(os.environ[CONFIG_ENV]))

@@ -1,0 +1,64 @@
+"""Service fixtures: a tiny catalog and two logged heads in a private MLflow store (helpers: serve_helpers)."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+from serve_helpers import serve_cfg, stores_fixtures, write_queries
+from streamml import tracking
+from streamml.data import load_queries
+from streamml.offline.heads import LinearHeads
+from streamml.offline.losses import ranknet
+from streamml.offline.module import HeadLearner
+
+
+def _fitted(data, seed: int) -> HeadLearner:
+    """A HeadLearner as ``fit`` leaves it, with random heads (training is not what is tested here)."""
+    torch.manual_seed(seed)
+    learner = HeadLearner(partial(LinearHeads, dim=data.X.shape[1]), ranknet, partial(torch.optim.Adam), None, seed=seed)
+    learner.groups_ = np.arange(len(data.query_ids))
+    heads = LinearHeads(len(data.query_ids), data.X.shape[1])
+    with torch.no_grad():
+        heads.weight.normal_()
+    learner.heads_ = heads.eval()
+    return learner
+
+
+@pytest.fixture(scope="session")
+def served_models(tmp_path_factory):
+    """(items_dir, tracking_uri, [uri of run 0, uri of run 1]): run 1 is the newer."""
+    root = tmp_path_factory.mktemp("serve")
+    items_dir = write_queries(root / "queries", n_queries=3, n_per_class=20)
+    data = load_queries(items_dir, min_per_class=0)
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.create_experiment("default", artifact_location=str(root / "artifacts"))
+    mlflow.set_experiment("default")
+    uris = []
+    for seed in (0, 1):
+        with mlflow.start_run():
+            model_uri = tracking.log_model(_fitted(data, seed), data.query_ids, data.X.shape[1])
+        run_id = mlflow.last_active_run().info.run_id
+        uris.append(f"runs:/{run_id}/model")
+    return items_dir, uri, uris
+
+
+@pytest.fixture
+def cfg(served_models):
+    items_dir, tracking_uri, _ = served_models
+    return serve_cfg(items_dir, tracking_uri)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A redis-server of the serve tests (tests/stores/conftest.py's RedisServer); apps use their own prefix."""
+    fx = stores_fixtures()
+    fx.need_redis()
+    server = fx.RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()

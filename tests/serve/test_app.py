@@ -1,0 +1,400 @@
+"""The HTTP app end to end in one process (FastAPI TestClient): every endpoint, every
+bad-input case, the token, the reward window, duplicates, reload and rollback."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from omegaconf import open_dict
+
+from serve_helpers import serve_cfg, vec
+from streamml.serve import events as events_mod
+from streamml.serve.app import create_app
+
+QUERY = "topic_0"
+
+
+def _client(backend, served_models, tmp_path, redis_url=None):
+    items_dir, tracking_uri, _ = served_models
+    cfg = serve_cfg(items_dir, tracking_uri, backend=backend)
+    with open_dict(cfg):
+        if backend == "sqlite":
+            cfg.backend.path = str(tmp_path / "serve.db")
+        if backend == "redis":
+            cfg.backend.url, cfg.backend.prefix = redis_url, f"app{uuid.uuid4().hex[:8]}"
+    return TestClient(create_app(cfg))
+
+
+@pytest.fixture(scope="module", params=["memory", "sqlite", "redis"])
+def client(request, served_models, tmp_path_factory):
+    """One app per backend for the module: every test uses users of its own (``user``)."""
+    url = None
+    if request.param == "redis":
+        url = f"redis://127.0.0.1:{request.getfixturevalue('redis_server').port}/0"
+    with _client(request.param, served_models, tmp_path_factory.mktemp("app"), url) as c:
+        yield c
+
+
+@pytest.fixture
+def fresh(served_models, tmp_path):
+    """An app of this test alone (it changes the served model)."""
+    with _client("sqlite", served_models, tmp_path) as c:
+        yield c
+
+
+@pytest.fixture
+def user():
+    return uuid.uuid4().hex
+
+
+def make_client(cfg, **overrides):
+    with open_dict(cfg):
+        for key, value in overrides.items():
+            node, *path = key.split(".")
+            target = cfg
+            for part in [node, *path][:-1]:
+                target = target[part]
+            target[[node, *path][-1]] = value
+    return TestClient(create_app(cfg))
+
+
+def rank(client, user, k=3, **body):
+    r = client.post("/v1/rank", json={"user": user, "query": QUERY, "k": k, **body})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def residuals(client, user) -> dict[str, float]:
+    r = client.get(f"/v1/users/{user}")
+    assert r.status_code == 200, r.text
+    return {q["query"]: q["residual_norm"] for q in r.json()["queries"]}
+
+
+def metric(client, name: str, labels: str = "") -> float:
+    text = client.get("/metrics").text
+    for line in text.splitlines():
+        if line.startswith(f"{name}{labels} ") or (not labels and line.startswith(f"{name} ")):
+            return float(line.split()[-1])
+    return 0.0
+
+
+# ---------------------------------------------------------------- rank
+def test_rank_returns_event_scores_propensities_model_and_policy(client, user):
+    out = rank(client, user, k=4)
+    assert len(out["event_id"]) == 32 and out["user"] == user and out["query"] == QUERY
+    assert [s["position"] for s in out["items"]] == [0, 1, 2, 3]
+    assert all(0 < s["propensity"] <= 1 for s in out["items"])
+    assert all(s["text"].startswith("topic 0 sentence") for s in out["items"])
+    assert out["policy"].startswith("EpsilonSlots") and out["bucket"] == "main"
+    assert out["model_version"] == client.get("/v1/model").json()["model_version"]
+    assert len({s["item"] for s in out["items"]}) == 4
+
+
+def test_rank_explicit_items_and_raw_embeddings(client, user):
+    items = [s["item"] for s in rank(client, user, k=5)["items"]]
+    out = rank(client, user, k=2, items=items[:3])
+    assert {s["item"] for s in out["items"]} <= set(items[:3]) and len(out["items"]) == 2
+    out = rank(client, user, k=10, embeddings=[vec(seed=1), vec(seed=2)])  # k is capped by the candidates
+    assert sorted(s["item"] for s in out["items"]) == [0, 1] and all(s["text"] is None for s in out["items"])
+
+
+def test_unknown_user_is_a_cold_start_in_head_order(client, user, served_models):
+    assert residuals(client, "nobody") == {}
+    greedy = serve_cfg(*served_models[:2], overrides=["explore=greedy"])
+    with TestClient(create_app(greedy)) as c:
+        out = rank(c, user="nobody", k=16)
+        scores = [s["score"] for s in out["items"]]
+        assert scores == sorted(scores, reverse=True) and out["policy"] == "Greedy()"
+        assert all(s["propensity"] == 1.0 for s in out["items"])
+
+
+# ---------------------------------------------------------------- reward
+def test_reward_applies_once_and_the_next_rank_reflects_it(client, user):
+    ev = rank(client, user, k=3)
+    item = ev["items"][2]["item"]
+    before = {s["item"]: s["score"] for s in rank(client, user, k=40)["items"]}
+    applied = metric(client, "streamml_updates_applied_total", '{source="reward"}')
+    r = client.post(f"/v1/events/{ev['event_id']}/reward", json={"rewards": [{"item": item, "label": "accepted"}]})
+    assert r.status_code == 200 and r.json()["applied"] == 1 and r.json()["results"] == [{"item": item, "status": "applied"}]
+    after = {s["item"]: s["score"] for s in rank(client, user, k=40)["items"]}
+    assert after[item] > before[item]  # visible on the very next request
+    state = residuals(client, user)
+    # the same reward again: acknowledged, not applied
+    r = client.post(f"/v1/events/{ev['event_id']}/reward", json={"rewards": [{"item": item, "label": "rejected"}]})
+    assert r.status_code == 200 and r.json() == {"event_id": ev["event_id"], "results": [{"item": item, "status": "duplicate"}],
+                                                 "applied": 0, "duplicates": 1}
+    assert residuals(client, user) == state
+    assert metric(client, "streamml_updates_applied_total", '{source="reward"}') == applied + 1
+
+
+def test_reward_of_several_items_and_a_duplicate_inside_one_request(client, user):
+    ev = rank(client, user, k=3)
+    a, b = ev["items"][0]["item"], ev["items"][1]["item"]
+    body = {"rewards": [{"item": a, "label": "accepted"}, {"item": b, "label": "rejected"}, {"item": a, "label": "accepted"}]}
+    out = client.post(f"/v1/events/{ev['event_id']}/reward", json=body).json()
+    assert [x["status"] for x in out["results"]] == ["applied", "applied", "duplicate"]
+
+
+def test_reward_on_raw_embeddings_needs_learn_vector(client, user):
+    ev = rank(client, user, k=2, embeddings=[vec(seed=1), vec(seed=2)])
+    r = client.post(f"/v1/events/{ev['event_id']}/reward", json={"rewards": [{"item": 0, "label": "accepted"}]})
+    learner = client.app.state.lifecycle.current.learner
+    if hasattr(learner, "learn_vector"):
+        assert r.status_code == 200 and r.json()["applied"] == 1
+    else:  # the learner of this branch has no learn_vector yet (interfaces.md §2)
+        assert r.status_code == 501 and "learn_vector" in r.json()["detail"]
+        assert residuals(client, user) == {}
+
+
+def test_late_reward_is_refused_with_410_and_changes_nothing(client, user, monkeypatch):
+    ev = rank(client, user, k=2)
+    late = metric(client, "streamml_late_rewards_total")
+    now = events_mod.time.time()
+
+    class Clock:
+        @staticmethod
+        def time():
+            return now + 601  # the default window is 600 s
+
+    monkeypatch.setattr(events_mod, "time", Clock)
+    r = client.post(f"/v1/events/{ev['event_id']}/reward", json={"rewards": [{"item": ev["items"][0]["item"], "label": "accepted"}]})
+    assert r.status_code == 410 and "600 s" in r.json()["detail"]
+    assert residuals(client, user) == {}
+    assert metric(client, "streamml_late_rewards_total") == late + 1
+
+
+@pytest.mark.parametrize("body, status, message", [
+    ({"rewards": [{"item": 10_000, "label": "accepted"}]}, 422, "was not shown"),
+    ({"rewards": [{"item": "SHOWN", "label": "liked"}]}, 422, "accepted"),
+    ({"rewards": []}, 422, "at least 1"),
+    ({"rewards": [{"item": "SHOWN"}]}, 422, "label"),
+])
+def test_bad_rewards_are_4xx_and_apply_nothing(client, user, body, status, message):
+    ev = rank(client, user, k=2)
+    text = json.dumps(body).replace('"SHOWN"', str(ev["items"][0]["item"]))
+    # a valid reward next to the bad one is not applied either
+    bad = json.loads(text)
+    if bad["rewards"] and "label" in bad["rewards"][0] and bad["rewards"][0]["label"] in ("accepted",):
+        bad["rewards"].insert(0, {"item": ev["items"][1]["item"], "label": "accepted"})
+    r = client.post(f"/v1/events/{ev['event_id']}/reward", json=bad)
+    assert r.status_code == status and message in r.text
+    assert residuals(client, user) == {}
+
+
+def test_unknown_event_is_404(client, user):
+    r = client.post("/v1/events/nope/reward", json={"rewards": [{"item": 0, "label": "accepted"}]})
+    assert r.status_code == 404 and "unknown or expired event 'nope'" in r.json()["detail"]
+
+
+# ---------------------------------------------------------------- bad rank input
+def _rank_cases():
+    short, nan, inf = vec()[:10], vec(), vec()
+    nan[3], inf[5] = float("nan"), float("inf")
+    return [
+        ({"embeddings": [vec(), short]}, 422, "embeddings[1] has 10 floats, expected 384"),
+        ({"embeddings": [nan]}, 422, "finite number"),
+        ({"embeddings": [inf]}, 422, "finite number"),
+        ({"embeddings": [[1e39] * 384]}, 422, "overflows float32"),
+        ({"query": "weather"}, 404, "unknown query 'weather'"),
+        ({"items": [0, 99_999]}, 404, "unknown item 99999"),
+        ({"items": [40]}, 404, "unknown item 40 for query 'topic_0'"),  # an item of another query
+        ({"items": [0, 0]}, 422, "item 0 is given twice"),
+        ({"items": []}, 422, "the candidate list is empty"),
+        ({"embeddings": []}, 422, "the candidate list is empty"),
+        ({"items": [0], "embeddings": [vec()]}, 422, "at most one of items, embeddings, texts"),
+        ({"k": 0}, 422, "greater than or equal to 1"),
+        ({"k": 101}, 422, "k=101 is over the limit of 100"),
+        ({"user": ""}, 422, "user"),
+        ({"user": 1.5}, 422, "user"),
+        ({"colour": "red"}, 422, "Extra inputs are not permitted"),
+    ]
+
+
+@pytest.mark.parametrize("body, status, message", _rank_cases())
+def test_bad_rank_requests_are_4xx_and_log_no_event(client, user, body, status, message):
+    events_before = metric(client, "streamml_rank_events_total", '{bucket="main"}')
+    r = client.post("/v1/rank", content=json.dumps({"user": user, "query": QUERY, "k": 3, **body}),
+                    headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    assert message in r.text
+    assert metric(client, "streamml_rank_events_total", '{bucket="main"}') == events_before
+
+
+def test_malformed_json_and_oversize_body(cfg):
+    with make_client(cfg, **{"limits.max_body_bytes": 2000, "limits.max_candidates": 2}) as c:
+        r = c.post("/v1/rank", content=b'{"user": "a", "query": ', headers={"content-type": "application/json"})
+        assert r.status_code == 422 and "JSON decode error" in r.text
+        r = c.post("/v1/rank", json={"user": "a", "query": QUERY, "embeddings": [vec()]})  # ~8 KB
+        assert r.status_code == 413 and "over the limit of 2000 bytes" in r.json()["detail"]
+
+        def chunks():  # no content-length: the limit applies to what arrives
+            yield b'{"user": "a", "query": "topic_0", "texts": ["'
+            for _ in range(10):
+                yield b"x" * 500
+            yield b'"]}'
+
+        r = c.post("/v1/rank", content=chunks(), headers={"content-type": "application/json"})
+        assert r.status_code == 413
+        r = c.post("/v1/rank", json={"user": "a", "query": QUERY, "items": [0, 1, 2]})
+        assert r.status_code == 422 and "3 candidates is over the limit of 2" in r.json()["detail"]
+
+
+# ---------------------------------------------------------------- feedback
+def test_feedback_is_idempotent_on_the_client_event_id(client, user):
+    body = {"user": user, "query": QUERY, "item": 3, "label": "accepted", "event_id": user + "client-1"}
+    assert client.post("/v1/feedback", json=body).json() == {"event_id": user + "client-1", "status": "applied"}
+    state = residuals(client, user)
+    assert list(state) == [QUERY] and state[QUERY] > 0
+    assert client.post("/v1/feedback", json={**body, "label": "rejected"}).json()["status"] == "duplicate"
+    assert residuals(client, user) == state
+    assert client.post("/v1/feedback", json={**body, "event_id": user + "client-2"}).json()["status"] == "applied"
+
+
+@pytest.mark.parametrize("change, status, message", [
+    ({"item": 999}, 404, "unknown item 999"),
+    ({"query": "weather"}, 404, "unknown query"),
+    ({"label": "maybe"}, 422, "accepted"),
+    ({"item": None}, 422, "exactly one of item, embedding"),
+    ({"embedding": [0.0] * 384}, 422, "exactly one of item, embedding"),
+    ({"item": None, "embedding": [0.0] * 3}, 422, "embedding[0] has 3 floats"),
+    ({"event_id": ""}, 422, "event_id"),
+])
+def test_bad_feedback_is_4xx_and_changes_nothing(client, user, change, status, message):
+    body = {"user": user, "query": QUERY, "item": 3, "label": "accepted", "event_id": user + "c-9", **change}
+    r = client.post("/v1/feedback", json=body)
+    assert r.status_code == status and message in r.text
+    assert residuals(client, user) == {}
+    ok = {"user": user, "query": QUERY, "item": 3, "label": "accepted", "event_id": user + "c-9"}
+    assert client.post("/v1/feedback", json=ok).json()["status"] == "applied"  # the id was not used up
+
+
+# ---------------------------------------------------------------- users
+def test_get_and_delete_a_user(client, user):
+    cold = [s["score"] for s in rank(client, user=user, k=16, items=list(range(16)))["items"]]
+    client.post("/v1/feedback", json={"user": user, "query": QUERY, "item": 5, "label": "rejected", "event_id": user + "x"})
+    client.post("/v1/feedback", json={"user": user, "query": "topic_1", "item": 50, "label": "accepted", "event_id": user + "y"})
+    body = client.get(f"/v1/users/{user}").json()
+    assert sorted(q["query"] for q in body["queries"]) == [QUERY, "topic_1"] and body["bucket"] == "main"
+    assert client.delete(f"/v1/users/{user}").json() == {"user": user, "deleted": True}
+    assert residuals(client, user) == {}
+    after = rank(client, user=user, k=16, items=list(range(16)))["items"]
+    assert sorted(s["score"] for s in after) == sorted(cold)  # back to the head's scores
+    assert client.delete("/v1/users/never-seen").status_code == 200
+
+
+def test_integer_and_string_user_ids_are_one_user(client, user):
+    client.post("/v1/feedback", json={"user": 42, "query": QUERY, "item": 1, "label": "accepted", "event_id": user + "i"})
+    assert list(residuals(client, "42")) == [QUERY]
+
+
+# ---------------------------------------------------------------- ops, token, pages
+def test_health_ready_metrics_docs_and_demo(client, user):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").json()["status"] == "ready"
+    rank(client, user)
+    text = client.get("/metrics").text
+    for name in ("streamml_request_seconds_bucket", "streamml_updates_applied", "streamml_duplicates",
+                 "streamml_late_rewards_total", "streamml_store_errors_total", "streamml_rank_events_total"):
+        assert name in text
+    assert 'endpoint="/v1/rank"' in text
+    paths = client.get("/openapi.json").json()["paths"]
+    for path in ("/v1/rank", "/v1/events/{event_id}/reward", "/v1/feedback", "/v1/users/{user}", "/v1/admin/reload",
+                 "/v1/admin/rollback", "/healthz", "/readyz", "/metrics"):
+        assert path in paths
+    page = client.get("/")
+    assert page.status_code == 200 and "<title>streamml" in page.text
+    assert client.get("/v1/queries").json() == {"queries": ["topic_0", "topic_1", "topic_2"]}
+
+
+def test_bearer_token_guards_everything_but_health(cfg, monkeypatch):
+    monkeypatch.setenv("STREAMML_TOKEN", "s3cret")
+    with TestClient(create_app(cfg)) as c:
+        body = {"user": "a", "query": QUERY}
+        for method, path, kw in [("post", "/v1/rank", {"json": body}), ("get", "/v1/users/a", {}),
+                                 ("delete", "/v1/users/a", {}), ("get", "/metrics", {}),
+                                 ("post", "/v1/feedback", {"json": {}}), ("post", "/v1/admin/rollback", {}),
+                                 ("post", "/v1/events/x/reward", {"json": {}}), ("get", "/v1/model", {})]:
+            r = getattr(c, method)(path, **kw)
+            assert r.status_code == 401, path
+            r = getattr(c, method)(path, headers={"Authorization": "Bearer wrong"}, **kw)
+            assert r.status_code == 401, path
+        assert c.post("/v1/rank", json=body, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert c.get("/healthz").status_code == 200 and c.get("/readyz").status_code == 200
+
+
+# ---------------------------------------------------------------- model lifecycle
+def test_reload_and_rollback(fresh, user, served_models):
+    client = fresh
+    _, _, (old_uri, new_uri) = served_models
+    first = client.get("/v1/model").json()
+    assert first["model_uri"] == new_uri  # the newest finished run by default
+    client.post("/v1/feedback", json={"user": user, "query": QUERY, "item": 2, "label": "accepted", "event_id": user + "d1"})
+    learned = residuals(client, user)
+    ev = rank(client, user=user)
+
+    r = client.post("/v1/admin/reload", json={"model": old_uri})
+    assert r.status_code == 200, r.text
+    info = r.json()
+    assert info["model_uri"] == old_uri and info["previous_uri"] == new_uri and info["model_version"] != first["model_version"]
+    assert rank(client, user)["model_version"] == info["model_version"]
+    assert residuals(client, user) == {}  # residuals are per head: never reused across heads
+    # a reward on an event ranked by the previous head applies to the current one
+    out = client.post(f"/v1/events/{ev['event_id']}/reward", json={"rewards": [{"item": ev["items"][0]["item"], "label": "accepted"}]})
+    assert out.json()["applied"] == 1
+
+    r = client.post("/v1/admin/rollback")
+    assert r.status_code == 200 and r.json()["model_uri"] == new_uri and r.json()["previous_uri"] == old_uri
+    assert r.json()["model_version"] == first["model_version"]
+    assert residuals(client, user) == learned  # the old head's residuals are where it left them
+
+
+def test_a_bad_reload_keeps_the_current_model(fresh, user):
+    client = fresh
+    first = client.get("/v1/model").json()
+    r = client.post("/v1/admin/reload", json={"model": "runs:/0123456789abcdef/model"})
+    assert r.status_code == 422 and "the current one stays" in r.json()["detail"]
+    assert client.get("/v1/model").json() == first
+    assert rank(client, user)["model_version"] == first["model_version"]
+
+
+def test_rollback_without_a_previous_model_is_409(cfg):
+    with TestClient(create_app(cfg)) as c:
+        r = c.post("/v1/admin/rollback")
+        assert r.status_code == 409 and "no previous model" in r.json()["detail"]
+
+
+def test_ab_buckets_are_stable_and_logged_on_every_event(served_models):
+    cfg = serve_cfg(*served_models[:2], overrides=[
+        "ab.buckets.main.share=0.5",
+        "+ab.buckets.greedy={share: 0.5, explore: {_target_: streamml.online.policies.Greedy}}",
+    ])
+    with TestClient(create_app(cfg)) as c:
+        seen = {}
+        for u in range(40):
+            out = rank(c, user=f"user{u}", k=2)
+            seen[f"user{u}"] = out["bucket"]
+            assert out["policy"] == ("Greedy()" if out["bucket"] == "greedy" else "EpsilonSlots(n_explore=2, slots='random')")
+            assert rank(c, user=f"user{u}", k=2)["bucket"] == out["bucket"]
+            assert c.get(f"/v1/users/user{u}").json()["bucket"] == out["bucket"]
+        assert set(seen.values()) == {"main", "greedy"}
+        assert events_mod.bucket_of("user3", [("main", 0.5), ("greedy", 0.5)], "streamml") == seen["user3"]
+
+
+def test_rank_raw_texts_through_the_embedder(client, user, monkeypatch):
+    import streamml.embed
+
+    seen = []
+
+    def fake_embed(texts):  # the real model is tested in tests/test_embed.py (slow)
+        seen.extend(texts)
+        return np.array([vec(seed=i) for i in range(len(texts))], np.float32)
+
+    monkeypatch.setattr(streamml.embed, "embed_texts", fake_embed)
+    out = rank(client, user, k=2, texts=["a wildfire", "an election"])
+    assert seen == ["a wildfire", "an election"]
+    assert sorted(s["item"] for s in out["items"]) == [0, 1]
+    assert {s["text"] for s in out["items"]} == {"a wildfire", "an election"}

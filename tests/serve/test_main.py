@@ -1,0 +1,27 @@
+"""``python -m streamml.serve``: the config composes, and ``command=load_items`` fills the catalog."""
+
+from __future__ import annotations
+
+from omegaconf import open_dict
+
+from serve_helpers import serve_cfg
+from streamml.serve.__main__ import load_items
+from streamml.serve.backend import SQLiteBackend
+
+
+def test_default_config_serves_sqlite_and_load_items_fills_its_catalog(served_models, tmp_path, capsys):
+    items_dir, tracking_uri, _ = served_models
+    cfg = serve_cfg(items_dir, tracking_uri, backend="sqlite", overrides=["command=load_items"])
+    assert cfg.backend._target_ == "streamml.serve.backend.SQLiteBackend" and cfg.workers == 1
+    assert cfg.model is None and cfg.experiment == "default"
+    with open_dict(cfg):
+        cfg.backend.path = str(tmp_path / "serve.db")
+    assert load_items(cfg) == 120
+    assert "loaded 120 items of 3 queries" in capsys.readouterr().out
+    assert SQLiteBackend(tmp_path / "serve.db").catalog.queries() == ["topic_0", "topic_1", "topic_2"]
+
+
+def test_redis_config_swaps_only_the_backend(served_models):
+    cfg = serve_cfg(*served_models[:2], backend="redis")
+    assert cfg.backend._target_ == "streamml.serve.backend.RedisBackend" and cfg.backend.timeout_s == 0.5
+    assert cfg.online._target_ == "streamml.online.ResidualLearner"
