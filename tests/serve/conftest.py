@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from serve_helpers import serve_cfg, stores_fixtures, write_queries
+from .serve_helpers import serve_cfg, write_queries
 from streamml import tracking
 from streamml.data import load_queries
 from streamml.offline.heads import LinearHeads
@@ -52,13 +52,3 @@ def served_models(tmp_path_factory):
 def cfg(served_models):
     items_dir, tracking_uri, _ = served_models
     return serve_cfg(items_dir, tracking_uri)
-
-
-@pytest.fixture(scope="session")
-def redis_server(tmp_path_factory):
-    """A redis-server of the serve tests (tests/stores/conftest.py's RedisServer); apps use their own prefix."""
-    fx = stores_fixtures()
-    fx.need_redis()
-    server = fx.RedisServer(tmp_path_factory.mktemp("redis")).start()
-    yield server
-    server.stop()

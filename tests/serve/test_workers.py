@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from hydra.utils import instantiate
 
-from serve_helpers import REPO, serve_cfg, stores_fixtures
+from .serve_helpers import REPO, serve_cfg, stores_fixtures
 from streamml.serve.backend import RedisBackend, SQLiteBackend
 from streamml.serve.lifecycle import Lifecycle
 
