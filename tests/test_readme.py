@@ -18,7 +18,8 @@ def test_online_snippet_runs_with_the_experiments_settings(monkeypatch):
     namespace: dict = {}
     exec(readme_block("ResidualLearner("), namespace)
     learner, candidates = namespace["learner"], namespace["candidates"]
-    assert type(learner.rule).__name__ == "PointwiseSGD" and learner.rule.lr == 3.0
+    assert type(learner.rule).__name__ == "DiagonalLaplace" and learner.rule.prior_var == 10.0
+    assert learner.features == "standardized"
     assert sorted(namespace["best"].tolist()) == sorted(candidates.tolist())
     assert len(learner.store) == 2  # users 7 and 8 remain; 42 was forgotten
     assert np.isfinite(learner.score(7, 3, namespace["data"].X[candidates])).all()
