@@ -5,11 +5,21 @@
 """
 
 from streamml.stores.base import Field, Schema, Store, as_key_list, occurrences
+from streamml.stores.errors import HeadMismatch, StoreUnavailable
 from streamml.stores.memory import InMemoryStore
-from streamml.stores.errors import HeadMismatch, StoreUnavailable  # noqa: E402  (after base: no cycle)
-from streamml.stores.sqlite import SQLiteDB, SQLiteEventLog, SQLiteItems, SQLiteStore  # noqa: E402
+
+_SQLITE = ("SQLiteDB", "SQLiteEventLog", "SQLiteItems", "SQLiteStore")
 
 __all__ = [
     "Field", "InMemoryStore", "Schema", "Store", "as_key_list", "occurrences",
-    "HeadMismatch", "StoreUnavailable", "SQLiteDB", "SQLiteEventLog", "SQLiteItems", "SQLiteStore",
+    "HeadMismatch", "StoreUnavailable", *_SQLITE,
 ]
+
+
+def __getattr__(name: str):
+    # imported on first use, so that `python -m streamml.stores.sqlite` runs the module only once
+    if name in _SQLITE:
+        from streamml.stores import sqlite
+
+        return getattr(sqlite, name)
+    raise AttributeError(f"module 'streamml.stores' has no attribute {name!r}")

@@ -25,6 +25,9 @@
   automatic retries. A connection error or timeout raises :class:`StoreUnavailable`
   from every call, and a failed MULTI/EXEC has written nothing. The client reconnects
   by itself on the next call once Redis is back, so the store object is kept.
+- **Durability** is the server's: an acknowledged write survives a Redis restart
+  only with ``appendonly yes`` (``appendfsync everysec`` may lose the last second
+  on a crash of Redis itself; ``always`` loses nothing). The tests run with ``always``.
 - **Event log and claims.** An event is a string set with ``SET NX PX`` (expires
   with the TTL); claims are a hash next to it (same hash tag), written by a Lua
   script that checks the event exists, does ``HSETNX`` and gives the hash the

@@ -1,6 +1,6 @@
 """Redis specifics: key layout and slots, schema checks, failing fast while Redis is down.
 
-The shared behaviour is in ``test_contract.py`` (state) and ``test_events.py``
+The shared behaviour is in ``test_store_contract.py`` (state) and ``test_events_and_items.py``
 (event log, item catalog), which run against a real server and a 3-master cluster.
 """
 
@@ -105,3 +105,26 @@ def test_redis_down_fails_fast_writes_nothing_and_recovers(own_redis_server):
     store.update_many([(1, "q")], lambda s: {"n": s["n"] + 1})
     assert store.get_many([(1, "q")])["n"].tolist() == [11]
     assert log.claim("e1", 3) and log.get("e2") is None
+
+
+@pytest.mark.slow
+def test_a_cluster_master_down_fails_fast_and_recovers(own_redis_cluster):
+    cluster = own_redis_cluster
+    store = RedisStore(SCHEMA, f"redis-cluster://127.0.0.1:{cluster.nodes[0].port}", prefix=_prefix())
+    keys = [(u, "q") for u in range(30)]  # on all three masters
+    store.put_many(keys, {"n": np.arange(30)})
+    cluster.nodes[1].stop()
+    _fails_fast(lambda: store.get_many(keys))
+    _fails_fast(lambda: store.update_many(keys, lambda s: {"n": s["n"] + 1}))
+    cluster.nodes[1].start()  # rejoins with its nodes.conf and append-only file
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            out = store.get_many(keys)
+            break
+        except StoreUnavailable:
+            assert time.monotonic() < deadline, "the cluster did not come back within 30 s"
+            time.sleep(0.2)
+    assert out["n"].tolist() == list(range(30))  # the update failed at its read: nothing written
+    store.update_many(keys, lambda s: {"n": s["n"] + 1})
+    assert store.get_many(keys)["n"].tolist() == list(range(1, 31))

@@ -1,6 +1,6 @@
 """SQLite specifics: the file's mode, schema checks, threads, SIGKILL durability, the CLI.
 
-The shared behaviour is in ``test_contract.py`` (state) and ``test_events.py``
+The shared behaviour is in ``test_store_contract.py`` (state) and ``test_events_and_items.py``
 (event log, item catalog).
 """
 

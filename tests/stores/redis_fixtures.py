@@ -1,4 +1,4 @@
-"""Real Redis servers for the store tests: a single server and a 3-master cluster.
+"""Real Redis servers for tests (a pytest plugin, see the root conftest.py): a single server and a 3-master cluster.
 
 Each server runs from ``redis-server`` on a free loopback port, in a temp dir, and
 is stopped when the fixture ends. Tests that need one skip (with the reason) only
@@ -158,3 +158,14 @@ def redis_cluster(tmp_path_factory):
         raise
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture
+def own_redis_cluster(tmp_path):
+    """A 3-master cluster of this test alone (to stop and restart a node)."""
+    need_redis()
+    cluster = RedisClusterServers(tmp_path / "cluster")
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
