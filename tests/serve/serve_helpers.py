@@ -40,17 +40,3 @@ def vec(dim=384, seed=0) -> list[float]:
     x = np.random.default_rng(seed).normal(size=dim)
     return (x / np.linalg.norm(x)).tolist()
 
-
-def stores_fixtures():
-    """h7a's Redis helpers (``tests/stores/conftest.py``: RedisServer, need_redis, free_port),
-    imported by path: every test folder's conftest is a module named ``conftest``."""
-    import importlib.util
-    import sys
-
-    name = "streamml_tests_stores_conftest"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "tests" / "stores" / "conftest.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]

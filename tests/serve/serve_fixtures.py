@@ -1,4 +1,6 @@
-"""Service fixtures: a tiny catalog and two logged heads in a private MLflow store (helpers: serve_helpers)."""
+"""Service fixtures (a pytest plugin, see the root conftest.py): a tiny catalog and two logged heads
+in a private MLflow store. A plugin, not a tests/serve/conftest.py, which would shadow
+tests/conftest.py for ``from conftest import``."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from serve_helpers import serve_cfg, stores_fixtures, write_queries
+from tests.serve.serve_helpers import serve_cfg, write_queries
 from streamml import tracking
 from streamml.data import load_queries
 from streamml.offline.heads import LinearHeads
@@ -53,12 +55,3 @@ def cfg(served_models):
     items_dir, tracking_uri, _ = served_models
     return serve_cfg(items_dir, tracking_uri)
 
-
-@pytest.fixture(scope="session")
-def redis_server(tmp_path_factory):
-    """A redis-server of the serve tests (tests/stores/conftest.py's RedisServer); apps use their own prefix."""
-    fx = stores_fixtures()
-    fx.need_redis()
-    server = fx.RedisServer(tmp_path_factory.mktemp("redis")).start()
-    yield server
-    server.stop()
