@@ -40,9 +40,3 @@ def vec(dim=384, seed=0) -> list[float]:
     x = np.random.default_rng(seed).normal(size=dim)
     return (x / np.linalg.norm(x)).tolist()
 
-
-def stores_fixtures():
-    """The Redis test helpers of ``tests/stores/redis_fixtures.py`` (RedisServer, need_redis, free_port)."""
-    from tests.stores import redis_fixtures
-
-    return redis_fixtures

@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 from omegaconf import open_dict
 
-from .serve_helpers import serve_cfg, vec
+from tests.serve.serve_helpers import serve_cfg, vec
 from streamml.serve import events as events_mod
 from streamml.serve.app import create_app
 

@@ -9,7 +9,7 @@ from streamml.serve.backend import MemoryBackend, SQLiteBackend
 from streamml.stores import Field
 
 
-@pytest.fixture(params=["memory", "sqlite", "redis"])
+@pytest.fixture(params=["memory", "sqlite", "redis", pytest.param("cluster", marks=pytest.mark.slow)])
 def backend(request, tmp_path):
     if request.param == "memory":
         return MemoryBackend()
@@ -17,6 +17,9 @@ def backend(request, tmp_path):
         return SQLiteBackend(tmp_path / "s.db")
     from streamml.serve.backend import RedisBackend
 
+    if request.param == "cluster":
+        node = request.getfixturevalue("redis_cluster").nodes[0]
+        return RedisBackend(f"redis://127.0.0.1:{node.port}", cluster=True, prefix=f"b{tmp_path.name[-8:]}")
     server = request.getfixturevalue("redis_server")
     return RedisBackend(f"redis://127.0.0.1:{server.port}/0", prefix=f"b{tmp_path.name[-8:]}")
 

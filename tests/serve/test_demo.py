@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from .serve_helpers import serve_cfg
+from tests.serve.serve_helpers import serve_cfg
 from streamml.serve.app import create_app
 
 pytestmark = pytest.mark.slow

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from hydra.utils import instantiate
 
-from .serve_helpers import serve_cfg
+from tests.serve.serve_helpers import serve_cfg
 from streamml.serve.backend import MemoryBackend
 from streamml.serve.lifecycle import Lifecycle, bootstrap, prepare
 from streamml.serve.model import Head

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from omegaconf import open_dict
 
-from .serve_helpers import serve_cfg
+from tests.serve.serve_helpers import serve_cfg
 from streamml.serve.__main__ import load_items
 from streamml.serve.backend import SQLiteBackend
 

@@ -23,7 +23,8 @@ import numpy as np
 import pytest
 from hydra.utils import instantiate
 
-from .serve_helpers import REPO, serve_cfg, stores_fixtures
+from tests.serve.serve_helpers import REPO, serve_cfg
+from tests.stores.redis_fixtures import RedisServer, need_redis
 from streamml.serve.backend import RedisBackend, SQLiteBackend
 from streamml.serve.lifecycle import Lifecycle
 
@@ -177,9 +178,8 @@ def test_sigkill_under_load_loses_no_acknowledged_update(setup, tmp_path):
 
 
 def test_redis_down_is_a_fast_503_without_partial_writes_and_the_service_recovers(served_models, tmp_path):
-    fx = stores_fixtures()
-    fx.need_redis()
-    redis = fx.RedisServer(tmp_path / "redis").start()
+    need_redis()
+    redis = RedisServer(tmp_path / "redis").start()
     items_dir, tracking_uri, _ = served_models
     backend = ["serve/backend@backend=redis", f"backend.url=redis://127.0.0.1:{redis.port}/0"]
     overrides = [f"items_dir={items_dir}", f"tracking_uri={tracking_uri}", *LEARNING, *backend]

@@ -1,4 +1,6 @@
-"""Service fixtures: a tiny catalog and two logged heads in a private MLflow store (helpers: serve_helpers)."""
+"""Service fixtures (a pytest plugin, see the root conftest.py): a tiny catalog and two logged heads
+in a private MLflow store. A plugin, not a tests/serve/conftest.py, which would shadow
+tests/conftest.py for ``from conftest import``."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from .serve_helpers import serve_cfg, write_queries
+from tests.serve.serve_helpers import serve_cfg, write_queries
 from streamml import tracking
 from streamml.data import load_queries
 from streamml.offline.heads import LinearHeads
@@ -52,3 +54,4 @@ def served_models(tmp_path_factory):
 def cfg(served_models):
     items_dir, tracking_uri, _ = served_models
     return serve_cfg(items_dir, tracking_uri)
+
