@@ -22,7 +22,7 @@ def write_queries(folder: Path, n_queries=3, n_per_class=8, dim=384, seed=0) -> 
         for i in range(2 * n_per_class):
             label = "accepted" if i < n_per_class else "rejected"
             x = rng.normal(size=dim) + (1.5 if label == "accepted" else -1.5) * direction / np.linalg.norm(direction)
-            rows.append({"text": f"q{q} sentence {i}", "label": label, "embedding": (x / np.linalg.norm(x)).tolist()})
+            rows.append({"text": f"topic {q} sentence {i}", "label": label, "embedding": (x / np.linalg.norm(x)).tolist()})
         (folder / f"topic_{q}.json").write_text(json.dumps(rows))
     return folder
 

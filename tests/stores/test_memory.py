@@ -1,4 +1,5 @@
-"""Tests of the in-memory store: the store contract on its two growth regimes, plus its in-process fast path
+"""Tests of the in-memory store beyond the shared contract (tests/stores/test_store_contract.py): random
+operations in both growth regimes, its in-process fast path
 (``rows_for``, ``columns``) and its memory per key.
 """
 
@@ -7,7 +8,7 @@ import pickle
 import numpy as np
 import pytest
 
-from streamml.stores import Field, InMemoryStore, Store, as_key_list
+from streamml.stores import Field, InMemoryStore, as_key_list
 
 SCHEMA = {
     "residual": Field((4,), "float16", fill=0),
@@ -41,109 +42,6 @@ def values(n, seed=0):
 
 
 KEYS = [1, 2**40, -5, "alice", (3, 7), (3, 8, 1), ("bob", 2), (1,)]
-
-
-def test_is_a_store(store):
-    assert isinstance(store, Store)
-    assert dict(store.schema) == SCHEMA
-
-
-def test_missing_keys_read_as_fill_and_are_not_stored(store):
-    out = store.get_many(KEYS)
-    assert set(out) == set(SCHEMA)
-    for name, f in SCHEMA.items():
-        assert out[name].shape == (len(KEYS), *f.shape)
-        assert out[name].dtype == f.dtype
-        assert (out[name] == f.fill).all()
-    assert len(store) == 0
-    assert all(k not in store for k in KEYS)
-
-
-def test_round_trip_preserves_values_and_dtypes(store):
-    v = values(len(KEYS))
-    store.put_many(KEYS, v)
-    assert len(store) == len(KEYS)
-    out = store.get_many(KEYS)
-    for name in SCHEMA:
-        assert out[name].dtype == SCHEMA[name].dtype
-        np.testing.assert_array_equal(out[name], v[name])
-    # a different order and a subset
-    order = [5, 0, 3]
-    out = store.get_many([KEYS[i] for i in order])
-    np.testing.assert_array_equal(out["buffer"], v["buffer"][order])
-
-
-def test_values_are_cast_to_the_field_dtype(store):
-    store.put_many([1], {"residual": np.full((1, 4), 0.1, np.float64), "n": np.array([3], np.int64)})
-    out = store.get_many([1])
-    assert out["residual"].dtype == np.float16 and out["n"].dtype == np.int32
-    np.testing.assert_array_equal(out["residual"], np.float16(0.1))
-
-
-def test_rejects_unsafe_casts_and_bad_shapes(store):
-    with pytest.raises(TypeError):
-        store.put_many([1], {"buffer": np.full((1, 2, 3), 0.5)})  # float -> int
-    with pytest.raises(ValueError):
-        store.put_many([1, 2], {"n": np.zeros(3, np.int32)})
-    with pytest.raises(KeyError):
-        store.put_many([1], {"nope": np.zeros(1)})
-    assert len(store) == 0
-
-
-def test_overwrite_and_partial_put(store):
-    store.put_many(KEYS, values(len(KEYS), seed=0))
-    v1 = values(2, seed=1)
-    store.put_many(KEYS[:2], {"n": v1["n"]})  # only one field
-    out = store.get_many(KEYS)
-    np.testing.assert_array_equal(out["n"][:2], v1["n"])
-    np.testing.assert_array_equal(out["residual"], values(len(KEYS), seed=0)["residual"])
-    # a partial put on a new key fills the other fields
-    store.put_many(["new"], {"n": np.array([9])})
-    out = store.get_many(["new"])
-    assert out["n"][0] == 9 and (out["buffer"] == -1).all() and (out["residual"] == 0).all()
-    assert len(store) == len(KEYS) + 1
-
-
-def test_delete(store):
-    v = values(len(KEYS))
-    store.put_many(KEYS, v)
-    store.delete_many([KEYS[0], KEYS[4], KEYS[4], "never-stored"])  # repeats and misses are ignored
-    assert len(store) == len(KEYS) - 2
-    assert KEYS[0] not in store and KEYS[4] not in store and KEYS[1] in store
-    out = store.get_many(KEYS)
-    assert (out["buffer"][[0, 4]] == -1).all()
-    np.testing.assert_array_equal(out["buffer"][1], v["buffer"][1])
-    # a deleted key comes back fresh: fill for the fields not put
-    store.put_many([KEYS[0]], {"n": np.array([1])})
-    assert (store.get_many([KEYS[0]])["buffer"] == -1).all()
-
-
-def test_duplicate_keys_in_put_are_rejected_before_writing(store):
-    store.put_many([1], {"n": np.array([5])})
-    for batch in ([1, 2, 1], [2, 3, 2], [(3, 7), "x", (3, 7)], np.array([[1, 2], [1, 2]])):
-        with pytest.raises(ValueError, match="more than once"):
-            store.put_many(batch, {"n": np.arange(len(batch))})
-    assert len(store) == 1 and store.get_many([1])["n"][0] == 5
-
-
-def test_duplicate_keys_in_get_are_fine(store):
-    store.put_many([1], {"n": np.array([5])})
-    np.testing.assert_array_equal(store.get_many([1, 2, 1])["n"], [5, 0, 5])
-
-
-def test_int_arrays_and_python_keys_are_the_same_keys(store):
-    store.put_many(np.array([[3, 7], [4, 8]]), {"n": np.array([1, 2])})
-    store.put_many(np.array([10, 11]), {"n": np.array([3, 4])})
-    assert (3, 7) in store and (np.int64(4), 8) in store and 10 in store and np.int32(11) in store
-    np.testing.assert_array_equal(store.get_many([(4, 8), 11, (3, 7), 10])["n"], [2, 4, 1, 3])
-    np.testing.assert_array_equal(store.get_many(np.array([[4, 8]]))["n"], [2])
-
-
-def test_empty_batches(store):
-    assert store.get_many([])["residual"].shape == (0, 4)
-    store.put_many([], {"n": np.zeros(0, np.int32)})
-    store.delete_many([])
-    assert len(store) == 0
 
 
 def test_matches_a_dict_under_random_operations(make_store):
