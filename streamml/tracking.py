@@ -102,13 +102,16 @@ def start_run(cfg: DictConfig, tags: dict[str, str] | None = None, run_name: str
     ``params`` names the top-level config keys logged as params (default: all), so that a
     run logs only the settings it uses; ``config.yaml`` always holds the whole config.
 
-    ``run_name`` gets the command-line overrides appended (``run_name_with_overrides``).
+    ``run_name`` gets the command-line overrides appended (``run_name_with_overrides``),
+    unless the user named the run (``logger.run_name``), which is kept as given.
     """
     mlflow.set_tracking_uri(cfg.logger.tracking_uri)
     use_experiment(cfg.name)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     tags = {"git_commit": git_commit(), **(tags or {}), **trial_tags(cfg)}
-    with mlflow.start_run(run_name=run_name_with_overrides(run_name) if run_name else None) as run:
+    if run_name and not cfg.logger.get("run_name"):
+        run_name = run_name_with_overrides(run_name)
+    with mlflow.start_run(run_name=run_name) as run:
         mlflow.set_tags(tags)
         logged = resolved if params is None else {k: v for k, v in resolved.items() if k in params}
         mlflow.log_params(_flatten(logged))
