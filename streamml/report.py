@@ -196,14 +196,15 @@ def plot(runs: pd.DataFrame, chosen: pd.DataFrame, title: str):
 def online_table(runs: pd.DataFrame, tables: list[list[str]] | None, ours: str = "residual") -> str:
     """Online runs: with one run, one table per metric list and one row per learner (``key`` is
     ours, ``key.<learner>`` a baseline's); with several (a sweep), one row per run name (its
-    newest run) over the first list."""
+    newest run) over the first list (by default every scalar metric and the first one's baselines)."""
     newest = runs.drop_duplicates("tags.mlflow.runName")
     bare = sorted(c.removeprefix("metrics.") for c in runs if c.startswith("metrics.") and "." not in c.removeprefix("metrics."))
+    chosen = tables is not None
     tables = tables or [[m for m in bare if not (m.endswith("_std") and m.removesuffix("_std") in bare)]]
     tables = [[m for m in metrics if f"metrics.{m}" in runs] for metrics in tables]
     if len(newest) > 1:
         metrics = tables[0]
-        cols = metrics + sorted(c.removeprefix("metrics.") for c in runs
+        cols = metrics if chosen else metrics + sorted(c.removeprefix("metrics.") for c in runs
                                 if c.startswith("metrics.") and c.removeprefix("metrics.").split(".", 1)[0] in metrics[:1]
                                 and "." in c.removeprefix("metrics.") and not c.startswith("metrics.curve"))
         lines = ["| run | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]

@@ -130,3 +130,9 @@ def test_results_files_name_a_store_inside_the_repository_and_never_a_path_outsi
 
     assert store_label("sqlite:///mlflow.db") == "`sqlite:///mlflow.db`"
     assert "/tmp" not in store_label("sqlite:////tmp/x/mlflow.db")
+
+
+def test_a_sweep_of_online_runs_gets_one_row_per_run_with_exactly_the_chosen_metrics(store, tmp_path):
+    text = report("online_where", tmp_path / "sweep.md", store, tables=[["probe_auc_at_5", "probe_auc_at_5.river"]])
+    assert "| run | probe_auc_at_5 | probe_auc_at_5.river |\n|---|---|---|\n| personalize-tune | 0.9900 | 0.6600 |" in text
+    assert "| personalize-test | 0.7500 | 0.6600 |" in text
