@@ -17,7 +17,10 @@ split ``k``, so the *candidates* (not the choice among them) may lean towards fo
 test rows. One study per outer split would remove it at K times the cost.
 
 Online experiments (runs with a ``scenario``) get one row per learner of the newest run:
-ours under the bare metric name, baselines as ``<metric>.<learner>``.
+ours under the bare metric name, baselines as ``<metric>.<learner>``, as ``mean ± std`` where
+the run logged ``<metric>_std`` (the spread over simulated users or streams); ``--metrics``
+may be given more than once for several tables. ``--where`` narrows the runs with an MLflow
+filter (e.g. ``"tags.streams = 'test'"``, so tuning runs in the same store are left out).
 """
 
 from __future__ import annotations
@@ -53,15 +56,18 @@ def machine() -> str:
             f"numpy {np.__version__}, mlflow {mlflow.__version__}")
 
 
-def load_runs(experiment: str, tracking_uri: str) -> pd.DataFrame:
-    """Finished runs of ``experiment`` with a ``family`` and a ``baseline`` column; study parents dropped."""
+def load_runs(experiment: str, tracking_uri: str, where: str = "") -> pd.DataFrame:
+    """Finished runs of ``experiment`` (and ``where``, an MLflow filter) with a ``family`` and a
+    ``baseline`` column, newest first; study parents dropped."""
     mlflow.set_tracking_uri(tracking_uri)
     if mlflow.get_experiment_by_name(experiment) is None:
         raise SystemExit(f"no experiment {experiment!r} at {tracking_uri}")
-    runs = mlflow.search_runs(experiment_names=[experiment], filter_string="attributes.status = 'FINISHED'",
+    condition = "attributes.status = 'FINISHED'" + (f" and {where}" if where else "")
+    runs = mlflow.search_runs(experiment_names=[experiment], filter_string=condition,
                               order_by=["attributes.start_time DESC"])
     if runs.empty:
-        raise SystemExit(f"no finished runs in experiment {experiment!r} at {tracking_uri}")
+        raise SystemExit(f"no finished runs in experiment {experiment!r} at {tracking_uri}"
+                         + (f" matching {where!r}" if where else ""))
     if f"tags.{ROLE_TAG}" in runs:
         runs = runs[runs[f"tags.{ROLE_TAG}"].fillna("") != "study"]
     learner = _short(runs.get("params.learner.head._target_")).fillna(_short(runs.get("params.learner._target_")))
@@ -187,14 +193,18 @@ def plot(runs: pd.DataFrame, chosen: pd.DataFrame, title: str):
     return fig
 
 
-def online_table(runs: pd.DataFrame, metrics: list[str] | None, ours: str = "residual") -> str:
-    """Online runs: with one run, one row per learner (``key`` is ours, ``key.<learner>`` a
-    baseline's); with several (a sweep), one row per run name (its newest run)."""
+def online_table(runs: pd.DataFrame, tables: list[list[str]] | None, ours: str = "residual") -> str:
+    """Online runs: with one run, one table per metric list and one row per learner (``key`` is
+    ours, ``key.<learner>`` a baseline's); with several (a sweep), one row per run name (its
+    newest run) over the first list (by default every scalar metric and the first one's baselines)."""
     newest = runs.drop_duplicates("tags.mlflow.runName")
-    bare = [c.removeprefix("metrics.") for c in runs if c.startswith("metrics.") and "." not in c.removeprefix("metrics.")]
-    metrics = [m for m in (metrics or sorted(bare)) if f"metrics.{m}" in runs]
+    bare = sorted(c.removeprefix("metrics.") for c in runs if c.startswith("metrics.") and "." not in c.removeprefix("metrics."))
+    chosen = tables is not None
+    tables = tables or [[m for m in bare if not (m.endswith("_std") and m.removesuffix("_std") in bare)]]
+    tables = [[m for m in metrics if f"metrics.{m}" in runs] for metrics in tables]
     if len(newest) > 1:
-        cols = metrics + sorted(c.removeprefix("metrics.") for c in runs
+        metrics = tables[0]
+        cols = metrics if chosen else metrics + sorted(c.removeprefix("metrics.") for c in runs
                                 if c.startswith("metrics.") and c.removeprefix("metrics.").split(".", 1)[0] in metrics[:1]
                                 and "." in c.removeprefix("metrics.") and not c.startswith("metrics.curve"))
         lines = ["| run | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
@@ -202,26 +212,52 @@ def online_table(runs: pd.DataFrame, metrics: list[str] | None, ours: str = "res
             lines.append(f"| {r['tags.mlflow.runName']} | " + " | ".join(f"{r[f'metrics.{c}']:.4f}" for c in cols) + " |")
         return "\n".join(lines)
     run = newest.iloc[0]
-    suffixes = {c.split(".", 2)[2] for c in runs if c.startswith("metrics.") and c.count(".") == 2
-                and c.split(".")[1] in metrics and pd.notna(run[c])}
+    lift = any(m.startswith("probe_lift") for metrics in tables for m in metrics)
+    return (f"Run `{run['run_id']}`, {run['tags.mlflow.runName']}.\n\n"
+            + "\n\n".join(_learner_table(run, metrics, ours) for metrics in tables)
+            + "\n\nmean ± std: the run's `<metric>` and `<metric>_std`, the spread over its simulated users or streams"
+            + ("; `probe_lift` is the paired difference to the head on the same user." if lift else "."))
+
+
+def _learner_table(run: pd.Series, metrics: list[str], ours: str) -> str:
+    """One row per learner of ``run`` that logged any of ``metrics``, ours first."""
+
+    def get(key: str, learner: str) -> float | None:
+        value = run.get(f"metrics.{key}" if learner == ours else f"metrics.{key}.{learner}")
+        return None if value is None or pd.isna(value) else value
+
+    def cell(metric: str, learner: str) -> str:
+        value, std = get(metric, learner), get(f"{metric}_std", learner)
+        return "" if value is None else f"{value:.3f}" + ("" if std is None else f" ± {std:.3f}")
+
+    baselines = {c.split(".", 2)[2] for c in run.index if c.startswith("metrics.") and c.count(".") == 2
+                 and c.split(".")[1] in metrics and pd.notna(run[c])}
     lines = ["| learner | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
-    for learner in [ours, *sorted(suffixes - {ours})]:
-        values = [run.get(f"metrics.{m}" if learner == ours else f"metrics.{m}.{learner}") for m in metrics]
-        lines.append(f"| {learner} | " + " | ".join("" if v is None or pd.isna(v) else f"{v:.3f}" for v in values) + " |")
-    return f"Run `{run['run_id']}`, {run['tags.mlflow.runName']}.\n\n" + "\n".join(lines)
+    for learner in [ours, *sorted(baselines - {ours})]:
+        lines.append(f"| {learner} | " + " | ".join(cell(m, learner) for m in metrics) + " |")
+    return "\n".join(lines)
+
+
+def store_label(tracking_uri: str) -> str:
+    """The store as the results file names it: a path inside the repository, never one outside it."""
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_absolute():
+        return f"`{tracking_uri}`"
+    return "the store the runs were logged to (outside the repository)"
 
 
 def report(experiment: str, out: str | Path, tracking_uri: str, command: str | None = None,
            title: str | None = None, top: int = 5, reference: str = "SklearnLR",
-           metrics: list[str] | None = None, invocation: str | None = None) -> str:
-    """Write ``out`` (Markdown) and, for offline experiments, ``out`` with ``.png``; returns the Markdown."""
+           tables: list[list[str]] | None = None, invocation: str | None = None, where: str = "") -> str:
+    """Write ``out`` (Markdown) and, for offline experiments, ``out`` with ``.png``; returns the Markdown.
+
+    ``tables``: the metrics of each online table (default: one table of every scalar metric)."""
     out = Path(out)
     mlflow.set_tracking_uri(tracking_uri)
-    runs = load_runs(experiment, tracking_uri)
+    runs = load_runs(experiment, tracking_uri, where)
     title = title or experiment
     commits = set(runs["tags.git_commit"].dropna()) if "tags.git_commit" in runs else set()
     if any(c.startswith("params.scenario") for c in runs):
-        body = online_table(runs, metrics)
+        body = online_table(runs, tables)
     else:
         chosen = nested_selection(runs)
         parts = []
@@ -242,7 +278,8 @@ def report(experiment: str, out: str | Path, tracking_uri: str, command: str | N
     header = [f"# {title}", ""]
     if command:
         header.append(f"- Runs made by: `{command}`")
-    header += [f"- Written by: `{invocation or f'python -m streamml.report {experiment} --out {out}'}`",
+    header += [f"- Written by: `{invocation or f'python -m streamml.report {experiment} --out {out}'}`"
+               f" from `MLFLOW_TRACKING_URI` = {store_label(tracking_uri)}",
                f"- Runs at commit(s): {', '.join(sorted(commits)) or 'unknown'}",
                f"- Machine: {machine()}",
                f"- Written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from experiment `{experiment}` ({len(runs)} finished runs)",
@@ -262,14 +299,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--title")
     parser.add_argument("--top", type=int, default=5, help="runs shown per family in the leaderboard")
     parser.add_argument("--reference", default="SklearnLR", help="learner class the nested table compares against")
-    parser.add_argument("--metrics", help="comma-separated metrics of an online table (default: every scalar one)")
+    parser.add_argument("--metrics", action="append",
+                        help="comma-separated metrics of an online table (default: every scalar one); repeat for more tables")
+    parser.add_argument("--where", default="", help="MLflow filter on the runs, e.g. \"tags.streams = 'test'\"")
     parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     out = args.out or f"experiments/{args.experiment}.md"
-    metrics = args.metrics.split(",") if args.metrics else None
+    tables = [m.split(",") for m in args.metrics] if args.metrics else None
     print(report(args.experiment, out, args.tracking_uri, args.command, args.title, args.top, args.reference,
-                 metrics, invocation="python -m streamml.report " + shlex.join(argv)))
+                 tables, invocation="python -m streamml.report " + shlex.join(argv), where=args.where))
 
 
 if __name__ == "__main__":

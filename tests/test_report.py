@@ -101,3 +101,38 @@ def test_online_runs_get_one_row_per_learner(store, tmp_path):
     client.set_terminated(rid)
     text = report("online", tmp_path / "online.md", uri)
     assert "| residual | 0.920 |" in text and "| river | 0.880 |" in text
+
+
+def test_online_tables_show_mean_pm_std_over_users_and_where_filters_runs(store, tmp_path):
+    client = mlflow.MlflowClient(store)
+    eid = client.create_experiment("online_where", artifact_location=str(tmp_path / "artifacts"))
+    for streams, auc in [("test", 0.75), ("tune", 0.99)]:  # the tuning run is newer: without --where it would be shown
+        rid = client.create_run(eid, tags={"mlflow.runName": f"personalize-{streams}", "streams": streams}).info.run_id
+        client.log_param(rid, "scenario.kind", "personalize")
+        for key, value in {"probe_auc_at_5": auc, "probe_auc_at_5_std": 0.25, "probe_auc_at_5.river": 0.66,
+                           "probe_auc_at_5_std.river": 0.2, "probe_auc_at_0": 0.7, "probe_auc_at_5_none": 0.9}.items():
+            client.log_metric(rid, key, value)
+        client.set_terminated(rid)
+    out = tmp_path / "online.md"
+    main(["online_where", "--out", str(out), "--tracking-uri", store, "--where", "tags.streams = 'test'",
+          "--metrics", "probe_auc_at_0,probe_auc_at_5", "--metrics", "probe_auc_at_5_none"])
+    text = out.read_text()
+    assert "personalize-test" in text and "0.990" not in text
+    assert "| learner | probe_auc_at_0 | probe_auc_at_5 |\n|---|---|---|\n| residual | 0.700 | 0.750 ± 0.250 |\n| river |  | 0.660 ± 0.200 |" in text
+    assert "| learner | probe_auc_at_5_none |\n|---|---|\n| residual | 0.900 |" in text  # a second table, no std logged
+    assert "(1 finished runs)" in text
+    with pytest.raises(SystemExit, match="matching \"tags.streams = 'nope'\""):
+        main(["online_where", "--out", str(out), "--tracking-uri", store, "--where", "tags.streams = 'nope'"])
+
+
+def test_results_files_name_a_store_inside_the_repository_and_never_a_path_outside():
+    from streamml.report import store_label
+
+    assert store_label("sqlite:///mlflow.db") == "`sqlite:///mlflow.db`"
+    assert "/tmp" not in store_label("sqlite:////tmp/x/mlflow.db")
+
+
+def test_a_sweep_of_online_runs_gets_one_row_per_run_with_exactly_the_chosen_metrics(store, tmp_path):
+    text = report("online_where", tmp_path / "sweep.md", store, tables=[["probe_auc_at_5", "probe_auc_at_5.river"]])
+    assert "| run | probe_auc_at_5 | probe_auc_at_5.river |\n|---|---|---|\n| personalize-tune | 0.9900 | 0.6600 |" in text
+    assert "| personalize-test | 0.7500 | 0.6600 |" in text
