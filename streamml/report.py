@@ -33,13 +33,10 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import mlflow  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+from matplotlib.figure import Figure  # not pyplot: no global backend switch, no figure registry to close
+import mlflow
+import numpy as np
+import pandas as pd
 
 BASELINES = {"SklearnLR", "RiverStack"}
 STUDY_TAG, ROLE_TAG = "optuna_study", "streamml.role"
@@ -177,7 +174,8 @@ def plot(runs: pd.DataFrame, chosen: pd.DataFrame, title: str):
         groups = {r.family: held_out.loc[i].dropna() for i, r in best.iterrows()}
         tuning = {}
     order = sorted(groups, key=lambda f: groups[f].mean())
-    fig, ax = plt.subplots(figsize=(7.5, 0.55 * len(order) + 1.6))
+    fig = Figure(figsize=(7.5, 0.55 * len(order) + 1.6))
+    ax = fig.subplots()
     for y, family in enumerate(order):
         values = groups[family]
         color = "tab:gray" if runs[runs.run_id.isin(_members(runs, family))]["baseline"].all() else "tab:blue"
@@ -272,7 +270,6 @@ def report(experiment: str, out: str | Path, tracking_uri: str, command: str | N
         png = out.with_suffix(".png")
         png.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(png, dpi=110)
-        plt.close(fig)
         parts += ["", f"![held-out AUC per family]({png.name})"]
         body = "\n".join(parts)
     header = [f"# {title}", ""]

@@ -23,16 +23,13 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import lightning as L
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import mlflow  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from mlflow.exceptions import MlflowException  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from matplotlib.figure import Figure  # not pyplot: no global backend switch, no figure registry to close
+import mlflow
+import numpy as np
+import pandas as pd
+from hydra.core.hydra_config import HydraConfig
+from mlflow.exceptions import MlflowException
+from omegaconf import DictConfig, OmegaConf
 
 MAX_RUN_NAME = 250  # MLflow's limit on a run name
 
@@ -202,7 +199,8 @@ class EpochLoss(L.Callback):
 
 def plot_per_query(per_query: pd.DataFrame, metric: str = "auc"):
     """Bar chart of each query's mean metric with its spread (std) over CV splits."""
-    fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(per_query) + 2), 3.5))
+    fig = Figure(figsize=(max(4, 0.6 * len(per_query) + 2), 3.5))
+    ax = fig.subplots()
     ax.bar(per_query["query_id"], per_query[metric], yerr=per_query[f"{metric}_std"], capsize=3, color="tab:blue")
     ax.axhline(per_query[metric].mean(), color="k", lw=1, ls="--", label=f"mean {per_query[metric].mean():.3f}")
     ax.set_ylim(min(0.5, float(per_query[metric].min()) - 0.05), 1.0)
@@ -230,13 +228,13 @@ def log_results(metrics: dict[str, float], per_query: pd.DataFrame, splits: pd.D
     log_table(splits, "results/per_split.csv")
     fig = plot_per_query(per_query)
     mlflow.log_figure(fig, "plots/per_query_auc.png")
-    plt.close(fig)
 
 
 def plot_curves(curves: pd.DataFrame, title: str = ""):
     """One panel per metric, one line per learner: the learning curves with baselines overlaid."""
     metrics = list(dict.fromkeys(curves["metric"]))
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.5), squeeze=False)
+    fig = Figure(figsize=(4.5 * len(metrics), 3.5))
+    axes = fig.subplots(1, len(metrics), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         for learner, part in curves[curves.metric == metric].groupby("learner", sort=False):
             ax.plot(part["step"], part["value"], marker="o", ms=3, label=learner, lw=2.5 if learner == "residual" else 1.2)
@@ -255,7 +253,6 @@ def log_curves(curves: pd.DataFrame, title: str = "") -> None:
         mlflow.log_metrics({f"curve.{m}.{lr}": float(v) for m, lr, v in zip(part.metric, part.learner, part.value)}, step=int(step))
     fig = plot_curves(curves, title)
     mlflow.log_figure(fig, "plots/learning_curves.png")
-    plt.close(fig)
 
 
 class QueryScorer(mlflow.pyfunc.PythonModel):
