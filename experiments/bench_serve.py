@@ -188,12 +188,17 @@ async def run_cell(url, args, rate, rng):
         ranks.append(("/v1/rank", {"user": f"user{u}", "query": f"q{q:02d}", "k": 10, "items": cands}))
     conn = aiohttp.TCPConnector(limit=256)
     async with aiohttp.ClientSession(connector=conn) as session:
-        # warm up every worker (first requests compile and fill caches): not measured
-        await open_loop(session, url, ranks[: min(200, n)], min(rate, 100), 2.0, args.timeout)
+        def rewards_of(shown):
+            return [(f"/v1/events/{ev['event_id']}/reward",
+                     {"rewards": [{"item": ev["items"][int(rng.integers(len(ev["items"])))]["item"],
+                                   "label": "accepted" if rng.random() < 0.5 else "rejected"}]}) for ev in shown]
+
+        # warm up every worker on both endpoints (the first requests compile the update kernel
+        # and fill caches): not measured
+        _, _, warm = await open_loop(session, url, ranks[: min(200, n)], min(rate, 100), 2.0, args.timeout)
+        await open_loop(session, url, rewards_of(warm), min(rate, 100), 2.0, args.timeout)
         rank_lat, rank_err, shown = await open_loop(session, url, ranks, rate, args.duration, args.timeout)
-        rewards = [(f"/v1/events/{ev['event_id']}/reward",
-                    {"rewards": [{"item": ev["items"][int(rng.integers(len(ev["items"])))]["item"],
-                                  "label": "accepted" if rng.random() < 0.5 else "rejected"}]}) for ev in shown]
+        rewards = rewards_of(shown)
         reward_lat, reward_err, _ = await open_loop(session, url, rewards, rate, args.duration, args.timeout)
     return (rank_lat, rank_err, n), (reward_lat, reward_err, len(rewards))
 
