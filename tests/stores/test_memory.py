@@ -9,12 +9,7 @@ import numpy as np
 import pytest
 
 from streamml.stores import Field, InMemoryStore, as_key_list
-
-SCHEMA = {
-    "residual": Field((4,), "float16", fill=0),
-    "buffer": Field((2, 3), "int32", fill=-1),
-    "n": Field((), "int32", fill=0),
-}
+from tests.stores.test_store_contract import SCHEMA, values
 
 STORES = {
     "memory": lambda schema: InMemoryStore(schema),
@@ -30,15 +25,6 @@ def make_store(request):
 @pytest.fixture
 def store(make_store):
     return make_store(SCHEMA)
-
-
-def values(n, seed=0):
-    rng = np.random.default_rng(seed)
-    return {
-        "residual": rng.standard_normal((n, 4)).astype(np.float16),
-        "buffer": rng.integers(-1, 100, (n, 2, 3)).astype(np.int32),
-        "n": rng.integers(0, 100, n).astype(np.int32),
-    }
 
 
 KEYS = [1, 2**40, -5, "alice", (3, 7), (3, 8, 1), ("bob", 2), (1,)]
