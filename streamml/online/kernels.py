@@ -27,7 +27,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
-from streamml.online.rules import DiagonalLaplace, IsotropicLaplace, PairwiseSGD, PointwiseSGD
+from streamml.online.rules import DiagonalLaplace, IsotropicLaplace, PairwiseSGD, PointwiseSGD, WindowMAP
 from streamml.stores.memory import prefetch
 
 __all__ = ["apply", "PARALLEL_MIN_EVENTS"]
@@ -323,6 +323,112 @@ def _iso_laplace_events(res, ev, rows, items, labels, X, z, q0, part, parts):
             res[row, d] = _from_f32(_to_f32(res[row, d]) + g * X[i, d], dt_r)
 
 
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def _window_events(res, win, beta, hw, rows, items, labels, X, z, pv, hv, steps, part, parts):
+    """WindowMAP solves of events ``(rows[e], items[e], labels[e])``, in order, in place.
+
+    ``win``: (n_rows, B) int32 codes (item + 1, negated for a rejection, 0 empty, oldest
+    first); ``beta``: (n_rows, B) float32; ``hw``: (n_rows,) float32 head weights, read and
+    written only if ``hv > 0``. The Newton system ``(I + W K) d = g`` is solved in its
+    symmetric form ``d = g - S (I + S K S)⁻¹ S K g``, ``S = W^½``, by Cholesky.
+    """
+    mine = _my_events(rows, part, parts)
+    n_ev, D, B = mine.shape[0], X.shape[1], win.shape[1]
+    dt_r = res.dtype
+    anchor = np.empty(D, np.float32)
+    ids = np.empty(B, np.int64)
+    lab, bt = np.empty(B), np.empty(B)
+    K, L = np.empty((B, B)), np.empty((B, B))
+    off, g, sw, u = np.empty(B), np.empty(B), np.empty(B), np.empty(B)
+    for t in range(n_ev):
+        if t + _AHEAD < n_ev:
+            _prefetch_event(res, X, rows[mine[t + _AHEAD]], items[mine[t + _AHEAD]])
+        e = mine[t]
+        row = rows[e]
+        for d in range(D):
+            anchor[d] = _to_f32(res[row, d])
+        av = np.float64(hw[row]) if hv > 0 else 0.0
+        n = 0
+        for j in range(B):
+            code = win[row, j]
+            if code != 0:
+                ids[n] = abs(code) - 1
+                lab[n] = 1.0 if code > 0 else 0.0
+                bt[n] = beta[row, j]
+                n += 1
+        first = 1 if n == B else 0  # a full window's oldest event leaves it; its pull stays in the anchor
+        for j in range(first, n):  # anchor = r - pv sum_j beta_j x_j over the events that stay
+            c = np.float32(pv * bt[j])
+            for d in range(D):
+                anchor[d] -= c * X[ids[j], d]
+            av -= hv * bt[j] * z[ids[j]]
+        if first:
+            for j in range(B - 1):
+                ids[j], lab[j], bt[j] = ids[j + 1], lab[j + 1], bt[j + 1]
+            n -= 1
+        ids[n], lab[n], bt[n] = items[e], 1.0 if labels[e] else 0.0, 0.0
+        n += 1
+        for a in range(n):
+            ia = ids[a]
+            s = np.float32(0.0)
+            for d in range(D):
+                s += X[ia, d] * anchor[d]
+            off[a] = (1.0 + av) * z[ia] + s
+            for b in range(a + 1):
+                ib = ids[b]
+                s = np.float32(0.0)
+                for d in range(D):
+                    s += X[ia, d] * X[ib, d]
+                K[a, b] = K[b, a] = pv * s + hv * z[ia] * z[ib]
+        for _ in range(steps):
+            for a in range(n):
+                f = off[a]
+                for b in range(n):
+                    f += K[a, b] * bt[b]
+                p = 0.5 * (1.0 + math.tanh(0.5 * f))
+                sw[a] = math.sqrt(p * (1.0 - p))
+                g[a] = p - lab[a] + bt[a]
+            for a in range(n):  # u = S K g
+                f = 0.0
+                for b in range(n):
+                    f += K[a, b] * g[b]
+                u[a] = sw[a] * f
+            for a in range(n):  # Cholesky of I + S K S, lower triangle in L
+                for b in range(a + 1):
+                    f = (1.0 if a == b else 0.0) + sw[a] * K[a, b] * sw[b]
+                    for c in range(b):
+                        f -= L[a, c] * L[b, c]
+                    L[a, b] = math.sqrt(f) if a == b else f / L[b, b]
+            for a in range(n):  # forward, then backward substitution: u <- (L Lᵀ)⁻¹ u
+                f = u[a]
+                for c in range(a):
+                    f -= L[a, c] * u[c]
+                u[a] = f / L[a, a]
+            for a in range(n - 1, -1, -1):
+                f = u[a]
+                for c in range(a + 1, n):
+                    f -= L[c, a] * u[c]
+                u[a] = f / L[a, a]
+            for a in range(n):
+                bt[a] -= g[a] - sw[a] * u[a]
+        for j in range(n):  # r = anchor + pv sum_j beta_j x_j
+            c = np.float32(pv * bt[j])
+            for d in range(D):
+                anchor[d] += c * X[ids[j], d]
+            av += hv * bt[j] * z[ids[j]]
+        for d in range(D):
+            res[row, d] = _from_f32(anchor[d], dt_r)
+        for j in range(B):
+            if j < n:
+                win[row, j] = ids[j] + 1 if lab[j] > 0 else -(ids[j] + 1)
+                beta[row, j] = bt[j]
+            else:
+                win[row, j] = 0
+                beta[row, j] = 0.0
+        if hv > 0:
+            hw[row] = av
+
+
 def _n_parts(n_events: int, threads: int) -> int:
     return max(1, min(threads, n_events // PARALLEL_MIN_EVENTS))
 
@@ -377,6 +483,10 @@ def apply(rule, cols: dict[str, np.ndarray], rows: np.ndarray, items: np.ndarray
     elif kind is IsotropicLaplace:
         _in_parts(_iso_laplace_events, n, threads, res, cols["evidence"], rows, items, labels, X, z,
                   1.0 / rule.prior_var)
+    elif kind is WindowMAP:
+        hw = cols["head_weight"] if rule.head_var > 0 else np.zeros(1, np.float32)
+        _in_parts(_window_events, n, threads, res, cols["window"], cols["beta"], hw, rows, items, labels, X, z,
+                  rule.prior_var, rule.head_var, rule.newton_steps)
     else:
         raise TypeError(f"no compiled kernel for rule {type(rule).__name__}; rules: PointwiseSGD, PairwiseSGD, "
-                        "DiagonalLaplace, IsotropicLaplace")
+                        "DiagonalLaplace, IsotropicLaplace, WindowMAP")

@@ -261,7 +261,9 @@ class ResidualLearner:
         (n,) float32 scores, higher is better.
         """
         F, z = self._inputs(query, X, head)
-        return z + F @ self._state(user, query)["residual"]
+        state = self._state(user, query)
+        weight = 1.0 + state["head_weight"] if "head_weight" in state else 1.0  # WindowMAP(head_var > 0) learns it
+        return weight * z + F @ state["residual"]
 
     def rank(self, user: Hashable, query: Hashable, item_ids: np.ndarray) -> np.ndarray:
         """Catalog item ids ordered best first (ties keep the given order)."""

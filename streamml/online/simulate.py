@@ -210,7 +210,7 @@ def _world(cfg, data) -> World:
 def _run_name(cfg) -> str:
     """``<scenario>-<streams>-<rule>-<its settings>``, e.g. ``personalize-tune-DiagonalLaplace-prior_var3.0``."""
     rule = cfg.rule._target_.rsplit(".", 1)[-1]
-    settings = "-".join(f"{k}{v}" for k, v in cfg.rule.items() if k in ("lr", "prior_var", "decay") and v)
+    settings = "-".join(f"{k}{v}" for k, v in cfg.rule.items() if k in ("lr", "prior_var", "decay", "head_var", "window") and v)
     return "-".join(p for p in (cfg.scenario.kind, cfg.scenario.streams, rule, settings) if p)
 
 

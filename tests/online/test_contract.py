@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from streamml.online import DiagonalLaplace, IsotropicLaplace, PairwiseSGD, PointwiseSGD, ResidualLearner
+from streamml.online import DiagonalLaplace, IsotropicLaplace, PairwiseSGD, PointwiseSGD, ResidualLearner, WindowMAP
 from streamml.online.baselines import HeadOnly, RiverOnline, SklearnRefitOnline
 from streamml.online.contract import OnlineLearner
 
@@ -30,6 +30,7 @@ CASES = {
     "residual-pairwise": Case(lambda X, q, h: ResidualLearner(X, q, rule=PairwiseSGD(), head_scores=h)),
     "residual-laplace": Case(lambda X, q, h: ResidualLearner(X, q, rule=DiagonalLaplace(), head_scores=h)),
     "residual-laplace-iso": Case(lambda X, q, h: ResidualLearner(X, q, rule=IsotropicLaplace(), head_scores=h)),
+    "residual-window": Case(lambda X, q, h: ResidualLearner(X, q, rule=WindowMAP(window=4, head_var=1.0), head_scores=h)),
     "residual-user-key": Case(lambda X, q, h: ResidualLearner(X, q, head_scores=h, key="user")),
     "head_only": Case(HeadOnly, adapts=False),
     "river": Case(RiverOnline, has_head=False),

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from streamml.online import DiagonalLaplace, IsotropicLaplace, PairwiseSGD, PointwiseSGD, ResidualLearner
+from streamml.online import DiagonalLaplace, IsotropicLaplace, PairwiseSGD, PointwiseSGD, ResidualLearner, WindowMAP
 from streamml.stores import InMemoryStore, Store
 
 RULES = {
@@ -12,6 +12,7 @@ RULES = {
     "pairwise": lambda: PairwiseSGD(lr=2.0, l2=0.01, decay=0.01, max_norm=3.0),
     "laplace": lambda: DiagonalLaplace(prior_var=2.0),
     "laplace_iso": lambda: IsotropicLaplace(prior_var=2.0),
+    "window": lambda: WindowMAP(prior_var=2.0, window=4, head_var=0.5),
 }
 
 
@@ -267,7 +268,13 @@ def test_learn_vector_equals_learn_one_on_a_catalog_item(name, store):
     for item, label in ((25, 1), (31, 0), (22, 1)):
         b = pickle.loads(pickle.dumps(a))
         a.learn_one(1, 10, item, label)
+        before = b.score(1, 10, np.array([item]))[0]
+        window = b.store.get_many([(1, 10)]).get("window")
         b.learn_vector(1, 10, X[item], head[item], label)
+        if name == "window":  # a catalog item joins the window's joint solve; a vector takes a solve of its own
+            assert (b.score(1, 10, np.array([item]))[0] - before) * (1 if label else -1) > 0
+            np.testing.assert_array_equal(b.store.get_many([(1, 10)])["window"], window)
+            continue
         np.testing.assert_allclose(b.score(1, 10, np.arange(20, 40)), a.score(1, 10, np.arange(20, 40)),
                                    rtol=1e-5, atol=1e-5)
         if name == "pairwise":  # the vector has no catalog id to remember

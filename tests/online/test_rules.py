@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from streamml.online.rules import Catalog, DiagonalLaplace, IsotropicLaplace, PairwiseSGD, PointwiseSGD, Rule
+from streamml.online.rules import Catalog, DiagonalLaplace, IsotropicLaplace, PairwiseSGD, PointwiseSGD, Rule, WindowMAP
 
 CONFIGS = Path(__file__).parents[2] / "configs"
 SGD_RULES = {"pointwise": PointwiseSGD, "pairwise": PairwiseSGD}
@@ -129,9 +129,71 @@ def test_isotropic_laplace_step_uses_the_whole_curvature(toy):
     assert steps[-1] < 0.7 * steps[0]
 
 
+def map_by_definition(X, z, labels, prior_var, head_var):
+    """The posterior maximum of (r, v) over all events, by L-BFGS in float64 (no window)."""
+    from scipy.optimize import minimize
+
+    D = X.shape[1]
+
+    def f(theta):
+        r, v = theta[:D], theta[D]
+        s = (1 + v) * z + X @ r
+        g = 0.5 * (1 + np.tanh(0.5 * s)) - labels
+        loss = np.sum(np.logaddexp(0, s) - labels * s) + r @ r / (2 * prior_var) + v * v / (2 * head_var)
+        return loss, np.concatenate([X.T @ g + r / prior_var, [g @ z + v / head_var]])
+
+    theta = minimize(f, np.zeros(D + 1), jac=True, method="L-BFGS-B", options={"gtol": 1e-10}).x
+    return theta[:D], theta[D]
+
+
+def test_window_map_is_the_posterior_maximum_of_the_events_in_its_window(toy):
+    rng, cat = toy
+    rule = WindowMAP(prior_var=3.0, window=8, newton_steps=4, head_var=0.5)
+    state = {"residual": np.zeros(8, np.float32), **{f: np.full(fl.shape, fl.fill, fl.dtype) for f, fl in rule.fields(8).items()}}
+    items, labels = rng.integers(0, 30, 6), rng.integers(0, 2, 6).astype(float)
+    for item, label in zip(items.tolist(), labels.tolist()):
+        rule.reference(state, cat.embeddings[item], float(cat.head[item]), bool(label), cat, item=item)
+    r, v = map_by_definition(cat.embeddings[items].astype(np.float64), cat.head[items].astype(np.float64), labels, 3.0, 0.5)
+    np.testing.assert_allclose(state["residual"], r, atol=1e-4)
+    np.testing.assert_allclose(float(state["head_weight"]), v, atol=1e-4)
+    codes = state["window"][:6]
+    np.testing.assert_array_equal(np.abs(codes) - 1, items)  # oldest first, sign = label
+    np.testing.assert_array_equal(codes > 0, labels > 0)
+    assert (state["window"][6:] == 0).all()
+
+
+def test_window_map_keeps_what_leaves_the_window_in_its_anchor(toy):
+    rng, cat = toy
+    rule = WindowMAP(prior_var=3.0, window=2)
+    state = {"residual": np.zeros(8, np.float32), **{f: np.full(fl.shape, fl.fill, fl.dtype) for f, fl in rule.fields(8).items()}}
+    rule.reference(state, cat.embeddings[0], float(cat.head[0]), True, cat, item=0)
+    after_first = state["residual"].copy()
+    for item in (1, 2):  # item 0 leaves the window
+        rule.reference(state, cat.embeddings[item], float(cat.head[item]), False, cat, item=item)
+    assert sorted(np.abs(state["window"]).tolist()) == [2, 3]
+    # the accept of item 0 still pulls the residual towards it, against a learner that never saw it
+    fresh = {"residual": np.zeros(8, np.float32), **{f: np.full(fl.shape, fl.fill, fl.dtype) for f, fl in rule.fields(8).items()}}
+    for item in (1, 2):
+        rule.reference(fresh, cat.embeddings[item], float(cat.head[item]), False, cat, item=item)
+    x0 = cat.embeddings[0]
+    assert x0 @ after_first > 0 and x0 @ state["residual"] > x0 @ fresh["residual"] + 0.1
+
+
+def test_window_map_takes_an_embedding_outside_the_catalog_without_keeping_it(toy):
+    rng, cat = toy
+    rule = WindowMAP(prior_var=1.0, window=4)
+    state = {"residual": np.zeros(8, np.float32), **{f: np.full(fl.shape, fl.fill, fl.dtype) for f, fl in rule.fields(8).items()}}
+    x = unit_rows(rng, 1, 8)[0]
+    rule.reference(state, x, 0.0, True, cat, item=-1)
+    assert (state["window"] == 0).all() and (state["beta"] == 0).all()
+    np.testing.assert_allclose(state["residual"], map_by_definition(x[None].astype(np.float64), np.zeros(1), np.ones(1), 1.0, 1e-12)[0],
+                               atol=1e-4)
+
+
 def test_rules_validate_their_hyperparameters():
     for bad in (lambda: PairwiseSGD(buffer_size=3), lambda: PointwiseSGD(max_norm=float("inf")),
-                lambda: PointwiseSGD(lr=0), lambda: DiagonalLaplace(prior_var=0), lambda: IsotropicLaplace(prior_var=-1), lambda: DiagonalLaplace(dtype="int8")):
+                lambda: PointwiseSGD(lr=0), lambda: DiagonalLaplace(prior_var=0), lambda: IsotropicLaplace(prior_var=-1), lambda: DiagonalLaplace(dtype="int8"),
+                lambda: WindowMAP(window=0), lambda: WindowMAP(head_var=-1), lambda: WindowMAP(newton_steps=1.5)):
         with pytest.raises(ValueError):
             bad()
     with pytest.raises(ValueError, match="overshoot"):
@@ -139,7 +201,7 @@ def test_rules_validate_their_hyperparameters():
 
 
 @pytest.mark.parametrize("name, cls", [("pointwise", PointwiseSGD), ("pairwise", PairwiseSGD), ("laplace", DiagonalLaplace),
-                                       ("laplace_iso", IsotropicLaplace)])
+                                       ("laplace_iso", IsotropicLaplace), ("window", WindowMAP)])
 def test_config_defaults_equal_code_defaults(name, cls):
     hydra_utils = pytest.importorskip("hydra.utils")
     cfg = yaml.safe_load((CONFIGS / "rule" / f"{name}.yaml").read_text())
