@@ -324,62 +324,87 @@ def _iso_laplace_events(res, ev, rows, items, labels, X, z, q0, part, parts):
 
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)
-def _window_events(res, win, beta, hw, rows, items, labels, X, z, pv, hv, steps, part, parts):
+def _window_events(res, win, beta, gram, hw, rows, items, labels, X, z, pv, hv, steps, part, parts):
     """WindowMAP solves of events ``(rows[e], items[e], labels[e])``, in order, in place.
 
     ``win``: (n_rows, B) int32 codes (item + 1, negated for a rejection, 0 empty, oldest
-    first); ``beta``: (n_rows, B) float32; ``hw``: (n_rows,) float32 head weights, read and
-    written only if ``hv > 0``. The Newton system ``(I + W K) d = g`` is solved in its
-    symmetric form ``d = g - S (I + S K S)⁻¹ S K g``, ``S = W^½``, by Cholesky.
+    first); ``beta``: (n_rows, B) float32; ``gram``: (n_rows, B (B + 1) / 2) float32, the
+    packed lower triangle; ``hw``: (n_rows,) float32 head weights, used only if ``hv > 0``.
+    Per event the work over D is one pass for the margins and the new Gram row, one for the
+    update. The Newton system ``(I + W K) d = g`` is solved in its symmetric form
+    ``d = g - S (I + S K S)⁻¹ S K g``, ``S = W^½``, by Cholesky.
     """
     mine = _my_events(rows, part, parts)
     n_ev, D, B = mine.shape[0], X.shape[1], win.shape[1]
     dt_r = res.dtype
-    anchor = np.empty(D, np.float32)
-    ids = np.empty(B, np.int64)
-    lab, bt = np.empty(B), np.empty(B)
-    K, L = np.empty((B, B)), np.empty((B, B))
+    width = (B + 3) // 4 * 4  # window items in whole groups of 4
+    r = np.empty(D, np.float32)
+    ids = np.empty(width, np.int64)
+    c4 = np.zeros(width, np.float32)
+    lab, b0, bt, zw, m = np.empty(B), np.empty(B), np.empty(B), np.empty(B), np.empty(B)
+    G, K, L = np.empty((B, B)), np.empty((B, B)), np.empty((B, B))
     off, g, sw, u = np.empty(B), np.empty(B), np.empty(B), np.empty(B)
     for t in range(n_ev):
         if t + _AHEAD < n_ev:
             _prefetch_event(res, X, rows[mine[t + _AHEAD]], items[mine[t + _AHEAD]])
         e = mine[t]
-        row = rows[e]
-        for d in range(D):
-            anchor[d] = _to_f32(res[row, d])
-        av = np.float64(hw[row]) if hv > 0 else 0.0
+        row, i = rows[e], items[e]
+        v = np.float64(hw[row]) if hv > 0 else 0.0
         n = 0
         for j in range(B):
-            code = win[row, j]
-            if code != 0:
-                ids[n] = abs(code) - 1
-                lab[n] = 1.0 if code > 0 else 0.0
-                bt[n] = beta[row, j]
+            if win[row, j] != 0:
                 n += 1
-        first = 1 if n == B else 0  # a full window's oldest event leaves it; its pull stays in the anchor
-        for j in range(first, n):  # anchor = r - pv sum_j beta_j x_j over the events that stay
-            c = np.float32(pv * bt[j])
-            for d in range(D):
-                anchor[d] -= c * X[ids[j], d]
-            av -= hv * bt[j] * z[ids[j]]
-        if first:
-            for j in range(B - 1):
-                ids[j], lab[j], bt[j] = ids[j + 1], lab[j + 1], bt[j + 1]
-            n -= 1
-        ids[n], lab[n], bt[n] = items[e], 1.0 if labels[e] else 0.0, 0.0
+        first = 1 if n == B else 0  # a full window's oldest event leaves it; its pull stays in r
+        k = 0
+        for j in range(first, n):
+            code = win[row, j]
+            ids[k] = abs(code) - 1
+            lab[k] = 1.0 if code > 0 else 0.0
+            b0[k] = beta[row, j]
+            for c in range(first, j + 1):
+                G[k, c - first] = G[c - first, k] = gram[row, j * (j + 1) // 2 + c]
+            k += 1
+        n = k
+        ids[n], lab[n], b0[n] = i, 1.0 if labels[e] else 0.0, 0.0
         n += 1
-        for a in range(n):
-            ia = ids[a]
-            s = np.float32(0.0)
+        s_i, s_ii = np.float32(0.0), np.float32(0.0)
+        for d in range(D):
+            rd = _to_f32(res[row, d])
+            r[d] = rd
+            s_i += X[i, d] * rd
+            s_ii += X[i, d] * X[i, d]
+        m[n - 1], G[n - 1, n - 1] = s_i, s_ii
+        for a in range(n - 1, width):  # padding: the new item itself, its results unused
+            ids[a] = i
+        for a in range(0, n - 1, 4):  # margins x_a·r and the new Gram row x_a·x_i, four items per pass
+            i0, i1, i2, i3 = ids[a], ids[a + 1], ids[a + 2], ids[a + 3]
+            r0 = r1 = r2 = r3 = x0 = x1 = x2 = x3 = np.float32(0.0)
             for d in range(D):
-                s += X[ia, d] * anchor[d]
-            off[a] = (1.0 + av) * z[ia] + s
-            for b in range(a + 1):
-                ib = ids[b]
-                s = np.float32(0.0)
-                for d in range(D):
-                    s += X[ia, d] * X[ib, d]
-                K[a, b] = K[b, a] = pv * s + hv * z[ia] * z[ib]
+                rd, xd = r[d], X[i, d]
+                v0, v1, v2, v3 = X[i0, d], X[i1, d], X[i2, d], X[i3, d]
+                r0 += v0 * rd
+                r1 += v1 * rd
+                r2 += v2 * rd
+                r3 += v3 * rd
+                x0 += v0 * xd
+                x1 += v1 * xd
+                x2 += v2 * xd
+                x3 += v3 * xd
+            for j, (s_r, s_x) in enumerate(((r0, x0), (r1, x1), (r2, x2), (r3, x3))):
+                if a + j < n - 1:
+                    m[a + j] = s_r
+                    G[n - 1, a + j] = G[a + j, n - 1] = s_x
+        for a in range(n):
+            zw[a] = z[ids[a]]
+        for a in range(n):
+            for b in range(n):
+                K[a, b] = pv * G[a, b] + hv * zw[a] * zw[b]
+        for a in range(n):
+            f = (1.0 + v) * zw[a] + m[a]
+            for b in range(n):
+                f -= K[a, b] * b0[b]
+            off[a] = f
+            bt[a] = b0[a]
         for _ in range(steps):
             for a in range(n):
                 f = off[a]
@@ -399,7 +424,7 @@ def _window_events(res, win, beta, hw, rows, items, labels, X, z, pv, hv, steps,
                     for c in range(b):
                         f -= L[a, c] * L[b, c]
                     L[a, b] = math.sqrt(f) if a == b else f / L[b, b]
-            for a in range(n):  # forward, then backward substitution: u <- (L Lᵀ)⁻¹ u
+            for a in range(n):  # u <- (L Lᵀ)⁻¹ u
                 f = u[a]
                 for c in range(a):
                     f -= L[a, c] * u[c]
@@ -411,22 +436,33 @@ def _window_events(res, win, beta, hw, rows, items, labels, X, z, pv, hv, steps,
                 u[a] = f / L[a, a]
             for a in range(n):
                 bt[a] -= g[a] - sw[a] * u[a]
-        for j in range(n):  # r = anchor + pv sum_j beta_j x_j
-            c = np.float32(pv * bt[j])
+        for a in range(width):  # r += pv X_wᵀ (beta - beta_old), four items per pass, then store r
+            c4[a] = np.float32(pv * (bt[a] - b0[a])) if a < n else np.float32(0.0)
+            if a < n:
+                v += hv * zw[a] * (bt[a] - b0[a])
+        ids[n - 1] = i
+        for a in range(0, n, 4):
+            i0, i1, i2, i3 = ids[a], ids[a + 1], ids[a + 2], ids[a + 3]
+            c0, c1, c2, c3 = c4[a], c4[a + 1], c4[a + 2], c4[a + 3]
+            last = a + 4 >= n
             for d in range(D):
-                anchor[d] += c * X[ids[j], d]
-            av += hv * bt[j] * z[ids[j]]
-        for d in range(D):
-            res[row, d] = _from_f32(anchor[d], dt_r)
+                rd = r[d] + c0 * X[i0, d] + c1 * X[i1, d] + c2 * X[i2, d] + c3 * X[i3, d]
+                r[d] = rd
+                if last:
+                    res[row, d] = _from_f32(rd, dt_r)
         for j in range(B):
             if j < n:
                 win[row, j] = ids[j] + 1 if lab[j] > 0 else -(ids[j] + 1)
                 beta[row, j] = bt[j]
+                for c in range(j + 1):
+                    gram[row, j * (j + 1) // 2 + c] = G[j, c]
             else:
                 win[row, j] = 0
                 beta[row, j] = 0.0
+                for c in range(j + 1):
+                    gram[row, j * (j + 1) // 2 + c] = 0.0
         if hv > 0:
-            hw[row] = av
+            hw[row] = v
 
 
 def _n_parts(n_events: int, threads: int) -> int:
@@ -485,7 +521,7 @@ def apply(rule, cols: dict[str, np.ndarray], rows: np.ndarray, items: np.ndarray
                   1.0 / rule.prior_var)
     elif kind is WindowMAP:
         hw = cols["head_weight"] if rule.head_var > 0 else np.zeros(1, np.float32)
-        _in_parts(_window_events, n, threads, res, cols["window"], cols["beta"], hw, rows, items, labels, X, z,
+        _in_parts(_window_events, n, threads, res, cols["window"], cols["beta"], cols["gram"], hw, rows, items, labels, X, z,
                   rule.prior_var, rule.head_var, rule.newton_steps)
     else:
         raise TypeError(f"no compiled kernel for rule {type(rule).__name__}; rules: PointwiseSGD, PairwiseSGD, "

@@ -316,28 +316,30 @@ class WindowMAP:
 
     The one-event Laplace steps above see each event once, with the residual of that
     moment. A refit uses every answer at every step; this rule does too, within a window
-    of the key's last ``window`` events (catalog ids, field ``window``), with the head as
-    the prior mean. The posterior maximum lies in the span of the window's items, so the
-    key keeps the residual ``r`` and one dual coefficient per window event (``beta``)::
+    of the key's last ``window`` events (catalog ids, field ``window``, oldest first, the
+    sign giving the label), with the head as the prior mean. The posterior maximum moves
+    only in the span of the window's items, so the key keeps one coefficient per window
+    event (``beta``) and the window's Gram matrix (``gram``, packed lower triangle), and
+    each event solves for the coefficients of the events now in the window::
 
-        anchor = r - prior_var Σ_j beta_j x_j          # the prior mean and the events that left the window
-        K      = prior_var X_w X_wᵀ + head_var z_w z_wᵀ     (n x n, n <= window)
-        minimise  Σ_j logloss(y_j, (1 + a_v) z_j + x_j·anchor + (K beta)_j) + ½ betaᵀ K beta
-        r      = anchor + prior_var Σ_j beta_j x_j
+        K      = prior_var G + head_var z_w z_wᵀ                    (n x n, n <= window)
+        offset = (1 + v) z_w + X_w r - K beta_old                  # the head, the prior and what left the window
+        minimise  Σ_j logloss(y_j, offset_j + (K beta)_j) + ½ betaᵀ K beta
+        r <- r + prior_var X_wᵀ (beta - beta_old),   v <- v + head_var z_wᵀ (beta - beta_old)
 
-    by ``newton_steps`` Newton steps, ``beta <- beta - (I + W K)⁻¹ (p - y + beta)``, warm
-    started from the key's coefficients (0 for the new event). An event leaving the window
-    keeps its pull in the anchor. With ``head_var > 0`` the key also learns a head weight
-    (field ``head_weight`` ``v``; the score is ``(1 + v) z + r·x``) with prior ``N(0, head_var)``:
-    a user can trust the head more or less than the population does. An embedding outside
-    the catalog (``item=-1``) has no id to keep: it takes the same solve as a window of its own.
+    by ``newton_steps`` Newton steps ``beta <- beta - (I + W K)⁻¹ (p - y + beta)`` from
+    ``beta_old`` (0 for the new event). An event leaving the window keeps its pull in
+    ``r``. With ``head_var > 0`` the key also learns a head weight (field ``head_weight``
+    ``v``; the score is ``(1 + v) z + r·x``) with prior ``N(0, head_var)``: a user may trust
+    the head more or less than the population does. An embedding outside the catalog
+    (``item=-1``) has no id to keep: it is solved as a window of its own.
 
     Parameters
     ----------
     prior_var
         Prior variance of each residual coordinate: how far a key may move from the head.
     window
-        Events kept per key (int32 ids, sign = label), and the size of the solve.
+        Events kept per key, and the size of the per-event solve.
     newton_steps
         Newton steps per event.
     head_var
@@ -347,13 +349,14 @@ class WindowMAP:
     --------
     >>> cat = Catalog(np.eye(2, dtype=np.float32), np.zeros(2, np.float32))
     >>> rule = WindowMAP(prior_var=1.0, window=2)
-    >>> state = {"residual": np.zeros(2, np.float32), "window": np.zeros(2, np.int32), "beta": np.zeros(2, np.float32)}
+    >>> state = {"residual": np.zeros(2, np.float32),
+    ...          **{name: np.full(f.shape, f.fill, f.dtype) for name, f in rule.fields(2).items()}}
     >>> rule.reference(state, cat.embeddings[0], 0.0, True, cat, item=0)
     >>> state["window"].tolist(), [round(float(v), 3) for v in state["residual"]]   # r_0 solves r = sigmoid(-r)
     ([1, 0], [0.401, 0.0])
     """
 
-    def __init__(self, prior_var: float = 10.0, window: int = 16, newton_steps: int = 3, head_var: float = 0.0):
+    def __init__(self, prior_var: float = 10.0, window: int = 8, newton_steps: int = 3, head_var: float = 0.0):
         if not (0 < prior_var < np.inf):
             raise ValueError(f"prior_var must be finite and > 0, got {prior_var}")
         if not (0 <= head_var < np.inf):
@@ -373,42 +376,41 @@ class WindowMAP:
         return type(self) is type(other) and vars(self) == vars(other)
 
     def fields(self, dim: int) -> dict[str, Field]:
-        out = {"window": Field((self.window,), "int32", 0), "beta": Field((self.window,), "float32", 0)}
+        b = self.window
+        out = {"window": Field((b,), "int32", 0), "beta": Field((b,), "float32", 0),
+               "gram": Field((b * (b + 1) // 2,), "float32", 0)}
         if self.head_var > 0:
             out["head_weight"] = Field((), "float32", 0)
         return out
 
     def reference(self, state, x, z, label, cat, item=-1) -> None:
-        r = state["residual"].astype(np.float64)
-        v = float(state.get("head_weight", 0.0))
-        if item < 0:
-            ids, labels, beta, keep = np.empty(0, np.int64), np.empty(0), np.empty(0), False
-        else:
-            code = state["window"].astype(np.int64)
-            n = int(np.count_nonzero(code))
-            ids, labels, beta, keep = np.abs(code[:n]) - 1, (code[:n] > 0).astype(float), state["beta"][:n].astype(np.float64), True
-        if len(ids) == self.window:  # the oldest leaves; its pull stays in the anchor
-            ids, labels, beta = ids[1:], labels[1:], beta[1:]
-        X_w, z_w = cat.embeddings[ids].astype(np.float64), cat.head[ids].astype(np.float64)
-        anchor = r - self.prior_var * X_w.T @ beta
-        anchor_v = v - self.head_var * z_w @ beta
-        if not keep:
-            anchor, anchor_v = r, v
-        X_w = np.vstack([X_w, np.asarray(x, np.float64)[None]])
-        z_w = np.append(z_w, float(z))
-        labels, beta = np.append(labels, float(label)), np.append(beta, 0.0)
-        K = self.prior_var * X_w @ X_w.T + self.head_var * np.outer(z_w, z_w)
-        offset = (1.0 + anchor_v) * z_w + X_w @ anchor
+        r, v = state["residual"], float(state.get("head_weight", 0.0))
+        tri = np.tril_indices(self.window)
+        n = int(np.count_nonzero(state["window"])) if item >= 0 else 0
+        codes, beta_old = state["window"][:n].astype(np.int64), state["beta"][:n].astype(np.float64)
+        G = np.zeros((self.window, self.window))
+        G[tri] = state["gram"]
+        G = G[:n, :n] + np.tril(G[:n, :n], -1).T
+        if n == self.window:  # the oldest leaves; its pull stays in r
+            codes, beta_old, G, n = codes[1:], beta_old[1:], G[1:, 1:], n - 1
+        ids, labels = np.append(np.abs(codes) - 1, item), np.append(codes > 0, bool(label)).astype(np.float64)
+        X_w = np.vstack([cat.embeddings[ids[:n]], np.asarray(x)[None]]).astype(np.float64)
+        z_w = np.append(cat.head[ids[:n]], z).astype(np.float64)
+        g = X_w[:n] @ X_w[n]
+        G = np.block([[G, g[:, None]], [g[None], X_w[n] @ X_w[n]]])
+        beta_old = np.append(beta_old, 0.0)
+        K = self.prior_var * G + self.head_var * np.outer(z_w, z_w)
+        offset = (1.0 + v) * z_w + X_w @ r - K @ beta_old
+        beta = beta_old
         for _ in range(self.newton_steps):
             p = 0.5 * (1.0 + np.tanh(0.5 * (offset + K @ beta)))
-            beta = beta - np.linalg.solve(np.eye(len(beta)) + (p * (1.0 - p))[:, None] * K, p - labels + beta)
-        state["residual"][:] = anchor + self.prior_var * X_w.T @ beta
+            beta = beta - np.linalg.solve(np.eye(n + 1) + (p * (1.0 - p))[:, None] * K, p - labels + beta)
+        r += (self.prior_var * X_w.T @ (beta - beta_old)).astype(r.dtype)
         if self.head_var > 0:
-            state["head_weight"] = np.float32(anchor_v + self.head_var * z_w @ beta)
-        if keep:
-            n = len(beta)
-            state["window"][:] = 0
-            codes = np.append(ids, item) + 1
-            state["window"][:n] = np.where(labels > 0, codes, -codes)
-            state["beta"][:] = 0
-            state["beta"][:n] = beta
+            state["head_weight"] = np.float32(v + self.head_var * z_w @ (beta - beta_old))
+        if item >= 0:
+            for name in ("window", "beta", "gram"):
+                state[name][:] = 0
+            state["window"][: n + 1] = np.where(labels > 0, ids + 1, -(ids + 1))
+            state["beta"][: n + 1] = beta
+            state["gram"][: (n + 1) * (n + 2) // 2] = G[np.tril_indices(n + 1)]
