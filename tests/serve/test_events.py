@@ -101,3 +101,24 @@ def test_a_worker_killed_during_its_update_leaves_no_claim_so_the_retry_applies_
     assert backend.claim_and_apply(claim, bump) is True  # the client's retry: the killed attempt left no claim
     assert backend.claim_and_apply(claim, bump) is False
     assert int(store.get_many(["u"])["n"][0]) == 1
+
+
+def test_redis_going_away_during_an_update_leaves_no_claim_so_the_retry_applies_once(own_redis_server):
+    from streamml.serve.backend import RedisBackend
+    from streamml.stores import StoreUnavailable
+
+    backend = RedisBackend(f"redis://127.0.0.1:{own_redis_server.port}/0")
+    backend.events.create("e1", {"user": "u"}, ttl_s=60)
+    store = backend.state(SCHEMA, "head0")
+
+    def stop_then_compute(state):
+        own_redis_server.stop()
+        return {"n": state["n"] + 1}
+
+    with pytest.raises(StoreUnavailable):
+        backend.claim_and_apply(("event", "e1", 3, None), lambda: store.update_many(["u"], stop_then_compute))
+    own_redis_server.start()  # same port, same append-only file
+    bump = lambda: store.update_many(["u"], lambda s: {"n": s["n"] + 1})  # noqa: E731
+    assert backend.claim_and_apply(("event", "e1", 3, None), bump) is True
+    assert backend.claim_and_apply(("event", "e1", 3, None), bump) is False
+    assert int(store.get_many(["u"])["n"][0]) == 1
