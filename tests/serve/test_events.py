@@ -88,6 +88,7 @@ def _killed_during_update(open_backend, claim) -> None:
     backend.claim_and_apply(claim, lambda: store.update_many(["u"], lambda s: os.kill(os.getpid(), signal.SIGKILL)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("claim", [("event", "e1", 3, None), ("client", "c1", None, 60.0)], ids=["reward", "feedback"])
 def test_a_worker_killed_during_its_update_leaves_no_claim_so_the_retry_applies_once(open_backend, claim):
     backend = open_backend()
