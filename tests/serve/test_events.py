@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import time
 import uuid
 
 import numpy as np
@@ -104,22 +105,39 @@ def test_a_worker_killed_during_its_update_leaves_no_claim_so_the_retry_applies_
     assert int(store.get_many(["u"])["n"][0]) == 1
 
 
-def test_redis_going_away_during_an_update_leaves_no_claim_so_the_retry_applies_once(own_redis_server):
+@pytest.mark.parametrize("kind", ["redis", pytest.param("cluster", marks=pytest.mark.slow)])
+def test_redis_going_away_during_an_update_leaves_no_claim_so_the_retry_applies_once(kind, request):
     from streamml.serve.backend import RedisBackend
     from streamml.stores import StoreUnavailable
 
-    backend = RedisBackend(f"redis://127.0.0.1:{own_redis_server.port}/0")
+    if kind == "redis":
+        server = request.getfixturevalue("own_redis_server")
+        backend = RedisBackend(f"redis://127.0.0.1:{server.port}/0")
+    else:
+        nodes = request.getfixturevalue("own_redis_cluster").nodes
+        backend = RedisBackend(f"redis://127.0.0.1:{nodes[0].port}", cluster=True)
     backend.events.create("e1", {"user": "u"}, ttl_s=60)
     store = backend.state(SCHEMA, "head0")
+    if kind == "cluster":  # the master of the user's slot
+        port = backend.client.get_node_from_key(store.rkey('"u"')).port
+        server = next(n for n in nodes if n.port == port)
 
     def stop_then_compute(state):
-        own_redis_server.stop()
+        server.stop()
         return {"n": state["n"] + 1}
 
     with pytest.raises(StoreUnavailable):
         backend.claim_and_apply(("event", "e1", 3, None), lambda: store.update_many(["u"], stop_then_compute))
-    own_redis_server.start()  # same port, same append-only file
+    server.start()  # same port, same append-only file (and nodes.conf)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            assert int(store.get_many(["u"])["n"][0]) == 0  # the failed update wrote nothing
+            break
+        except StoreUnavailable:
+            assert time.monotonic() < deadline, "Redis did not come back within 30 s"
+            time.sleep(0.2)
     bump = lambda: store.update_many(["u"], lambda s: {"n": s["n"] + 1})  # noqa: E731
-    assert backend.claim_and_apply(("event", "e1", 3, None), bump) is True
+    assert backend.claim_and_apply(("event", "e1", 3, None), bump) is True  # nor a claim
     assert backend.claim_and_apply(("event", "e1", 3, None), bump) is False
     assert int(store.get_many(["u"])["n"][0]) == 1
