@@ -46,12 +46,14 @@ def read_folder(path: str | Path, embedding_dim: int = 384) -> list[tuple[str, l
 # ---------------------------------------------------------------- claims
 # ``claim`` is ("event", event_id, item, None) for a reward, ("client", client_event_id, None, ttl_s)
 # for plain feedback. ``claim_and_apply(claim, apply)`` runs ``apply`` (the learner's update)
-# only if the claim is won, and returns whether it was.
+# only if the claim is won, and returns whether it was. SQLite and Redis write the claim in the
+# transaction of the update (the store's ``update_many`` takes the thread's pending claim), so a
+# process killed between the two cannot leave a claim without its update.
 
 
 def _claim_then_apply(events, claim: tuple, apply) -> bool:
-    """Two writes: the claim, then the update; a failed update releases its claim. A process
-    killed between the two leaves a claim without its update (a retry then reads duplicate)."""
+    """The memory backend's two steps: the claim, then the update; a failed update releases
+    its claim (a killed process takes both with it)."""
     kind, ident, item, ttl_s = claim
     won = events.claim(ident, item) if kind == "event" else events.claim_client_event(ident, ttl_s)
     if not won:
@@ -71,7 +73,21 @@ class _AlreadyClaimed(Exception):
     pass
 
 
-_PENDING = threading.local()  # the claim the next SQLite update on this thread must win, inside its transaction
+_PENDING = threading.local()  # the claim the next store update on this thread must win, inside its transaction
+
+
+def _apply_claimed(pending, apply) -> bool:
+    """Run ``apply`` with ``pending`` as the thread's pending claim; False if it was already won."""
+    _PENDING.claim = pending
+    try:
+        apply()
+        if _PENDING.claim is not None:  # the learner wrote without update_many: the claim was never made
+            raise RuntimeError("the online learner's update did not go through the store's update_many")
+    except _AlreadyClaimed:
+        return False
+    finally:
+        _PENDING.claim = None
+    return True
 
 
 def _sqlite_claim(conn, now: float, kind: str, ident: str, item, ttl_s) -> bool:
@@ -112,6 +128,24 @@ def _sqlite_claiming_store():
             return super().update_many(keys, claimed)
 
     return ClaimingSQLiteStore
+
+
+def _redis_claiming_store():
+    from streamml.stores.redis import RedisStore
+
+    class ClaimingRedisStore(RedisStore):
+        """A RedisStore whose ``update_many`` writes the thread's pending claim in the same
+        MULTI/EXEC or script (:meth:`~streamml.stores.redis.RedisStore.update_claimed`)."""
+
+        def update_many(self, keys, fn):
+            claim = getattr(_PENDING, "claim", None)
+            if claim is None:
+                return super().update_many(keys, fn)
+            _PENDING.claim = None  # one claim, one update
+            if not self.update_claimed(keys, fn, claim):
+                raise _AlreadyClaimed
+
+    return ClaimingRedisStore
 
 
 class MemoryEventLog:
@@ -240,16 +274,7 @@ class SQLiteBackend:
 
     def claim_and_apply(self, claim: tuple, apply) -> bool:
         """Claim and update in one SQLite transaction: a killed process leaves both or neither."""
-        _PENDING.claim = lambda conn: _sqlite_claim(conn, self.events.clock(), *claim)
-        try:
-            apply()
-            if _PENDING.claim is not None:  # the learner wrote without update_many: the claim was never made
-                raise RuntimeError("the online learner's update did not go through the store's update_many")
-        except _AlreadyClaimed:
-            return False
-        finally:
-            _PENDING.claim = None
-        return True
+        return _apply_claimed(lambda conn: _sqlite_claim(conn, self.events.clock(), *claim), apply)
 
     def ping(self) -> None:
         self.db.conn.execute("SELECT 1").fetchone()
@@ -320,14 +345,19 @@ class RedisBackend:
         self.errors = (StoreUnavailable,)
 
     def state(self, schema: Schema, namespace: str) -> Store:
-        from streamml.stores.redis import RedisStore
-
-        store = RedisStore(schema, self.client, prefix=f"{self.prefix}:s{namespace}")
+        store = _redis_claiming_store()(schema, self.client, prefix=f"{self.prefix}:s{namespace}")
         store.bind_head(namespace, on_mismatch="error")
         return store
 
     def claim_and_apply(self, claim: tuple, apply) -> bool:
-        return _claim_then_apply(self.events, claim, apply)
+        """Claim and update in one MULTI/EXEC (one script in a cluster): the claim's key carries the
+        user's hash tag, so it shares the slot of the user's state. A killed process leaves both or
+        neither. A client event id is therefore first-wins per user here."""
+        from streamml.stores.redis import _ms
+
+        kind, ident, item, ttl_s = claim
+        ttl_ms = self.events.ttl_ms(ident) if kind == "event" else _ms(ttl_s)
+        return _apply_claimed(lambda tag: (self.events.claim_key(kind, ident, item, tag), ttl_ms), apply)
 
     def ping(self) -> None:
         from streamml.stores.redis import _guard

@@ -10,10 +10,9 @@ describe what would be shown. Plain feedback (a caller that ranked elsewhere) is
 idempotent on the caller's own event id the same way.
 
 Every check runs before anything is written, so bad input changes nothing. The claim and the
-update go through ``backend.claim_and_apply``: on SQLite both commit in one transaction, so a
-killed process leaves both or neither; on Redis they are two writes (the claim's key and the
-user's key live in different cluster slots), a failed update releases its claim, and only a
-process killed between the two writes leaves a claim without its update.
+update go through ``backend.claim_and_apply``: on SQLite and on Redis both commit in one
+transaction (on Redis the claim's key carries the user's hash tag, so it shares the slot of
+the user's state), so a failed update or a killed process leaves both or neither.
 Errors are :class:`ServeError` with the HTTP status to answer.
 """
 

@@ -29,9 +29,13 @@
   only with ``appendonly yes`` (``appendfsync everysec`` may lose the last second
   on a crash of Redis itself; ``always`` loses nothing). The tests run with ``always``.
 - **Event log and claims.** An event is a string set with ``SET NX PX`` (expires
-  with the TTL); claims are a hash next to it (same hash tag), written by a Lua
-  script that checks the event exists, does ``HSETNX`` and gives the hash the
-  event's remaining TTL. Client event ids are ``SET NX PX`` keys.
+  with the TTL). A claim (of a reward on an event's item, or of a client event id)
+  is a string key that expires with the event or the id, under a hash tag chosen
+  by the caller: the service tags it with the user, so the claim lives in the slot
+  of the state it guards and :meth:`RedisStore.update_claimed` writes both in one
+  MULTI/EXEC (one Lua script in a cluster). A worker killed between the claim and
+  the update would otherwise leave a claim without its update, and the client's
+  retry would read as a duplicate: a lost update.
 """
 
 from __future__ import annotations
@@ -87,6 +91,11 @@ def _client(client_or_url) -> redis.Redis | RedisCluster:
     return connect(client_or_url) if isinstance(client_or_url, str) else client_or_url
 
 
+def _tag(plain) -> str:
+    """The hash tag of a plain key: its user (first part), so a user's keys share a slot."""
+    return _dumps(plain[0] if type(plain) is list and len(plain) >= 2 else plain)
+
+
 def _check_prefix(prefix: str) -> str:
     """A namespace without hash-tag braces or glob characters; a trailing ``:`` is dropped."""
     if not re.fullmatch(r"[A-Za-z0-9_.:\-]*[A-Za-z0-9_.\-]:?", prefix):
@@ -137,6 +146,7 @@ class RedisStore(Store):
         self.max_attempts = int(max_attempts)
         self._slots = _Slots(self.client)
         self._meta = f"{self.prefix}:meta"
+        self._claimed_cas = self.client.register_script(_CLAIMED_CAS)
         with _guard("opening the store"):
             stored = self.client.hget(self._meta, "schema")
             if stored is not None and stored.decode() != self.codec.signature:
@@ -159,8 +169,8 @@ class RedisStore(Store):
 
     def _rkey_of(self, plain) -> str:
         if type(plain) is list and len(plain) >= 2:
-            return f"{self.prefix}:{{{_dumps(plain[0])}}}:{_dumps(plain[1:])}"
-        return f"{self.prefix}:{{{_dumps(plain)}}}"
+            return f"{self.prefix}:{{{_tag(plain)}}}:{_dumps(plain[1:])}"
+        return f"{self.prefix}:{{{_tag(plain)}}}"
 
     def _rkeys(self, keys: Keys, op: str, unique: bool = False) -> list[str]:
         p = self.prefix
@@ -208,29 +218,50 @@ class RedisStore(Store):
             return sum(1 for _ in self._scan())
 
     # ---- writes
-    def _transact(self, rkeys: list[str], compute: Callable[[list[bytes | None]], list[bytes]], op: str) -> None:
+    def _transact(self, rkeys: list[str], compute: Callable[[list[bytes | None]], list[bytes]], op: str,
+                  claim: tuple[str, int] | None = None) -> bool:
         """Read-modify-write of every key, atomic per key; retried on conflicts.
 
         Plain Redis: WATCH the keys, read them, ``compute`` the new blobs, MULTI/MSET/EXEC
         (all or nothing); a WatchError redoes the whole batch. Cluster: read, ``compute``,
         then one compare-and-set script per key, pipelined per node; the keys that
-        changed meanwhile are re-read and the batch computed again for them."""
+        changed meanwhile are re-read and the batch computed again for them.
+
+        ``claim`` is ``(key, ttl_ms)``, a key in the slot of ``rkeys``: then nothing is
+        written and False returned if it exists, else it is set in the same MULTI/EXEC
+        (in a cluster, the same script) as the new blobs."""
         with _guard(op):
             if self._slots.cluster:
-                return self._cas(rkeys, compute, op)
+                return self._cas_claimed(rkeys, compute, op, *claim) if claim else self._cas(rkeys, compute, op)
+            watched = rkeys + [claim[0]] if claim else rkeys
             for _ in range(self.max_attempts):
                 with self.client.pipeline(transaction=True) as pipe:
-                    pipe.watch(*rkeys)
-                    base = self._mget(pipe, rkeys)
+                    pipe.watch(*watched)
+                    base = self._mget(pipe, watched)
+                    if claim and base.pop() is not None:
+                        return False
                     blobs = compute(base)
                     pipe.multi()
                     for j in range(0, len(rkeys), _CHUNK):
                         pipe.mset(dict(zip(rkeys[j : j + _CHUNK], blobs[j : j + _CHUNK])))
+                    if claim:
+                        pipe.set(claim[0], 1, px=claim[1])
                     try:
                         pipe.execute()
-                        return
+                        return True
                     except redis.exceptions.WatchError:
                         continue
+        raise RuntimeError(f"{op}: gave up after {self.max_attempts} conflicting concurrent writes to the same keys")
+
+    def _cas_claimed(self, rkeys, compute, op, claim_key: str, ttl_ms: int) -> bool:
+        """The cluster's claimed update: one script checks the claim and every key, then writes them all."""
+        for _ in range(self.max_attempts):
+            base = self.client.mget_nonatomic(rkeys)
+            blobs = compute(base)
+            expected = [b"" if old is None else b"1" + old for old in base]
+            done = self._claimed_cas(keys=[claim_key, *rkeys], args=[ttl_ms, *expected, *blobs])
+            if done != 0:
+                return done == 1
         raise RuntimeError(f"{op}: gave up after {self.max_attempts} conflicting concurrent writes to the same keys")
 
     def _cas(self, rkeys, compute, op) -> None:
@@ -287,6 +318,26 @@ class RedisStore(Store):
             self.codec.check_values(fn(self.codec.unpack([])), 0)
             return
         self._transact(rkeys, compute, "update_many")
+
+    def update_claimed(self, keys: Keys, fn: Callable[[dict[str, np.ndarray]], Mapping[str, np.ndarray]],
+                       claim: Callable[[str], tuple[str, int]]) -> bool:
+        """:meth:`update_many` of one user's ``keys`` together with a claim: both commit or neither.
+
+        ``claim(tag)`` gives ``(claim key, ttl_ms)`` for the user's hash tag ``tag``, a key
+        that must carry ``{tag}`` so it shares the slot of ``keys``. Returns False and
+        writes nothing if that key already exists (the claim was won before)."""
+        plain = [plain_key(k, "update_claimed") for k in as_key_list(keys)]
+        tags = {_tag(k) for k in plain}
+        if len(tags) != 1:
+            raise ValueError(f"update_claimed: the keys must belong to one user (one hash tag), got tags {sorted(tags)}")
+        rkeys = [self._rkey_of(k) for k in plain]
+        check_unique(rkeys, "update_claimed")
+        claim_key, ttl_ms = claim(tags.pop())
+
+        def compute(base):
+            return self.codec.pack(fn(self.codec.unpack(base)), len(rkeys), base)
+
+        return self._transact(rkeys, compute, "update_claimed", (claim_key, ttl_ms))
 
     def delete_many(self, keys: Keys) -> None:
         rkeys = list(dict.fromkeys(self._rkeys(keys, "delete_many")))
@@ -346,77 +397,95 @@ end
 return 0
 """
 
-_CREATE = """
-if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  redis.call('del', KEYS[2])
-  return 1
+# a claimed compare-and-set of one slot's keys: KEYS[1] is the claim, KEYS[2..n+1] the state keys;
+# ARGV[1] the claim's TTL in ms, ARGV[2..n+1] the old values as in _CAS, ARGV[n+2..2n+1] the new ones.
+# -1: already claimed, 0: a key changed since it was read, 1: written. Every check precedes every write.
+_CLAIMED_CAS = """
+if redis.call('exists', KEYS[1]) == 1 then return -1 end
+local n = #KEYS - 1
+for i = 1, n do
+  local cur = redis.call('get', KEYS[i + 1])
+  local want = ARGV[i + 1]
+  if not ((cur == false and want == '') or (cur ~= false and want == '1' .. cur)) then return 0 end
 end
-return 0
+for i = 1, n do redis.call('set', KEYS[i + 1], ARGV[n + 1 + i]) end
+redis.call('set', KEYS[1], '1', 'PX', ARGV[1])
+return 1
 """
 
-_CLAIM = """
-local ttl = redis.call('pttl', KEYS[1])
-if ttl < 0 then return -1 end
-local won = redis.call('hsetnx', KEYS[2], ARGV[1], '1')
-redis.call('pexpire', KEYS[2], ttl)
-return won
-"""
+
+def _ms(ttl_s: float) -> int:
+    if ttl_s <= 0:
+        raise ValueError(f"ttl_s must be positive, got {ttl_s}")
+    return max(1, int(ttl_s * 1000))
 
 
 class RedisEventLog:
     """Served events, reward claims and client event ids in Redis; the contract of
-    :class:`streamml.stores.sqlite.SQLiteEventLog` (expiry by Redis itself)."""
+    :class:`streamml.stores.sqlite.SQLiteEventLog` (expiry by Redis itself).
+
+    Every claim method takes a ``tag``: the hash tag of the claim's key (default: the
+    event or client event id's own). Claims are first-wins per tag; the service tags
+    them with the user, see :meth:`RedisStore.update_claimed`."""
 
     def __init__(self, client, prefix: str = "streamml"):
         self.client = _client(client)
         self.prefix = _check_prefix(prefix)
-        self._create = self.client.register_script(_CREATE)
-        self._claim = self.client.register_script(_CLAIM)
 
-    def _keys(self, event_id: str) -> list[str]:
-        tag = json.dumps(str(event_id))
-        return [f"{self.prefix}:ev:{{{tag}}}", f"{self.prefix}:ev:{{{tag}}}:claims"]
+    def _key(self, event_id: str) -> str:
+        return f"{self.prefix}:ev:{{{_dumps(str(event_id))}}}"
+
+    def claim_key(self, kind: str, ident: str, item: Hashable = None, tag: str | None = None) -> str:
+        """The key of a claim: ``kind`` ``"event"`` (``ident`` an event id, ``item`` shown in it)
+        or ``"client"`` (``ident`` a client event id), under the hash tag ``tag``."""
+        ident = _dumps(str(ident))
+        tag = ident if tag is None else tag
+        if kind == "event":
+            return f"{self.prefix}:claim:{{{tag}}}:e:{ident}:{encode_key(item, 'claim item')}"
+        if kind == "client":
+            return f"{self.prefix}:claim:{{{tag}}}:c:{ident}"
+        raise ValueError(f"claim kind must be 'event' or 'client', got {kind!r}")
+
+    def ttl_ms(self, event_id: str) -> int:
+        """The event's remaining lifetime (ms), which its claims get; KeyError if unknown or expired."""
+        with _guard("event ttl"):
+            ttl = self.client.pttl(self._key(event_id))
+        if ttl < 0:
+            raise KeyError(f"unknown or expired event {event_id!r}")
+        return ttl
 
     def create(self, event_id: str, record: Mapping, ttl_s: float) -> None:
-        if ttl_s <= 0:
-            raise ValueError(f"ttl_s must be positive, got {ttl_s}")
+        ttl_ms = _ms(ttl_s)
         with _guard("event create"):
             rec = dict(record)
             rec.setdefault("created", time.time())
             text = json.dumps(rec, default=_jsonable, separators=(",", ":"))
-            if not self._create(keys=self._keys(event_id), args=[text, max(1, int(ttl_s * 1000))]):
+            if not self.client.set(self._key(event_id), text, nx=True, px=ttl_ms):
                 raise ValueError(f"event {event_id!r} already exists")
 
     def get(self, event_id: str) -> dict | None:
         with _guard("event get"):
-            text = self.client.get(self._keys(event_id)[0])
+            text = self.client.get(self._key(event_id))
         return None if text is None else json.loads(text)
 
-    def claim(self, event_id: str, item: Hashable) -> bool:
-        item_key = encode_key(item, "claim item")
+    def claim(self, event_id: str, item: Hashable, tag: str | None = None) -> bool:
+        key = self.claim_key("event", event_id, item, tag)
+        ttl_ms = self.ttl_ms(event_id)
         with _guard("claim"):
-            won = self._claim(keys=self._keys(event_id), args=[item_key])
-        if won < 0:
-            raise KeyError(f"unknown or expired event {event_id!r}")
-        return won == 1
+            return bool(self.client.set(key, 1, nx=True, px=ttl_ms))
 
-    def release(self, event_id: str, item: Hashable) -> None:
+    def release(self, event_id: str, item: Hashable, tag: str | None = None) -> None:
         with _guard("release"):
-            self.client.hdel(self._keys(event_id)[1], encode_key(item, "release item"))
+            self.client.delete(self.claim_key("event", event_id, item, tag))
 
-    def _ce_key(self, client_event_id: str) -> str:
-        return f"{self.prefix}:ce:{{{json.dumps(str(client_event_id))}}}"
-
-    def release_client_event(self, client_event_id: str) -> None:
-        with _guard("release_client_event"):
-            self.client.delete(self._ce_key(client_event_id))
-
-    def claim_client_event(self, client_event_id: str, ttl_s: float) -> bool:
-        if ttl_s <= 0:
-            raise ValueError(f"ttl_s must be positive, got {ttl_s}")
-        key = self._ce_key(client_event_id)
+    def claim_client_event(self, client_event_id: str, ttl_s: float, tag: str | None = None) -> bool:
+        ttl_ms = _ms(ttl_s)
         with _guard("claim_client_event"):
-            return bool(self.client.set(key, 1, nx=True, px=max(1, int(ttl_s * 1000))))
+            return bool(self.client.set(self.claim_key("client", client_event_id, tag=tag), 1, nx=True, px=ttl_ms))
+
+    def release_client_event(self, client_event_id: str, tag: str | None = None) -> None:
+        with _guard("release_client_event"):
+            self.client.delete(self.claim_key("client", client_event_id, tag=tag))
 
 
 class RedisItems:

@@ -1,12 +1,19 @@
-"""streamml.serve.events: A/B buckets, limits, and the claim-then-apply path of every backend."""
+"""streamml.serve.events: A/B buckets, limits, and the claim-and-apply path of every backend."""
 
 from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import time
+import uuid
 
 import numpy as np
 import pytest
 
 from streamml.serve import events
 from streamml.serve.backend import MemoryBackend, SQLiteBackend
+from streamml.stores import Field
 
 
 def test_buckets_are_stable_salted_and_follow_the_shares():
@@ -29,15 +36,36 @@ def test_vectors_round_trip_through_the_event_record():
     np.testing.assert_array_equal(events._decode(events._encode(X), 5), X)
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+SCHEMA = {"n": Field((), "int64")}
+DURABLE = ["sqlite", "redis", pytest.param("cluster", marks=pytest.mark.slow)]
+
+
+def _opener(kind: str, request, tmp_path):
+    """A function opening the backend: every call a new client of the same storage."""
+    if kind == "sqlite":
+        return lambda: SQLiteBackend(tmp_path / "s.db")
+    from streamml.serve.backend import RedisBackend
+
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    if kind == "cluster":
+        port = request.getfixturevalue("redis_cluster").nodes[0].port
+        return lambda: RedisBackend(f"redis://127.0.0.1:{port}", cluster=True, prefix=prefix)
+    port = request.getfixturevalue("redis_server").port
+    return lambda: RedisBackend(f"redis://127.0.0.1:{port}/0", prefix=prefix)
+
+
+@pytest.fixture(params=["memory", *DURABLE])
 def backend(request, tmp_path):
-    return MemoryBackend() if request.param == "memory" else SQLiteBackend(tmp_path / "s.db")
+    return MemoryBackend() if request.param == "memory" else _opener(request.param, request, tmp_path)()
+
+
+@pytest.fixture(params=DURABLE)
+def open_backend(request, tmp_path):
+    return _opener(request.param, request, tmp_path)
 
 
 def test_claim_and_apply_applies_once_and_not_at_all_when_the_update_fails(backend):
-    from streamml.stores import Field
-
-    store = backend.state({"n": Field((), "int64")}, "head0")
+    store = backend.state(SCHEMA, "head0")
     backend.events.create("e1", {"user": "u"}, ttl_s=60)
     bump = lambda: store.update_many(["u"], lambda s: {"n": s["n"] + 1})  # noqa: E731
 
@@ -52,3 +80,64 @@ def test_claim_and_apply_applies_once_and_not_at_all_when_the_update_fails(backe
     assert backend.claim_and_apply(("client", "c1", None, 60.0), bump) is True
     assert backend.claim_and_apply(("client", "c1", None, 60.0), bump) is False
     assert int(store.get_many(["u"])["n"][0]) == 3
+
+
+def _killed_during_update(open_backend, claim) -> None:
+    """A worker that claims, then dies by SIGKILL while it computes the update."""
+    backend = open_backend()
+    store = backend.state(SCHEMA, "head0")
+    backend.claim_and_apply(claim, lambda: store.update_many(["u"], lambda s: os.kill(os.getpid(), signal.SIGKILL)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("claim", [("event", "e1", 3, None), ("client", "c1", None, 60.0)], ids=["reward", "feedback"])
+def test_a_worker_killed_during_its_update_leaves_no_claim_so_the_retry_applies_once(open_backend, claim):
+    backend = open_backend()
+    backend.events.create("e1", {"user": "u"}, ttl_s=60)
+    store = backend.state(SCHEMA, "head0")
+    worker = multiprocessing.get_context("fork").Process(target=_killed_during_update, args=(open_backend, claim))
+    worker.start()
+    worker.join(60)
+    assert worker.exitcode == -signal.SIGKILL
+    bump = lambda: store.update_many(["u"], lambda s: {"n": s["n"] + 1})  # noqa: E731
+    assert backend.claim_and_apply(claim, bump) is True  # the client's retry: the killed attempt left no claim
+    assert backend.claim_and_apply(claim, bump) is False
+    assert int(store.get_many(["u"])["n"][0]) == 1
+
+
+@pytest.mark.parametrize("kind", ["redis", pytest.param("cluster", marks=pytest.mark.slow)])
+def test_redis_going_away_during_an_update_leaves_no_claim_so_the_retry_applies_once(kind, request):
+    from streamml.serve.backend import RedisBackend
+    from streamml.stores import StoreUnavailable
+
+    if kind == "redis":
+        server = request.getfixturevalue("own_redis_server")
+        backend = RedisBackend(f"redis://127.0.0.1:{server.port}/0")
+    else:
+        nodes = request.getfixturevalue("own_redis_cluster").nodes
+        backend = RedisBackend(f"redis://127.0.0.1:{nodes[0].port}", cluster=True)
+    backend.events.create("e1", {"user": "u"}, ttl_s=60)
+    store = backend.state(SCHEMA, "head0")
+    if kind == "cluster":  # the master of the user's slot
+        port = backend.client.get_node_from_key(store.rkey('"u"')).port
+        server = next(n for n in nodes if n.port == port)
+
+    def stop_then_compute(state):
+        server.stop()
+        return {"n": state["n"] + 1}
+
+    with pytest.raises(StoreUnavailable):
+        backend.claim_and_apply(("event", "e1", 3, None), lambda: store.update_many(["u"], stop_then_compute))
+    server.start()  # same port, same append-only file (and nodes.conf)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            assert int(store.get_many(["u"])["n"][0]) == 0  # the failed update wrote nothing
+            break
+        except StoreUnavailable:
+            assert time.monotonic() < deadline, "Redis did not come back within 30 s"
+            time.sleep(0.2)
+    bump = lambda: store.update_many(["u"], lambda s: {"n": s["n"] + 1})  # noqa: E731
+    assert backend.claim_and_apply(("event", "e1", 3, None), bump) is True  # nor a claim
+    assert backend.claim_and_apply(("event", "e1", 3, None), bump) is False
+    assert int(store.get_many(["u"])["n"][0]) == 1

@@ -13,6 +13,8 @@ import pytest
 from streamml.stores import Field, StoreUnavailable
 
 redis_mod = pytest.importorskip("redis", reason="the redis package is in the serve extra: pip install -e '.[serve]'")
+from redis.crc import key_slot  # noqa: E402
+
 from streamml.stores.codec import encode_key  # noqa: E402
 from streamml.stores.redis import RedisEventLog, RedisStore, connect  # noqa: E402
 
@@ -128,3 +130,38 @@ def test_a_cluster_master_down_fails_fast_and_recovers(own_redis_cluster):
     assert out["n"].tolist() == list(range(30))  # the update failed at its read: nothing written
     store.update_many(keys, lambda s: {"n": s["n"] + 1})
     assert store.get_many(keys)["n"].tolist() == list(range(1, 31))
+
+
+@pytest.mark.parametrize("kind", ["redis", pytest.param("cluster", marks=pytest.mark.slow)])
+def test_a_claimed_update_writes_the_claim_and_the_state_together_in_the_users_slot(kind, request):
+    client = request.getfixturevalue("redis_server" if kind == "redis" else "redis_cluster").client()
+    store = RedisStore(SCHEMA, client, prefix=_prefix())
+    log = RedisEventLog(client, prefix=store.prefix)
+    log.create("e1", {"user": "bob"}, ttl_s=60)
+    keys = [("bob", "q1"), ("bob", "q2")]
+    claim = lambda item: lambda tag: (log.claim_key("event", "e1", item, tag), log.ttl_ms("e1"))  # noqa: E731
+    bump = lambda s: {"n": s["n"] + 1}  # noqa: E731
+
+    assert store.update_claimed(keys, bump, claim(3))
+    assert not store.update_claimed(keys, bump, claim(3))  # already claimed: nothing written
+    assert store.get_many(keys)["n"].tolist() == [1, 1]
+    key = log.claim_key("event", "e1", 3, tag='"bob"')
+    assert key == f'{store.prefix}:claim:{{"bob"}}:e:"e1":3'
+    assert key_slot(key.encode()) == key_slot(store.rkey(encode_key(("bob", "q1"))).encode())
+    assert 0 < client.pttl(key) <= client.pttl(f'{store.prefix}:ev:{{"e1"}}') + 50  # expires with its event
+    assert not log.claim("e1", 3, tag='"bob"')  # the event log sees the same claim
+
+    with pytest.raises(ZeroDivisionError):  # a failed update leaves no claim
+        store.update_claimed(keys, lambda s: 1 / 0, claim(4))
+    assert store.update_claimed(keys, bump, claim(4))
+
+    def raced(state, done=[]):  # another client writes a key between the read and the write
+        if not done:
+            done.append(store.put_many([("bob", "q1")], {"r": np.zeros((1, 4)), "n": np.array([10])}))
+        return bump(state)
+
+    assert store.update_claimed(keys, raced, claim(5))  # the update is computed again on the fresh value
+    assert store.get_many(keys)["n"].tolist() == [11, 3]
+    with pytest.raises(ValueError, match="one user"):
+        store.update_claimed([("bob", "q1"), ("ann", "q1")], bump, claim(6))
+    assert log.claim("e1", 6, tag='"bob"')
