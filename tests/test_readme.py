@@ -3,6 +3,7 @@
 import re
 
 import numpy as np
+import yaml
 
 from conftest import REPO
 
@@ -18,7 +19,10 @@ def test_online_snippet_runs_with_the_experiments_settings(monkeypatch):
     namespace: dict = {}
     exec(readme_block("ResidualLearner("), namespace)
     learner, candidates = namespace["learner"], namespace["candidates"]
-    assert type(learner.rule).__name__ == "DiagonalLaplace" and learner.rule.prior_var == 10.0
+    experiment = yaml.safe_load((REPO / "configs" / "experiment" / "online_personalize.yaml").read_text())
+    rule = yaml.safe_load((REPO / "configs" / "rule" / f"{experiment['defaults'][2]['/rule']}.yaml").read_text())
+    assert type(learner.rule).__name__ == rule["_target_"].rsplit(".", 1)[-1]
+    assert {k: getattr(learner.rule, k) for k in experiment["rule"]} == experiment["rule"]
     assert learner.features == "standardized"
     assert sorted(namespace["best"].tolist()) == sorted(candidates.tolist())
     assert len(learner.store) == 2  # users 7 and 8 remain; 42 was forgotten

@@ -236,5 +236,6 @@ def test_online_search_tunes_on_the_tune_streams(tmp_path):
         trial = study.trials[int(run.data.tags["optuna_trial"])]
         assert run.data.metrics["probe_auc_mean"] == pytest.approx(trial.value)
         assert run.data.params["scenario.streams"] == "tune"
-        assert ("rule.prior_var" in trial.params) == (trial.params["rule"] == "laplace")
-        assert ("rule.lr" in trial.params) == (trial.params["rule"] != "laplace")
+        assert ("rule.prior_var" in trial.params) == (trial.params["rule"] in ("laplace", "window"))
+        assert ("rule.head_var" in trial.params) == (trial.params["rule"] == "window")
+        assert ("rule.lr" in trial.params) == (trial.params["rule"] in ("pairwise", "pointwise"))
