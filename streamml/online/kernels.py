@@ -343,7 +343,7 @@ def _window_events(res, win, beta, gram, hw, rows, items, labels, X, z, pv, hv, 
     c4 = np.zeros(width, np.float32)
     lab, b0, bt, zw, m = np.empty(B), np.empty(B), np.empty(B), np.empty(B), np.empty(B)
     G, K, L = np.empty((B, B)), np.empty((B, B)), np.empty((B, B))
-    off, g, sw, u = np.empty(B), np.empty(B), np.empty(B), np.empty(B)
+    off, g, sw, u, inv = np.empty(B), np.empty(B), np.empty(B), np.empty(B), np.empty(B)
     for t in range(n_ev):
         if t + _AHEAD < n_ev:
             _prefetch_event(res, X, rows[mine[t + _AHEAD]], items[mine[t + _AHEAD]])
@@ -418,22 +418,26 @@ def _window_events(res, win, beta, gram, hw, rows, items, labels, X, z, pv, hv, 
                 for b in range(n):
                     f += K[a, b] * g[b]
                 u[a] = sw[a] * f
-            for a in range(n):  # Cholesky of I + S K S, lower triangle in L
-                for b in range(a + 1):
-                    f = (1.0 if a == b else 0.0) + sw[a] * K[a, b] * sw[b]
+            for a in range(n):  # Cholesky of I + S K S: L (lower), and 1 / L[a, a] in inv
+                for b in range(a):
+                    f = sw[a] * K[a, b] * sw[b]
                     for c in range(b):
                         f -= L[a, c] * L[b, c]
-                    L[a, b] = math.sqrt(f) if a == b else f / L[b, b]
+                    L[a, b] = f * inv[b]
+                f = 1.0 + sw[a] * K[a, a] * sw[a]
+                for c in range(a):
+                    f -= L[a, c] * L[a, c]
+                inv[a] = 1.0 / math.sqrt(f)
             for a in range(n):  # u <- (L Lᵀ)⁻¹ u
                 f = u[a]
                 for c in range(a):
                     f -= L[a, c] * u[c]
-                u[a] = f / L[a, a]
+                u[a] = f * inv[a]
             for a in range(n - 1, -1, -1):
                 f = u[a]
                 for c in range(a + 1, n):
                     f -= L[c, a] * u[c]
-                u[a] = f / L[a, a]
+                u[a] = f * inv[a]
             for a in range(n):
                 bt[a] -= g[a] - sw[a] * u[a]
         for a in range(width):  # r += pv X_wᵀ (beta - beta_old), four items per pass, then store r
