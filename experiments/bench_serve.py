@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import platform
 import shutil
@@ -119,7 +120,8 @@ class Redis:
         self.proc.wait(10)
 
 
-def start_service(root: Path, backend: str, workers: int, items: Path, tracking_uri: str, redis_port: int | None):
+def start_service(root: Path, backend: str, workers: int, items: Path, tracking_uri: str, redis_port: int | None,
+                  extra: list[str] = ()):
     port = free_port()
     if backend == "sqlite":
         db = root / f"serve-{workers}.db"
@@ -130,8 +132,9 @@ def start_service(root: Path, backend: str, workers: int, items: Path, tracking_
     log = open(root / f"serve-{backend}-{workers}.log", "ab")
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamml.serve", f"port={port}", f"workers={workers}", "log_level=warning",
-         f"items_dir={items}", f"tracking_uri={tracking_uri}", *over],
-        cwd=REPO, stdout=log, stderr=log, start_new_session=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+         f"items_dir={items}", f"tracking_uri={tracking_uri}", *over, *extra],
+        cwd=REPO, stdout=log, stderr=log, start_new_session=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
     url = f"http://127.0.0.1:{port}"
     import urllib.request
 
@@ -147,22 +150,38 @@ def start_service(root: Path, backend: str, workers: int, items: Path, tracking_
     raise TimeoutError("the service did not become ready")
 
 
+def _server_timing(header: str | None) -> tuple[float, int]:
+    """(ms in the app, worker pid) of a ``Server-Timing: app;dur=..., pid;desc=...`` header."""
+    dur, pid = float("nan"), -1
+    for part in (header or "").split(","):
+        name, _, value = part.strip().partition(";")
+        if name == "app":
+            dur = float(value.split("=", 1)[1])
+        elif name == "pid":
+            pid = int(value.split("=", 1)[1])
+    return dur, pid
+
+
 async def open_loop(session, url: str, bodies: list, rate: float, duration: float, timeout: float):
     """Send ``bodies`` [(path, json)] at ``rate``/s for at most ``duration`` s; returns
-    (latencies of the 200s in ms, errors, responses)."""
+    (latencies of the 200s in ms, errors, responses, trace). ``trace`` has one row per request:
+    (i, due, sent, done) in seconds of ``time.perf_counter``, status (0: no answer), and the
+    service's Server-Timing (ms in the app, pid) when it sends one."""
     import aiohttp
 
     n = min(len(bodies), int(rate * duration))
-    lat, errors, out = [], Counter(), [None] * n
+    lat, errors, out, trace = [], Counter(), [None] * n, [None] * n
     t0 = time.perf_counter() + 0.05
 
     async def one(i):
         due = t0 + i / rate
         await asyncio.sleep(max(0.0, due - time.perf_counter()))
+        sent, status, timing = time.perf_counter(), 0, (float("nan"), -1)
         path, body = bodies[i]
         try:
             async with session.post(url + path, json=body, timeout=aiohttp.ClientTimeout(total=timeout)) as r:
                 data = await r.json()
+                status, timing = r.status, _server_timing(r.headers.get("server-timing"))
                 if r.status == 200:
                     lat.append((time.perf_counter() - due) * 1000)
                     out[i] = data
@@ -170,9 +189,10 @@ async def open_loop(session, url: str, bodies: list, rate: float, duration: floa
                     errors[str(r.status)] += 1
         except (aiohttp.ClientError, asyncio.TimeoutError) as err:
             errors["timeout" if isinstance(err, asyncio.TimeoutError) else type(err).__name__] += 1
+        trace[i] = (i, due, sent, time.perf_counter(), status, *timing)
 
     await asyncio.gather(*(one(i) for i in range(n)))
-    return np.array(lat), errors, [o for o in out if o is not None]
+    return np.array(lat), errors, [o for o in out if o is not None], trace
 
 
 async def run_cell(url, args, rate, rng):
@@ -195,12 +215,22 @@ async def run_cell(url, args, rate, rng):
 
         # warm up every worker on both endpoints (the first requests compile the update kernel
         # and fill caches): not measured
-        _, _, warm = await open_loop(session, url, ranks[: min(200, n)], min(rate, 100), 2.0, args.timeout)
+        _, _, warm, _ = await open_loop(session, url, ranks[: min(200, n)], min(rate, 100), 2.0, args.timeout)
         await open_loop(session, url, rewards_of(warm), min(rate, 100), 2.0, args.timeout)
-        rank_lat, rank_err, shown = await open_loop(session, url, ranks, rate, args.duration, args.timeout)
+        rank_lat, rank_err, shown, rank_trace = await open_loop(session, url, ranks, rate, args.duration, args.timeout)
         rewards = rewards_of(shown)
-        reward_lat, reward_err, _ = await open_loop(session, url, rewards, rate, args.duration, args.timeout)
-    return (rank_lat, rank_err, n), (reward_lat, reward_err, len(rewards))
+        reward_lat, reward_err, _, reward_trace = await open_loop(session, url, rewards, rate, args.duration, args.timeout)
+    return (rank_lat, rank_err, n, rank_trace), (reward_lat, reward_err, len(rewards), reward_trace)
+
+
+def write_trace(path: Path, trace: list) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t0 = trace[0][1]
+    wall = time.time() - time.perf_counter()  # to line requests up with the service's logs
+    lines = ["i,due_s,due_epoch_s,send_lag_ms,latency_ms,status,app_ms,pid"]
+    lines += [f"{i},{due - t0:.4f},{due + wall:.4f},{(sent - due) * 1000:.2f},{(done - due) * 1000:.2f},{status},{app:.2f},{pid}"
+              for i, due, sent, done, status, app, pid in trace]
+    path.write_text("\n".join(lines) + "\n")
 
 
 def main(argv=None):
@@ -216,6 +246,8 @@ def main(argv=None):
     p.add_argument("--users", type=int, default=10000)
     p.add_argument("--timeout", type=float, default=5.0, help="seconds before a request counts as an error")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--trace", type=Path, default=None,
+                   help="folder for one CSV per cell with every request's timings (turns on the service's server_timing)")
     args = p.parse_args(argv)
     if args.candidates > args.items:
         p.error("--candidates must be <= --items")
@@ -228,16 +260,23 @@ def main(argv=None):
         root = Path(tmp)
         print("building the catalog and the head ...", flush=True)
         items, tracking_uri = make_catalog(root, args.queries, args.items)
+        # the catalog builder imported torch and MLflow: freeze that heap, or every full
+        # collection in this load generator walks it and stalls the requests it is sending
+        gc.collect()
+        gc.freeze()
         redis = Redis(root) if "redis" in args.backends else None
         try:
             for backend in args.backends:
                 for workers in args.workers:
                     print(f"starting the service: {backend}, {workers} worker(s) ...", flush=True)
-                    proc, url = start_service(root, backend, workers, items, tracking_uri, redis and redis.port)
+                    extra = ["server_timing=true"] if args.trace else []
+                    proc, url = start_service(root, backend, workers, items, tracking_uri, redis and redis.port, extra)
                     try:
                         for rate in args.rates:
-                            (rl, re_, rn), (wl, we, wn) = asyncio.run(run_cell(url, args, rate, rng))
-                            for name, lat, err, n in (("rank", rl, re_, rn), ("reward", wl, we, wn)):
+                            (rl, re_, rn, rt), (wl, we, wn, wt) = asyncio.run(run_cell(url, args, rate, rng))
+                            for name, lat, err, n, trace in (("rank", rl, re_, rn, rt), ("reward", wl, we, wn, wt)):
+                                if args.trace:
+                                    write_trace(args.trace / f"{backend}-{workers}-{name}-{rate:.0f}.csv", trace)
                                 p50, p99 = (np.percentile(lat, [50, 99]) if len(lat) else (float("nan"),) * 2)
                                 kinds = ", ".join(f"{k}: {v}" for k, v in sorted(err.items()))
                                 rows.append((backend, workers, name, rate, n, sum(err.values()), kinds, p50, p99))
