@@ -195,7 +195,21 @@ async def open_loop(session, url: str, bodies: list, rate: float, duration: floa
     return np.array(lat), errors, [o for o in out if o is not None], trace
 
 
-async def run_cell(url, args, rate, rng):
+def session_cpu_s(sid: int) -> float:
+    """CPU seconds (user + system) used so far by the live processes of session ``sid``
+    (the service and its workers)."""
+    tick, total = os.sysconf("SC_CLK_TCK"), 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid:  # fields after the name: state ppid pgrp session ... utime(11) stime(12)
+            total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
+async def run_cell(url, args, rate, rng, cpu=lambda: 0.0):
     import aiohttp
 
     n = min(args.max_requests, int(rate * args.duration))
@@ -217,10 +231,14 @@ async def run_cell(url, args, rate, rng):
         # and fill caches): not measured
         _, _, warm, _ = await open_loop(session, url, ranks[: min(200, n)], min(rate, 100), 2.0, args.timeout)
         await open_loop(session, url, rewards_of(warm), min(rate, 100), 2.0, args.timeout)
+        c0 = cpu()
         rank_lat, rank_err, shown, rank_trace = await open_loop(session, url, ranks, rate, args.duration, args.timeout)
+        c1 = cpu()
         rewards = rewards_of(shown)
         reward_lat, reward_err, _, reward_trace = await open_loop(session, url, rewards, rate, args.duration, args.timeout)
-    return (rank_lat, rank_err, n, rank_trace), (reward_lat, reward_err, len(rewards), reward_trace)
+        c2 = cpu()
+    return ((rank_lat, rank_err, n, rank_trace, (c1 - c0) / max(n, 1) * 1000),
+            (reward_lat, reward_err, len(rewards), reward_trace, (c2 - c1) / max(len(rewards), 1) * 1000))
 
 
 def write_trace(path: Path, trace: list) -> None:
@@ -273,25 +291,26 @@ def main(argv=None):
                     proc, url = start_service(root, backend, workers, items, tracking_uri, redis and redis.port, extra)
                     try:
                         for rate in args.rates:
-                            (rl, re_, rn, rt), (wl, we, wn, wt) = asyncio.run(run_cell(url, args, rate, rng))
-                            for name, lat, err, n, trace in (("rank", rl, re_, rn, rt), ("reward", wl, we, wn, wt)):
+                            cells = asyncio.run(run_cell(url, args, rate, rng, lambda: session_cpu_s(proc.pid)))
+                            for name, (lat, err, n, trace, cpu_ms) in zip(("rank", "reward"), cells):
                                 if args.trace:
                                     write_trace(args.trace / f"{backend}-{workers}-{name}-{rate:.0f}.csv", trace)
                                 p50, p99 = (np.percentile(lat, [50, 99]) if len(lat) else (float("nan"),) * 2)
                                 kinds = ", ".join(f"{k}: {v}" for k, v in sorted(err.items()))
-                                rows.append((backend, workers, name, rate, n, sum(err.values()), kinds, p50, p99))
+                                rows.append((backend, workers, name, rate, n, sum(err.values()), kinds, p50, p99, cpu_ms))
                                 print(f"  {backend:6s} workers={workers} {name:6s} {rate:5.0f}/s: {n} requests, "
-                                      f"{sum(err.values())} errors ({kinds}), p50 {p50:.1f} ms, p99 {p99:.1f} ms", flush=True)
+                                      f"{sum(err.values())} errors ({kinds}), p50 {p50:.1f} ms, p99 {p99:.1f} ms, "
+                                      f"service CPU {cpu_ms:.2f} ms/request", flush=True)
                     finally:
                         os.killpg(proc.pid, signal.SIGTERM)
                         proc.wait(30)
         finally:
             if redis:
                 redis.stop()
-    table = ["| backend | workers | endpoint | rate (req/s) | requests | errors | error kinds | p50 (ms) | p99 (ms) |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    table += [f"| {b} | {w} | {e} | {r:.0f} | {n} | {err} | {kinds} | {p50:.1f} | {p99:.1f} |"
-              for b, w, e, r, n, err, kinds, p50, p99 in rows]
+    table = ["| backend | workers | endpoint | rate (req/s) | requests | errors | error kinds | p50 (ms) | p99 (ms) "
+             "| service CPU (ms/request) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    table += [f"| {b} | {w} | {e} | {r:.0f} | {n} | {err} | {kinds} | {p50:.1f} | {p99:.1f} | {cpu:.2f} |"
+              for b, w, e, r, n, err, kinds, p50, p99, cpu in rows]
     method = "\n\n".join(__doc__.split("\n\n")[1:4]).strip()
     text = "\n".join(["# Service load benchmark", "", *header, "", method, "", *table, ""])
     print(text)

@@ -156,7 +156,8 @@ def create_app(cfg: DictConfig, backend=None) -> FastAPI:
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes, server_timing=cfg.get("server_timing", False))
     app.state.lifecycle, app.state.backend = lifecycle, backend
 
-    def authorized(authorization: str | None = Header(None, include_in_schema=False)) -> None:
+    # async: a plain ``def`` dependency would run in FastAPI's thread pool, one thread hand-off per request
+    async def authorized(authorization: str | None = Header(None, include_in_schema=False)) -> None:
         if token is None:
             return
         scheme, _, given = (authorization or "").partition(" ")
