@@ -115,6 +115,14 @@ class Redis:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(0.5)
 
+    def persistence(self) -> str:
+        """What Redis did in the background during the run: AOF rewrites, delayed fsyncs, snapshots."""
+        import redis
+
+        info = redis.Redis(port=self.port).info("persistence")
+        keys = ("aof_rewrites", "aof_delayed_fsync", "rdb_saves", "aof_current_size")
+        return ", ".join(f"{k} {info.get(k)}" for k in keys)
+
     def stop(self):
         self.proc.terminate()
         self.proc.wait(10)
@@ -209,6 +217,12 @@ def session_cpu_s(sid: int) -> float:
     return total / tick
 
 
+def own_cpu_s() -> float:
+    """CPU seconds used so far by this process (the load generator)."""
+    t = os.times()
+    return t.user + t.system
+
+
 async def run_cell(url, args, rate, rng, cpu=lambda: 0.0):
     import aiohttp
 
@@ -231,14 +245,15 @@ async def run_cell(url, args, rate, rng, cpu=lambda: 0.0):
         # and fill caches): not measured
         _, _, warm, _ = await open_loop(session, url, ranks[: min(200, n)], min(rate, 100), 2.0, args.timeout)
         await open_loop(session, url, rewards_of(warm), min(rate, 100), 2.0, args.timeout)
-        c0 = cpu()
+        c0, k0 = cpu(), own_cpu_s()
         rank_lat, rank_err, shown, rank_trace = await open_loop(session, url, ranks, rate, args.duration, args.timeout)
-        c1 = cpu()
+        c1, k1 = cpu(), own_cpu_s()
         rewards = rewards_of(shown)
         reward_lat, reward_err, _, reward_trace = await open_loop(session, url, rewards, rate, args.duration, args.timeout)
-        c2 = cpu()
-    return ((rank_lat, rank_err, n, rank_trace, (c1 - c0) / max(n, 1) * 1000),
-            (reward_lat, reward_err, len(rewards), reward_trace, (c2 - c1) / max(len(rewards), 1) * 1000))
+        c2, k2 = cpu(), own_cpu_s()
+    nr = max(len(rewards), 1)
+    return ((rank_lat, rank_err, n, rank_trace, (c1 - c0) / max(n, 1) * 1000, (k1 - k0) / max(n, 1) * 1000),
+            (reward_lat, reward_err, len(rewards), reward_trace, (c2 - c1) / nr * 1000, (k2 - k1) / nr * 1000))
 
 
 def write_trace(path: Path, trace: list) -> None:
@@ -292,25 +307,28 @@ def main(argv=None):
                     try:
                         for rate in args.rates:
                             cells = asyncio.run(run_cell(url, args, rate, rng, lambda: session_cpu_s(proc.pid)))
-                            for name, (lat, err, n, trace, cpu_ms) in zip(("rank", "reward"), cells):
+                            for name, (lat, err, n, trace, cpu_ms, client_ms) in zip(("rank", "reward"), cells):
                                 if args.trace:
                                     write_trace(args.trace / f"{backend}-{workers}-{name}-{rate:.0f}.csv", trace)
                                 p50, p99 = (np.percentile(lat, [50, 99]) if len(lat) else (float("nan"),) * 2)
                                 kinds = ", ".join(f"{k}: {v}" for k, v in sorted(err.items()))
-                                rows.append((backend, workers, name, rate, n, sum(err.values()), kinds, p50, p99, cpu_ms))
+                                rows.append((backend, workers, name, rate, n, sum(err.values()), kinds, p50, p99, cpu_ms,
+                                             client_ms))
                                 print(f"  {backend:6s} workers={workers} {name:6s} {rate:5.0f}/s: {n} requests, "
                                       f"{sum(err.values())} errors ({kinds}), p50 {p50:.1f} ms, p99 {p99:.1f} ms, "
-                                      f"service CPU {cpu_ms:.2f} ms/request", flush=True)
+                                      f"CPU per request: service {cpu_ms:.2f} ms, load generator {client_ms:.2f} ms", flush=True)
                     finally:
                         os.killpg(proc.pid, signal.SIGTERM)
                         proc.wait(30)
         finally:
             if redis:
+                header.append(f"- Redis persistence at the end (appendfsync everysec, no snapshots): {redis.persistence()}")
                 redis.stop()
     table = ["| backend | workers | endpoint | rate (req/s) | requests | errors | error kinds | p50 (ms) | p99 (ms) "
-             "| service CPU (ms/request) |", "|---|---|---|---|---|---|---|---|---|---|"]
-    table += [f"| {b} | {w} | {e} | {r:.0f} | {n} | {err} | {kinds} | {p50:.1f} | {p99:.1f} | {cpu:.2f} |"
-              for b, w, e, r, n, err, kinds, p50, p99, cpu in rows]
+             "| CPU/request, service (ms) | CPU/request, load generator (ms) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    table += [f"| {b} | {w} | {e} | {r:.0f} | {n} | {err} | {kinds} | {p50:.1f} | {p99:.1f} | {cpu:.2f} | {client:.2f} |"
+              for b, w, e, r, n, err, kinds, p50, p99, cpu, client in rows]
     method = "\n\n".join(__doc__.split("\n\n")[1:4]).strip()
     text = "\n".join(["# Service load benchmark", "", *header, "", method, "", *table, ""])
     print(text)
