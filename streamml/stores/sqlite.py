@@ -29,6 +29,11 @@ busy timeout instead of failing.
   releases the GIL meanwhile); a service sets ``autocheckpoint=0`` on the request
   connections and starts one. Checkpoints do not change durability: a commit is in
   the WAL either way.
+- **Write lock:** a writer that finds another worker's transaction open retries
+  ``BEGIN IMMEDIATE`` every 0.2 ms up to the busy timeout, instead of SQLite's busy
+  handler, whose sleeps (1, 2, 5, 10 ... ms) overshoot sub-millisecond commits: between
+  two processes writing 150 commits/s each, that cut the wait's p99 from 1.5-3.4 ms to
+  0.7-0.8 ms and its maximum from 12-34 ms to 4-7 ms.
 - **Connections:** one per process and thread, opened on first use (a forked
   worker or a pickled copy reconnects instead of sharing a socket-like handle).
 - **Head fingerprint:** residuals only mean something for the head they were
@@ -136,7 +141,10 @@ class SQLiteDB:
         :class:`StoreUnavailable`."""
         conn = self.conn
         try:
-            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            if write:
+                self._begin_immediate(conn)
+            else:
+                conn.execute("BEGIN")
         except sqlite3.OperationalError as e:
             raise StoreUnavailable(f"SQLite {self.path}: {e}") from e
         try:
@@ -150,6 +158,27 @@ class SQLiteDB:
             except sqlite3.OperationalError as e:
                 conn.execute("ROLLBACK")
                 raise StoreUnavailable(f"SQLite {self.path}: {e}") from e
+
+    def _begin_immediate(self, conn: sqlite3.Connection) -> None:
+        """``BEGIN IMMEDIATE``, retried every 0.2 ms (later 1 ms) while another connection
+        holds the write lock, up to the busy timeout. SQLite's own busy handler sleeps 1, 2,
+        5, 10, 15, 20, 25 ms ... between tries, so a writer queued behind a 0.3 ms commit of
+        another worker would wait 1-8 ms, and tens of ms behind a slow one."""
+        conn.execute("PRAGMA busy_timeout=0")
+        try:
+            deadline = time.monotonic() + self.busy_timeout_s
+            tries = 0
+            while True:
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                    return
+                except sqlite3.OperationalError as e:
+                    if conn.in_transaction or "locked" not in str(e) or time.monotonic() > deadline:
+                        raise
+                tries += 1
+                time.sleep(0.0002 if tries < 50 else 0.001)
+        finally:
+            conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_s * 1000)}")
 
     def checkpoint(self, mode: str = "PASSIVE") -> tuple[int, int]:
         """A checkpoint on this thread's connection. ``PASSIVE`` copies what it can of the WAL

@@ -61,6 +61,33 @@ def test_checkpointer_copies_the_wal_and_starts_it_over_off_the_writing_thread(t
         db.checkpoint("TRUNCATE")
 
 
+def test_a_writer_waits_for_the_write_lock_then_gives_up_after_the_busy_timeout(tmp_path):
+    import sqlite3
+    import threading
+
+    from streamml.stores import StoreUnavailable
+
+    SQLiteStore(SCHEMA, tmp_path / "s.db")  # creates the file and its table
+    holder = sqlite3.connect(tmp_path / "s.db", isolation_level=None, check_same_thread=False)
+
+    def hold(seconds):
+        holder.execute("BEGIN IMMEDIATE")
+        threading.Timer(seconds, lambda: holder.execute("COMMIT")).start()
+
+    store = SQLiteStore(SCHEMA, SQLiteDB(tmp_path / "s.db", busy_timeout_s=5.0))
+    hold(0.05)
+    store.put_many([1], {"r": np.ones((1, 4)), "n": np.array([1])})  # waits for the lock, then writes
+    assert store.get_many([1])["n"].tolist() == [1]
+    impatient = SQLiteStore(SCHEMA, SQLiteDB(tmp_path / "s.db", busy_timeout_s=0.05))
+    hold(1.0)
+    with pytest.raises(StoreUnavailable, match="locked"):
+        impatient.put_many([2], {"r": np.ones((1, 4)), "n": np.array([2])})
+    time.sleep(1.1)
+    assert impatient.db.conn.execute("PRAGMA busy_timeout").fetchone()[0] == 50  # restored after the retries
+    impatient.put_many([2], {"r": np.ones((1, 4)), "n": np.array([2])})
+    assert store.get_many([1, 2])["n"].tolist() == [1, 2]
+
+
 def test_close_then_reuse(tmp_path):
     store = SQLiteStore(SCHEMA, tmp_path / "s.db")
     store.put_many([1], {"n": np.array([4])})
