@@ -16,7 +16,7 @@ the static pages (the demo page and the OpenAPI docs, which hold no data).
 With ``gc_freeze`` (default), every head load ends with :func:`gc.freeze`: the ~800,000
 objects a worker holds after importing torch and MLflow and loading a head move to the
 collector's permanent generation. Otherwise every full (generation 2) collection walks
-them all, which under load took 0.1-0.9 s and stalled every request the worker held
+them all, stalling every request the worker holds for hundreds of milliseconds
 (``experiments/serve_benchmark.md``). Frozen objects are still freed by reference
 counting; only reference cycles among them (left by a replaced head) are not collected.
 """

@@ -24,16 +24,15 @@ busy timeout instead of failing.
   with an fsync) once the WAL passes ``autocheckpoint`` pages, inside the commit
   that crossed the mark. With 16 KiB pages a rank and a reward append ~100 KB of WAL,
   so at a few hundred requests per second that is a 16 MB checkpoint every second or
-  so, stalling one request for tens of milliseconds. :class:`Checkpointer` runs them
+  so, stalling the request that pays for it and those queued behind it. :class:`Checkpointer` runs them
   on a thread instead (``PASSIVE``: it never blocks readers or writers, and sqlite3
   releases the GIL meanwhile); a service sets ``autocheckpoint=0`` on the request
   connections and starts one. Checkpoints do not change durability: a commit is in
   the WAL either way.
 - **Write lock:** a writer that finds another worker's transaction open retries
   ``BEGIN IMMEDIATE`` every 0.2 ms up to the busy timeout, instead of SQLite's busy
-  handler, whose sleeps (1, 2, 5, 10 ... ms) overshoot sub-millisecond commits: between
-  two processes writing 150 commits/s each, that cut the wait's p99 from 1.5-3.4 ms to
-  0.7-0.8 ms and its maximum from 12-34 ms to 4-7 ms.
+  handler, whose sleeps (1, 2, 5, 10 ... ms) overshoot sub-millisecond commits
+  (``experiments/serve_benchmark.md``).
 - **Connections:** one per process and thread, opened on first use (a forked
   worker or a pickled copy reconnects instead of sharing a socket-like handle).
 - **Head fingerprint:** residuals only mean something for the head they were
