@@ -279,6 +279,8 @@ def main(argv=None):
     p.add_argument("--users", type=int, default=10000)
     p.add_argument("--timeout", type=float, default=5.0, help="seconds before a request counts as an error")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--service-overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="extra config overrides for the service (e.g. gc_freeze=false), to compare settings")
     p.add_argument("--trace", type=Path, default=None,
                    help="folder for one CSV per cell with every request's timings (turns on the service's server_timing)")
     args = p.parse_args(argv)
@@ -302,7 +304,7 @@ def main(argv=None):
             for backend in args.backends:
                 for workers in args.workers:
                     print(f"starting the service: {backend}, {workers} worker(s) ...", flush=True)
-                    extra = ["server_timing=true"] if args.trace else []
+                    extra = [*args.service_overrides, *(["server_timing=true"] if args.trace else [])]
                     proc, url = start_service(root, backend, workers, items, tracking_uri, redis and redis.port, extra)
                     try:
                         for rate in args.rates:
