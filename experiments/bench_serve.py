@@ -14,7 +14,12 @@ by a client that waits). Each cell is bounded by ``--duration`` seconds and ``--
 An error is any status other than 200, or a timeout. The load generator runs on the same
 machine and cores as the service. Results go to ``--out`` with the command, commit and machine.
 
-    python experiments/bench_serve.py --out experiments/serve_benchmark.md
+``--repeats`` runs the whole grid again (a fresh service each time) and reports each repeat and
+the median over repeats. CPU per request is the CPU time the service's processes (not Redis)
+and the load generator used during a cell, over its requests. ``--trace DIR`` writes every
+request's timings, and the service's own time for it (``server_timing``), to one CSV per cell.
+
+    python experiments/bench_serve.py --duration 8 --repeats 3 --out experiments/serve_benchmark.md
 """
 
 from __future__ import annotations
@@ -129,14 +134,14 @@ class Redis:
 
 
 def start_service(root: Path, backend: str, workers: int, items: Path, tracking_uri: str, redis_port: int | None,
-                  extra: list[str] = ()):
+                  extra: list[str] = (), name: str = ""):
     port = free_port()
     if backend == "sqlite":
-        db = root / f"serve-{workers}.db"
+        db = root / f"serve-{name or workers}.db"
         over = [f"backend.path={db}"]
     else:
         over = ["serve/backend@backend=redis", f"backend.url=redis://127.0.0.1:{redis_port}/0",
-                f"backend.prefix=bench{workers}"]
+                f"backend.prefix=bench{name or workers}"]
     log = open(root / f"serve-{backend}-{workers}.log", "ab")
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamml.serve", f"port={port}", f"workers={workers}", "log_level=warning",
@@ -278,6 +283,7 @@ def main(argv=None):
     p.add_argument("--items", type=int, default=200, help="catalog items per query")
     p.add_argument("--users", type=int, default=10000)
     p.add_argument("--timeout", type=float, default=5.0, help="seconds before a request counts as an error")
+    p.add_argument("--repeats", type=int, default=1, help="run every cell this many times (one after the other)")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--service-overrides", nargs="*", default=[], metavar="KEY=VALUE",
                    help="extra config overrides for the service (e.g. gc_freeze=false), to compare settings")
@@ -290,7 +296,7 @@ def main(argv=None):
     header = [f"- command: `{command.strip()}`", f"- commit: {commit()}", f"- machine: {machine()}",
               f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"]
     rng = np.random.default_rng(0)
-    rows = []
+    rows, loads = [], []
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         root = Path(tmp)
         print("building the catalog and the head ...", flush=True)
@@ -301,38 +307,59 @@ def main(argv=None):
         gc.freeze()
         redis = Redis(root) if "redis" in args.backends else None
         try:
-            for backend in args.backends:
-                for workers in args.workers:
-                    print(f"starting the service: {backend}, {workers} worker(s) ...", flush=True)
-                    extra = [*args.service_overrides, *(["server_timing=true"] if args.trace else [])]
-                    proc, url = start_service(root, backend, workers, items, tracking_uri, redis and redis.port, extra)
-                    try:
-                        for rate in args.rates:
-                            cells = asyncio.run(run_cell(url, args, rate, rng, lambda: session_cpu_s(proc.pid)))
-                            for name, (lat, err, n, trace, cpu_ms, client_ms) in zip(("rank", "reward"), cells):
-                                if args.trace:
-                                    write_trace(args.trace / f"{backend}-{workers}-{name}-{rate:.0f}.csv", trace)
-                                p50, p99 = (np.percentile(lat, [50, 99]) if len(lat) else (float("nan"),) * 2)
-                                kinds = ", ".join(f"{k}: {v}" for k, v in sorted(err.items()))
-                                rows.append((backend, workers, name, rate, n, sum(err.values()), kinds, p50, p99, cpu_ms,
-                                             client_ms))
-                                print(f"  {backend:6s} workers={workers} {name:6s} {rate:5.0f}/s: {n} requests, "
-                                      f"{sum(err.values())} errors ({kinds}), p50 {p50:.1f} ms, p99 {p99:.1f} ms, "
-                                      f"CPU per request: service {cpu_ms:.2f} ms, load generator {client_ms:.2f} ms", flush=True)
-                    finally:
-                        os.killpg(proc.pid, signal.SIGTERM)
-                        proc.wait(30)
+            for repeat in range(1, args.repeats + 1):
+                loads.append(os.getloadavg())
+                print(f"repeat {repeat}: load average {loads[-1][0]:.2f}", flush=True)
+                for backend in args.backends:
+                    for workers in args.workers:
+                        print(f"starting the service: {backend}, {workers} worker(s) ...", flush=True)
+                        extra = [*args.service_overrides, *(["server_timing=true"] if args.trace else [])]
+                        proc, url = start_service(root, backend, workers, items, tracking_uri, redis and redis.port, extra,
+                                                  name=f"{repeat}-{workers}")
+                        try:
+                            for rate in args.rates:
+                                cells = asyncio.run(run_cell(url, args, rate, rng, lambda: session_cpu_s(proc.pid)))
+                                for name, (lat, err, n, trace, cpu_ms, client_ms) in zip(("rank", "reward"), cells):
+                                    if args.trace:
+                                        write_trace(args.trace / f"{repeat}-{backend}-{workers}-{name}-{rate:.0f}.csv", trace)
+                                    p50, p99 = (np.percentile(lat, [50, 99]) if len(lat) else (float("nan"),) * 2)
+                                    kinds = ", ".join(f"{k}: {v}" for k, v in sorted(err.items()))
+                                    rows.append((repeat, backend, workers, name, rate, n, sum(err.values()), kinds, p50, p99,
+                                                 cpu_ms, client_ms))
+                                    print(f"  {backend:6s} workers={workers} {name:6s} {rate:5.0f}/s: {n} requests, "
+                                          f"{sum(err.values())} errors ({kinds}), p50 {p50:.1f} ms, p99 {p99:.1f} ms, "
+                                          f"CPU per request: service {cpu_ms:.2f} ms, load generator {client_ms:.2f} ms",
+                                          flush=True)
+                        finally:
+                            os.killpg(proc.pid, signal.SIGTERM)
+                            proc.wait(30)
         finally:
             if redis:
                 header.append(f"- Redis persistence at the end (appendfsync everysec, no snapshots): {redis.persistence()}")
                 redis.stop()
-    table = ["| backend | workers | endpoint | rate (req/s) | requests | errors | error kinds | p50 (ms) | p99 (ms) "
+    header.append("- load average (1 min) at the start of each repeat: " + ", ".join(f"{la[0]:.2f}" for la in loads))
+    cells: dict = {}
+    for repeat, b, w, e, r, n, err, kinds, p50, p99, cpu, client in rows:
+        cells.setdefault((b, w, e, r), []).append((repeat, n, err, kinds, p50, p99, cpu, client))
+    summary = [f"Over {args.repeats} repeat(s): requests and errors summed, p50 and p99 the median of the repeats' "
+               "(each repeat's p99 listed), CPU per request the median.", "",
+               "| backend | workers | endpoint | rate (req/s) | requests | errors | p50 (ms) | p99 (ms) | p99 of each repeat (ms) "
+               "| CPU/request, service (ms) | CPU/request, load generator (ms) |",
+               "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (b, w, e, r), runs in cells.items():
+        kinds = "; ".join(x[3] for x in runs if x[3])
+        med = lambda j: float(np.median([x[j] for x in runs]))  # noqa: E731
+        errors = f"{sum(x[2] for x in runs)}" + (f" ({kinds})" if kinds else "")
+        summary.append(f"| {b} | {w} | {e} | {r:.0f} | {sum(x[1] for x in runs)} | {errors} | {med(4):.1f} | {med(5):.1f} | "
+                       + ", ".join(f"{x[5]:.1f}" for x in runs) + f" | {med(6):.2f} | {med(7):.2f} |")
+    table = ["Every repeat:", "",
+             "| repeat | backend | workers | endpoint | rate (req/s) | requests | errors | error kinds | p50 (ms) | p99 (ms) "
              "| CPU/request, service (ms) | CPU/request, load generator (ms) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    table += [f"| {b} | {w} | {e} | {r:.0f} | {n} | {err} | {kinds} | {p50:.1f} | {p99:.1f} | {cpu:.2f} | {client:.2f} |"
-              for b, w, e, r, n, err, kinds, p50, p99, cpu, client in rows]
-    method = "\n\n".join(__doc__.split("\n\n")[1:4]).strip()
-    text = "\n".join(["# Service load benchmark", "", *header, "", method, "", *table, ""])
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    table += [f"| {rep} | {b} | {w} | {e} | {r:.0f} | {n} | {err} | {kinds} | {p50:.1f} | {p99:.1f} | {cpu:.2f} | {client:.2f} |"
+              for rep, b, w, e, r, n, err, kinds, p50, p99, cpu, client in rows]
+    method = "\n\n".join(__doc__.split("\n\n")[1:5]).strip()
+    text = "\n".join(["# Service load benchmark", "", *header, "", method, "", *summary, "", *table, ""])
     print(text)
     if args.out:
         args.out.write_text(text)
