@@ -13,7 +13,7 @@ named by ``auth.token_env`` (default ``STREAMML_TOKEN``) to require
 ``Authorization: Bearer <token>`` on every route except ``/healthz``, ``/readyz`` and
 the static pages (the demo page and the OpenAPI docs, which hold no data).
 
-With ``gc_freeze`` (default), every head load ends with :func:`gc.freeze`: the ~800,000
+With ``gc_freeze`` (default), every head load ends with :func:`gc.freeze`: the ~760,000
 objects a worker holds after importing torch and MLflow and loading a head move to the
 collector's permanent generation. Otherwise every full (generation 2) collection walks
 them all, stalling every request the worker holds for hundreds of milliseconds
