@@ -14,13 +14,19 @@ by a client that waits). Each cell is bounded by ``--duration`` seconds and ``--
 An error is any status other than 200, or a timeout. The load generator runs on the same
 machine and cores as the service. Results go to ``--out`` with the command, commit and machine.
 
-    python experiments/bench_serve.py --out experiments/serve_benchmark.md
+``--repeats`` runs the whole grid again (a fresh service each time) and reports each repeat and
+the median over repeats. CPU per request is the CPU time the service's processes (not Redis)
+and the load generator used during a cell, over its requests. ``--trace DIR`` writes every
+request's timings, and the service's own time for it (``server_timing``), to one CSV per cell.
+
+    python experiments/bench_serve.py --duration 8 --repeats 3 --out experiments/serve_benchmark.md
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import platform
 import shutil
@@ -114,24 +120,34 @@ class Redis:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(0.5)
 
+    def persistence(self) -> str:
+        """What Redis did in the background during the run: AOF rewrites, delayed fsyncs, snapshots."""
+        import redis
+
+        info = redis.Redis(port=self.port).info("persistence")
+        keys = ("aof_rewrites", "aof_delayed_fsync", "rdb_saves", "aof_current_size")
+        return ", ".join(f"{k} {info.get(k)}" for k in keys)
+
     def stop(self):
         self.proc.terminate()
         self.proc.wait(10)
 
 
-def start_service(root: Path, backend: str, workers: int, items: Path, tracking_uri: str, redis_port: int | None):
+def start_service(root: Path, backend: str, workers: int, items: Path, tracking_uri: str, redis_port: int | None,
+                  extra: list[str] = (), name: str = ""):
     port = free_port()
     if backend == "sqlite":
-        db = root / f"serve-{workers}.db"
+        db = root / f"serve-{name or workers}.db"
         over = [f"backend.path={db}"]
     else:
         over = ["serve/backend@backend=redis", f"backend.url=redis://127.0.0.1:{redis_port}/0",
-                f"backend.prefix=bench{workers}"]
+                f"backend.prefix=bench{name or workers}"]
     log = open(root / f"serve-{backend}-{workers}.log", "ab")
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamml.serve", f"port={port}", f"workers={workers}", "log_level=warning",
-         f"items_dir={items}", f"tracking_uri={tracking_uri}", *over],
-        cwd=REPO, stdout=log, stderr=log, start_new_session=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+         f"items_dir={items}", f"tracking_uri={tracking_uri}", *over, *extra],
+        cwd=REPO, stdout=log, stderr=log, start_new_session=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
     url = f"http://127.0.0.1:{port}"
     import urllib.request
 
@@ -147,22 +163,38 @@ def start_service(root: Path, backend: str, workers: int, items: Path, tracking_
     raise TimeoutError("the service did not become ready")
 
 
+def _server_timing(header: str | None) -> tuple[float, int]:
+    """(ms in the app, worker pid) of a ``Server-Timing: app;dur=..., pid;desc=...`` header."""
+    dur, pid = float("nan"), -1
+    for part in (header or "").split(","):
+        name, _, value = part.strip().partition(";")
+        if name == "app":
+            dur = float(value.split("=", 1)[1])
+        elif name == "pid":
+            pid = int(value.split("=", 1)[1])
+    return dur, pid
+
+
 async def open_loop(session, url: str, bodies: list, rate: float, duration: float, timeout: float):
     """Send ``bodies`` [(path, json)] at ``rate``/s for at most ``duration`` s; returns
-    (latencies of the 200s in ms, errors, responses)."""
+    (latencies of the 200s in ms, errors, responses, trace). ``trace`` has one row per request:
+    (i, due, sent, done) in seconds of ``time.perf_counter``, status (0: no answer), and the
+    service's Server-Timing (ms in the app, pid) when it sends one."""
     import aiohttp
 
     n = min(len(bodies), int(rate * duration))
-    lat, errors, out = [], Counter(), [None] * n
+    lat, errors, out, trace = [], Counter(), [None] * n, [None] * n
     t0 = time.perf_counter() + 0.05
 
     async def one(i):
         due = t0 + i / rate
         await asyncio.sleep(max(0.0, due - time.perf_counter()))
+        sent, status, timing = time.perf_counter(), 0, (float("nan"), -1)
         path, body = bodies[i]
         try:
             async with session.post(url + path, json=body, timeout=aiohttp.ClientTimeout(total=timeout)) as r:
                 data = await r.json()
+                status, timing = r.status, _server_timing(r.headers.get("server-timing"))
                 if r.status == 200:
                     lat.append((time.perf_counter() - due) * 1000)
                     out[i] = data
@@ -170,12 +202,33 @@ async def open_loop(session, url: str, bodies: list, rate: float, duration: floa
                     errors[str(r.status)] += 1
         except (aiohttp.ClientError, asyncio.TimeoutError) as err:
             errors["timeout" if isinstance(err, asyncio.TimeoutError) else type(err).__name__] += 1
+        trace[i] = (i, due, sent, time.perf_counter(), status, *timing)
 
     await asyncio.gather(*(one(i) for i in range(n)))
-    return np.array(lat), errors, [o for o in out if o is not None]
+    return np.array(lat), errors, [o for o in out if o is not None], trace
 
 
-async def run_cell(url, args, rate, rng):
+def session_cpu_s(sid: int) -> float:
+    """CPU seconds (user + system) used so far by the live processes of session ``sid``
+    (the service and its workers)."""
+    tick, total = os.sysconf("SC_CLK_TCK"), 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid:  # fields after the name: state ppid pgrp session ... utime(11) stime(12)
+            total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
+def own_cpu_s() -> float:
+    """CPU seconds used so far by this process (the load generator)."""
+    t = os.times()
+    return t.user + t.system
+
+
+async def run_cell(url, args, rate, rng, cpu=lambda: 0.0):
     import aiohttp
 
     n = min(args.max_requests, int(rate * args.duration))
@@ -195,12 +248,27 @@ async def run_cell(url, args, rate, rng):
 
         # warm up every worker on both endpoints (the first requests compile the update kernel
         # and fill caches): not measured
-        _, _, warm = await open_loop(session, url, ranks[: min(200, n)], min(rate, 100), 2.0, args.timeout)
+        _, _, warm, _ = await open_loop(session, url, ranks[: min(200, n)], min(rate, 100), 2.0, args.timeout)
         await open_loop(session, url, rewards_of(warm), min(rate, 100), 2.0, args.timeout)
-        rank_lat, rank_err, shown = await open_loop(session, url, ranks, rate, args.duration, args.timeout)
+        c0, k0 = cpu(), own_cpu_s()
+        rank_lat, rank_err, shown, rank_trace = await open_loop(session, url, ranks, rate, args.duration, args.timeout)
+        c1, k1 = cpu(), own_cpu_s()
         rewards = rewards_of(shown)
-        reward_lat, reward_err, _ = await open_loop(session, url, rewards, rate, args.duration, args.timeout)
-    return (rank_lat, rank_err, n), (reward_lat, reward_err, len(rewards))
+        reward_lat, reward_err, _, reward_trace = await open_loop(session, url, rewards, rate, args.duration, args.timeout)
+        c2, k2 = cpu(), own_cpu_s()
+    nr = max(len(rewards), 1)
+    return ((rank_lat, rank_err, n, rank_trace, (c1 - c0) / max(n, 1) * 1000, (k1 - k0) / max(n, 1) * 1000),
+            (reward_lat, reward_err, len(rewards), reward_trace, (c2 - c1) / nr * 1000, (k2 - k1) / nr * 1000))
+
+
+def write_trace(path: Path, trace: list) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t0 = trace[0][1]
+    wall = time.time() - time.perf_counter()  # to line requests up with the service's logs
+    lines = ["i,due_s,due_epoch_s,send_lag_ms,latency_ms,status,app_ms,pid"]
+    lines += [f"{i},{due - t0:.4f},{due + wall:.4f},{(sent - due) * 1000:.2f},{(done - due) * 1000:.2f},{status},{app:.2f},{pid}"
+              for i, due, sent, done, status, app, pid in trace]
+    path.write_text("\n".join(lines) + "\n")
 
 
 def main(argv=None):
@@ -215,7 +283,12 @@ def main(argv=None):
     p.add_argument("--items", type=int, default=200, help="catalog items per query")
     p.add_argument("--users", type=int, default=10000)
     p.add_argument("--timeout", type=float, default=5.0, help="seconds before a request counts as an error")
+    p.add_argument("--repeats", type=int, default=1, help="run every cell this many times (one after the other)")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--service-overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="extra config overrides for the service (e.g. gc_freeze=false), to compare settings")
+    p.add_argument("--trace", type=Path, default=None,
+                   help="folder for one CSV per cell with every request's timings (turns on the service's server_timing)")
     args = p.parse_args(argv)
     if args.candidates > args.items:
         p.error("--candidates must be <= --items")
@@ -223,38 +296,70 @@ def main(argv=None):
     header = [f"- command: `{command.strip()}`", f"- commit: {commit()}", f"- machine: {machine()}",
               f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"]
     rng = np.random.default_rng(0)
-    rows = []
+    rows, loads = [], []
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         root = Path(tmp)
         print("building the catalog and the head ...", flush=True)
         items, tracking_uri = make_catalog(root, args.queries, args.items)
+        # the catalog builder imported torch and MLflow: freeze that heap, or every full
+        # collection in this load generator walks it and stalls the requests it is sending
+        gc.collect()
+        gc.freeze()
         redis = Redis(root) if "redis" in args.backends else None
         try:
-            for backend in args.backends:
-                for workers in args.workers:
-                    print(f"starting the service: {backend}, {workers} worker(s) ...", flush=True)
-                    proc, url = start_service(root, backend, workers, items, tracking_uri, redis and redis.port)
-                    try:
-                        for rate in args.rates:
-                            (rl, re_, rn), (wl, we, wn) = asyncio.run(run_cell(url, args, rate, rng))
-                            for name, lat, err, n in (("rank", rl, re_, rn), ("reward", wl, we, wn)):
-                                p50, p99 = (np.percentile(lat, [50, 99]) if len(lat) else (float("nan"),) * 2)
-                                kinds = ", ".join(f"{k}: {v}" for k, v in sorted(err.items()))
-                                rows.append((backend, workers, name, rate, n, sum(err.values()), kinds, p50, p99))
-                                print(f"  {backend:6s} workers={workers} {name:6s} {rate:5.0f}/s: {n} requests, "
-                                      f"{sum(err.values())} errors ({kinds}), p50 {p50:.1f} ms, p99 {p99:.1f} ms", flush=True)
-                    finally:
-                        os.killpg(proc.pid, signal.SIGTERM)
-                        proc.wait(30)
+            for repeat in range(1, args.repeats + 1):
+                loads.append(os.getloadavg())
+                print(f"repeat {repeat}: load average {loads[-1][0]:.2f}", flush=True)
+                for backend in args.backends:
+                    for workers in args.workers:
+                        print(f"starting the service: {backend}, {workers} worker(s) ...", flush=True)
+                        extra = [*args.service_overrides, *(["server_timing=true"] if args.trace else [])]
+                        proc, url = start_service(root, backend, workers, items, tracking_uri, redis and redis.port, extra,
+                                                  name=f"{repeat}-{workers}")
+                        try:
+                            for rate in args.rates:
+                                cells = asyncio.run(run_cell(url, args, rate, rng, lambda: session_cpu_s(proc.pid)))
+                                for name, (lat, err, n, trace, cpu_ms, client_ms) in zip(("rank", "reward"), cells):
+                                    if args.trace:
+                                        write_trace(args.trace / f"{repeat}-{backend}-{workers}-{name}-{rate:.0f}.csv", trace)
+                                    p50, p99 = (np.percentile(lat, [50, 99]) if len(lat) else (float("nan"),) * 2)
+                                    kinds = ", ".join(f"{k}: {v}" for k, v in sorted(err.items()))
+                                    rows.append((repeat, backend, workers, name, rate, n, sum(err.values()), kinds, p50, p99,
+                                                 cpu_ms, client_ms))
+                                    print(f"  {backend:6s} workers={workers} {name:6s} {rate:5.0f}/s: {n} requests, "
+                                          f"{sum(err.values())} errors ({kinds}), p50 {p50:.1f} ms, p99 {p99:.1f} ms, "
+                                          f"CPU per request: service {cpu_ms:.2f} ms, load generator {client_ms:.2f} ms",
+                                          flush=True)
+                        finally:
+                            os.killpg(proc.pid, signal.SIGTERM)
+                            proc.wait(30)
         finally:
             if redis:
+                header.append(f"- Redis persistence at the end (appendfsync everysec, no snapshots): {redis.persistence()}")
                 redis.stop()
-    table = ["| backend | workers | endpoint | rate (req/s) | requests | errors | error kinds | p50 (ms) | p99 (ms) |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    table += [f"| {b} | {w} | {e} | {r:.0f} | {n} | {err} | {kinds} | {p50:.1f} | {p99:.1f} |"
-              for b, w, e, r, n, err, kinds, p50, p99 in rows]
-    method = "\n\n".join(__doc__.split("\n\n")[1:4]).strip()
-    text = "\n".join(["# Service load benchmark", "", *header, "", method, "", *table, ""])
+    header.append("- load average (1 min) at the start of each repeat: " + ", ".join(f"{la[0]:.2f}" for la in loads))
+    cells: dict = {}
+    for repeat, b, w, e, r, n, err, kinds, p50, p99, cpu, client in rows:
+        cells.setdefault((b, w, e, r), []).append((repeat, n, err, kinds, p50, p99, cpu, client))
+    summary = [f"Over {args.repeats} repeat(s): requests and errors summed, p50 and p99 the median of the repeats' "
+               "(each repeat's p99 listed), CPU per request the median.", "",
+               "| backend | workers | endpoint | rate (req/s) | requests | errors | p50 (ms) | p99 (ms) | p99 of each repeat (ms) "
+               "| CPU/request, service (ms) | CPU/request, load generator (ms) |",
+               "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (b, w, e, r), runs in cells.items():
+        kinds = "; ".join(x[3] for x in runs if x[3])
+        med = lambda j: float(np.median([x[j] for x in runs]))  # noqa: E731
+        errors = f"{sum(x[2] for x in runs)}" + (f" ({kinds})" if kinds else "")
+        summary.append(f"| {b} | {w} | {e} | {r:.0f} | {sum(x[1] for x in runs)} | {errors} | {med(4):.1f} | {med(5):.1f} | "
+                       + ", ".join(f"{x[5]:.1f}" for x in runs) + f" | {med(6):.2f} | {med(7):.2f} |")
+    table = ["Every repeat:", "",
+             "| repeat | backend | workers | endpoint | rate (req/s) | requests | errors | error kinds | p50 (ms) | p99 (ms) "
+             "| CPU/request, service (ms) | CPU/request, load generator (ms) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    table += [f"| {rep} | {b} | {w} | {e} | {r:.0f} | {n} | {err} | {kinds} | {p50:.1f} | {p99:.1f} | {cpu:.2f} | {client:.2f} |"
+              for rep, b, w, e, r, n, err, kinds, p50, p99, cpu, client in rows]
+    method = "\n\n".join(__doc__.split("\n\n")[1:5]).strip()
+    text = "\n".join(["# Service load benchmark", "", *header, "", method, "", *summary, "", *table, ""])
     print(text)
     if args.out:
         args.out.write_text(text)

@@ -8,6 +8,7 @@ serve (``model=...``, else the newest finished training run), and runs uvicorn w
 
 from __future__ import annotations
 
+import gc
 import os
 import tempfile
 
@@ -38,6 +39,11 @@ def serve(cfg: DictConfig) -> None:
         uri = bootstrap(cfg, backend, publish=True)
     finally:
         backend.close()
+    if cfg.workers > 1 and cfg.get("gc_freeze", True):
+        # this process only supervises the workers now: keep its full collections off the heap
+        # it built (hydra, torch, mlflow), or each one burns CPU the workers need
+        gc.collect()
+        gc.freeze()
     print(f"serving {uri} on http://{cfg.host}:{cfg.port} with {cfg.workers} worker(s)")
     os.environ[CONFIG_ENV] = OmegaConf.to_yaml(cfg, resolve=True)
     if cfg.workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:

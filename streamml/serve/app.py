@@ -12,12 +12,20 @@ the backend fails (counted in ``streamml_store_errors``). Set the environment va
 named by ``auth.token_env`` (default ``STREAMML_TOKEN``) to require
 ``Authorization: Bearer <token>`` on every route except ``/healthz``, ``/readyz`` and
 the static pages (the demo page and the OpenAPI docs, which hold no data).
+
+With ``gc_freeze`` (default), every head load ends with :func:`gc.freeze`: the ~760,000
+objects a worker holds after importing torch and MLflow and loading a head move to the
+collector's permanent generation. Otherwise every full (generation 2) collection walks
+them all, stalling every request the worker holds for hundreds of milliseconds
+(``experiments/serve_benchmark.md``). Frozen objects are still freed by reference
+counting; only reference cycles among them (left by a replaced head) are not collected.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import secrets
@@ -42,10 +50,16 @@ CONFIG_ENV = "STREAMML_SERVE_CONFIG"  # how ``python -m streamml.serve`` hands i
 
 
 class BodyLimit:
-    """ASGI middleware: refuse bodies over ``max_bytes`` (413) and time every request."""
+    """ASGI middleware: refuse bodies over ``max_bytes`` (413) and time every request.
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, int(max_bytes)
+    With ``server_timing``, each response carries ``Server-Timing: app;dur=<ms>, pid;desc=<pid>``:
+    the time from the request reaching the app to its response headers, and the worker that
+    answered, so a load test can tell time spent in the app from time spent queued before it.
+    """
+
+    def __init__(self, app, max_bytes: int, server_timing: bool = False):
+        self.app, self.max_bytes, self.server_timing = app, int(max_bytes), bool(server_timing)
+        self._pid = os.getpid()  # the app is built in each worker process
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -65,6 +79,15 @@ class BodyLimit:
                 if received > self.max_bytes:
                     raise HTTPException(413, too_big)
                 return message
+
+            if self.server_timing:
+                inner_send = send
+
+                async def send(message):
+                    if message["type"] == "http.response.start":
+                        dur = f"app;dur={(time.perf_counter() - start) * 1000:.3f}, pid;desc={self._pid}"
+                        message = {**message, "headers": [*message.get("headers", []), (b"server-timing", dur.encode())]}
+                    await inner_send(message)
 
             await self.app(scope, limited, send)
         finally:
@@ -97,6 +120,8 @@ def create_app(cfg: DictConfig, backend=None) -> FastAPI:
         async with swap_lock:
             prepared = await asyncio.to_thread(lifecycle.prepare, uri)
             lifecycle.activate(prepared)
+            if cfg.get("gc_freeze", True):
+                gc.freeze()
             return lifecycle.publish(prepared.head.uri) if publish else None
 
     async def follow():  # pick up reloads published by other workers
@@ -115,6 +140,8 @@ def create_app(cfg: DictConfig, backend=None) -> FastAPI:
     async def lifespan(app: FastAPI):
         uri = await asyncio.to_thread(bootstrap, cfg, backend)
         record = backend.control.get()
+        if cfg.get("gc_freeze", True):
+            gc.collect()  # once, before serving: what is left is the long-lived heap that load() freezes
         await load(uri, publish=False)
         lifecycle.seen_version = record["version"] if record else None
         task = asyncio.create_task(follow())
@@ -126,10 +153,11 @@ def create_app(cfg: DictConfig, backend=None) -> FastAPI:
 
     app = FastAPI(title="streamml", version="1", lifespan=lifespan,
                   description="Per-user online ranking of short texts: rank, reward, feedback, model lifecycle.")
-    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes, server_timing=cfg.get("server_timing", False))
     app.state.lifecycle, app.state.backend = lifecycle, backend
 
-    def authorized(authorization: str | None = Header(None, include_in_schema=False)) -> None:
+    # async: a plain ``def`` dependency would run in FastAPI's thread pool, one thread hand-off per request
+    async def authorized(authorization: str | None = Header(None, include_in_schema=False)) -> None:
         if token is None:
             return
         scheme, _, given = (authorization or "").partition(" ")

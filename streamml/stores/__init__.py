@@ -8,7 +8,7 @@ from streamml.stores.base import Field, Schema, Store, as_key_list, occurrences
 from streamml.stores.errors import HeadMismatch, StoreUnavailable
 from streamml.stores.memory import InMemoryStore
 
-_SQLITE = ("SQLiteDB", "SQLiteEventLog", "SQLiteItems", "SQLiteStore")
+_SQLITE = ("Checkpointer", "SQLiteDB", "SQLiteEventLog", "SQLiteItems", "SQLiteStore")
 
 __all__ = [
     "Field", "InMemoryStore", "Schema", "Store", "as_key_list", "occurrences",

@@ -20,6 +20,19 @@ busy timeout instead of failing.
   SIGKILL of the process, which is what the service promises; only an OS crash or
   power cut can lose the last commits. ``synchronous="FULL"`` fsyncs every commit
   to survive those too, at the cost of an fsync per write.
+- **Checkpoints:** SQLite copies the WAL back into the database file (a checkpoint,
+  with an fsync) once the WAL passes ``autocheckpoint`` pages, inside the commit
+  that crossed the mark. With 16 KiB pages a rank and a reward append ~100 KB of WAL,
+  so at a few hundred requests per second that is a 16 MB checkpoint every second or
+  so, stalling the request that pays for it and those queued behind it. :class:`Checkpointer` runs them
+  on a thread instead (``PASSIVE``: it never blocks readers or writers, and sqlite3
+  releases the GIL meanwhile); a service sets ``autocheckpoint=0`` on the request
+  connections and starts one. Checkpoints do not change durability: a commit is in
+  the WAL either way.
+- **Write lock:** a writer that finds another worker's transaction open retries
+  ``BEGIN IMMEDIATE`` every 0.2 ms up to the busy timeout, instead of SQLite's busy
+  handler, whose sleeps (1, 2, 5, 10 ... ms) overshoot sub-millisecond commits
+  (``experiments/serve_benchmark.md``).
 - **Connections:** one per process and thread, opened on first use (a forked
   worker or a pickled copy reconnects instead of sharing a socket-like handle).
 - **Head fingerprint:** residuals only mean something for the head they were
@@ -49,7 +62,7 @@ from streamml.stores.base import Field, Store
 from streamml.stores.codec import Keys, RecordCodec, check_unique, encode_key, encode_keys
 from streamml.stores.errors import HeadMismatch, StoreUnavailable
 
-__all__ = ["SQLiteDB", "SQLiteStore", "SQLiteEventLog", "SQLiteItems", "load_items", "main"]
+__all__ = ["SQLiteDB", "Checkpointer", "SQLiteStore", "SQLiteEventLog", "SQLiteItems", "load_items", "main"]
 
 _CHUNK = 500  # keys per statement: well under SQLite's limit on bound variables
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -70,15 +83,22 @@ class SQLiteDB:
         with :class:`StoreUnavailable`.
     page_size
         Bytes per page of a new file (ignored for an existing one).
+    autocheckpoint
+        WAL pages after which a commit also checkpoints (SQLite's ``wal_autocheckpoint``);
+        0: never in a commit, leave it to a :class:`Checkpointer` (or :meth:`checkpoint`).
     """
 
-    def __init__(self, path: str | Path, synchronous: str = "NORMAL", busy_timeout_s: float = 10.0, page_size: int = 16384):
+    def __init__(self, path: str | Path, synchronous: str = "NORMAL", busy_timeout_s: float = 10.0, page_size: int = 16384,
+                 autocheckpoint: int = 1000):
         if synchronous.upper() not in ("NORMAL", "FULL"):
             raise ValueError(f"synchronous must be 'NORMAL' or 'FULL', got {synchronous!r}")
         self.path = Path(path)
         self.synchronous = synchronous.upper()
         self.busy_timeout_s = float(busy_timeout_s)
         self.page_size = int(page_size)
+        self.autocheckpoint = int(autocheckpoint)
+        if self.autocheckpoint < 0:
+            raise ValueError(f"autocheckpoint must be >= 0 pages, got {autocheckpoint}")
         self._local = threading.local()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.conn  # create the file and set its page size and journal mode now
@@ -102,6 +122,7 @@ class SQLiteDB:
             conn.execute(f"PRAGMA page_size={self.page_size}")  # only takes effect on an empty file
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={self.synchronous}")
+            conn.execute(f"PRAGMA wal_autocheckpoint={self.autocheckpoint}")
             local.conn, local.pid = conn, os.getpid()
         return local.conn
 
@@ -119,7 +140,10 @@ class SQLiteDB:
         :class:`StoreUnavailable`."""
         conn = self.conn
         try:
-            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            if write:
+                self._begin_immediate(conn)
+            else:
+                conn.execute("BEGIN")
         except sqlite3.OperationalError as e:
             raise StoreUnavailable(f"SQLite {self.path}: {e}") from e
         try:
@@ -134,6 +158,40 @@ class SQLiteDB:
                 conn.execute("ROLLBACK")
                 raise StoreUnavailable(f"SQLite {self.path}: {e}") from e
 
+    def _begin_immediate(self, conn: sqlite3.Connection) -> None:
+        """``BEGIN IMMEDIATE``, retried every 0.2 ms (later 1 ms) while another connection
+        holds the write lock, up to the busy timeout. SQLite's own busy handler sleeps 1, 2,
+        5, 10, 15, 20, 25 ms ... between tries, so a writer queued behind a 0.3 ms commit of
+        another worker would wait 1-8 ms, and tens of ms behind a slow one."""
+        conn.execute("PRAGMA busy_timeout=0")
+        try:
+            deadline = time.monotonic() + self.busy_timeout_s
+            tries = 0
+            while True:
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                    return
+                except sqlite3.OperationalError as e:
+                    if conn.in_transaction or "locked" not in str(e) or time.monotonic() > deadline:
+                        raise
+                tries += 1
+                time.sleep(0.0002 if tries < 50 else 0.001)
+        finally:
+            conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_s * 1000)}")
+
+    def checkpoint(self, mode: str = "PASSIVE") -> tuple[int, int]:
+        """A checkpoint on this thread's connection. ``PASSIVE`` copies what it can of the WAL
+        into the database without waiting for readers or writers; ``RESTART`` also waits (busy
+        timeout) for a moment without writers and then starts the WAL over from its beginning.
+        Returns (WAL frames, frames checkpointed); (-1, -1) if it could not run."""
+        if mode not in ("PASSIVE", "RESTART"):
+            raise ValueError(f"mode must be 'PASSIVE' or 'RESTART', got {mode!r}")
+        try:
+            busy, frames, done = self.conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+        except sqlite3.OperationalError:  # "database is locked": another process's checkpoint runs
+            return -1, -1
+        return (-1, -1) if busy else (frames, done)
+
     def meta_get(self, conn: sqlite3.Connection, key: str) -> str | None:
         row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else row[0]
@@ -143,6 +201,43 @@ class SQLiteDB:
 
     def ensure_meta(self) -> None:
         self.conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+
+
+class Checkpointer:
+    """A daemon thread that checkpoints ``db`` every ``interval_s`` seconds, on its own
+    connection, until :meth:`stop`. Use it with ``SQLiteDB(..., autocheckpoint=0)``, so no
+    request pays for a checkpoint; each process that writes may run one (a checkpoint
+    already running elsewhere is skipped).
+
+    Each tick is a ``PASSIVE`` checkpoint. Under steady writes that alone never lets the
+    WAL start over (new commits land while it copies), so once the WAL holds more than
+    ``restart_frames`` frames a ``RESTART`` checkpoint follows the passive one: it waits for
+    a gap between commits, copies the few frames committed since, and starts the WAL over;
+    writers wait for it about as long as for a few other commits.
+    """
+
+    def __init__(self, db: SQLiteDB, interval_s: float = 0.1, restart_frames: int = 1000):
+        if interval_s <= 0:
+            raise ValueError(f"interval_s must be positive, got {interval_s}")
+        self.db, self.interval_s, self.restart_frames = db, float(interval_s), int(restart_frames)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"checkpoint {db.path.name}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        conn = self.db.conn  # this thread's own connection
+        try:
+            while not self._stop.wait(self.interval_s):
+                frames, done = self.db.checkpoint()
+                if frames > self.restart_frames:
+                    self.db.checkpoint("RESTART")
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(10)
 
 
 def _db(db: SQLiteDB | str | Path, **kwargs) -> SQLiteDB:

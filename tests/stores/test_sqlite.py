@@ -9,13 +9,14 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
-from streamml.stores import Field, SQLiteDB, SQLiteItems, SQLiteStore
+from streamml.stores import Checkpointer, Field, SQLiteDB, SQLiteItems, SQLiteStore
 from streamml.stores.sqlite import main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -32,6 +33,59 @@ def test_one_wal_file_with_big_pages(tmp_path):
     assert SQLiteDB(tmp_path / "f.db", synchronous="full").conn.execute("PRAGMA synchronous").fetchone()[0] == 2
     with pytest.raises(ValueError, match="synchronous"):
         SQLiteDB(tmp_path / "x.db", synchronous="OFF")
+
+
+def test_checkpointer_copies_the_wal_and_starts_it_over_off_the_writing_thread(tmp_path):
+    db = SQLiteDB(tmp_path / "s.db", autocheckpoint=0)
+    assert db.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+    store = SQLiteStore(SCHEMA, db)
+    for i in range(40):  # one commit each: 40+ frames of WAL, never checkpointed by a commit
+        store.put_many([i], {"r": np.full((1, 4), i), "n": np.array([i])})
+    frames, done = db.checkpoint()
+    assert frames >= 40 and done == frames
+    checkpointer = Checkpointer(db, interval_s=0.01, restart_frames=10)
+    try:
+        store.put_many([100], {"r": np.zeros((1, 4)), "n": np.array([100])})
+        deadline = time.monotonic() + 10
+        while db.checkpoint()[0] >= frames and time.monotonic() < deadline:  # restarted: a short WAL again
+            time.sleep(0.01)
+        assert db.checkpoint()[0] < frames
+    finally:
+        checkpointer.stop()
+    assert not checkpointer._thread.is_alive()
+    fresh = SQLiteStore(SCHEMA, tmp_path / "s.db")  # everything is in the file, whichever part of the WAL it came from
+    assert fresh.get_many(list(range(40)) + [100])["n"].tolist() == list(range(40)) + [100]
+    with pytest.raises(ValueError, match="autocheckpoint"):
+        SQLiteDB(tmp_path / "x.db", autocheckpoint=-1)
+    with pytest.raises(ValueError, match="mode"):
+        db.checkpoint("TRUNCATE")
+
+
+def test_a_writer_waits_for_the_write_lock_then_gives_up_after_the_busy_timeout(tmp_path):
+    import sqlite3
+    import threading
+
+    from streamml.stores import StoreUnavailable
+
+    SQLiteStore(SCHEMA, tmp_path / "s.db")  # creates the file and its table
+    holder = sqlite3.connect(tmp_path / "s.db", isolation_level=None, check_same_thread=False)
+
+    def hold(seconds):
+        holder.execute("BEGIN IMMEDIATE")
+        threading.Timer(seconds, lambda: holder.execute("COMMIT")).start()
+
+    store = SQLiteStore(SCHEMA, SQLiteDB(tmp_path / "s.db", busy_timeout_s=5.0))
+    hold(0.05)
+    store.put_many([1], {"r": np.ones((1, 4)), "n": np.array([1])})  # waits for the lock, then writes
+    assert store.get_many([1])["n"].tolist() == [1]
+    impatient = SQLiteStore(SCHEMA, SQLiteDB(tmp_path / "s.db", busy_timeout_s=0.05))
+    hold(1.0)
+    with pytest.raises(StoreUnavailable, match="locked"):
+        impatient.put_many([2], {"r": np.ones((1, 4)), "n": np.array([2])})
+    time.sleep(1.1)
+    assert impatient.db.conn.execute("PRAGMA busy_timeout").fetchone()[0] == 50  # restored after the retries
+    impatient.put_many([2], {"r": np.ones((1, 4)), "n": np.array([2])})
+    assert store.get_many([1, 2])["n"].tolist() == [1, 2]
 
 
 def test_close_then_reuse(tmp_path):
