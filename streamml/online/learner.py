@@ -8,7 +8,9 @@ For a user ``u``, a query ``q`` and an item embedding ``x``::
 items, so that a residual step moves rankings equally fast whatever the head's scale.
 ``x̃`` is ``x`` standardised per dimension over the query's catalog (``features``).
 ``r`` is a residual vector per key (per ``(user, query)``, or per user), zero at cold
-start, so a new user ranks exactly as the head does. Each feedback event updates the
+start, so a new user ranks exactly as the head does. A rule may also keep a per-key head
+weight ``v`` (``WindowMAP`` with ``head_var > 0``); the head term is then ``(1 + v) z_q``.
+Each feedback event updates the
 key's state by the learner's rule (:mod:`streamml.online.rules`), through that rule's
 compiled kernel (:mod:`streamml.online.kernels`); the state lives in a
 :class:`~streamml.stores.Store`, created on first use as in river's ``reco.BiasedMF``.
