@@ -448,12 +448,10 @@ def _window_events(res, win, beta, gram, hw, rows, items, labels, X, z, pv, hv, 
         for a in range(0, n, 4):
             i0, i1, i2, i3 = ids[a], ids[a + 1], ids[a + 2], ids[a + 3]
             c0, c1, c2, c3 = c4[a], c4[a + 1], c4[a + 2], c4[a + 3]
-            last = a + 4 >= n
             for d in range(D):
-                rd = r[d] + c0 * X[i0, d] + c1 * X[i1, d] + c2 * X[i2, d] + c3 * X[i3, d]
-                r[d] = rd
-                if last:
-                    res[row, d] = _from_f32(rd, dt_r)
+                r[d] += c0 * X[i0, d] + c1 * X[i1, d] + c2 * X[i2, d] + c3 * X[i3, d]
+        for d in range(D):
+            res[row, d] = _from_f32(r[d], dt_r)
         for j in range(B):
             if j < n:
                 win[row, j] = ids[j] + 1 if lab[j] > 0 else -(ids[j] + 1)
