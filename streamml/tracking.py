@@ -276,7 +276,7 @@ class QueryScorer(mlflow.pyfunc.PythonModel):
         if X.ndim != 2 or X.shape[1] != self.embedding_dim:
             raise ValueError(f"embeddings must have {self.embedding_dim} floats each; got shape {X.shape}")
         groups = np.array([self.query_ids.index(q) for q in model_input["query_id"]])
-        return self.learner.score(X, groups)
+        return self.learner.score_rows(X, groups)
 
 
 def log_model(learner, query_ids: list[str], embedding_dim: int, input_example: pd.DataFrame | None = None) -> str:

@@ -43,7 +43,7 @@ def test_query_scorer_scores_and_names_bad_input():
     learner = SklearnLR().fit(X, y, np.repeat([0, 1], 10))
     scorer = tracking.QueryScorer(learner, ["news", "sport"], embedding_dim=4)
     frame = pd.DataFrame({"query_id": ["sport", "news"], "embedding": [X[0].tolist(), X[1].tolist()]})
-    np.testing.assert_allclose(scorer.predict(None, frame), [learner.score(X[:1], [1])[0], learner.score(X[1:2], [0])[0]])
+    np.testing.assert_allclose(scorer.predict(None, frame), [learner.score_rows(X[:1], [1])[0], learner.score_rows(X[1:2], [0])[0]])
     with pytest.raises(ValueError, match="unknown query_id 'weather'"):
         scorer.predict(None, frame.assign(query_id=["weather", "news"]))
     with pytest.raises(ValueError, match="needs a 'embedding' column"):
@@ -112,7 +112,7 @@ def test_the_model_has_a_signature_an_example_and_is_listed_with_the_run(mlflow_
     assert info.signature.inputs.input_names() == ["query_id", "embedding"]
     assert [mlflow.get_logged_model(m.model_id).name for m in client.search_logged_models(["0"])] == ["model"]
     scores = tracking.load_model(f"runs:/{run_id}/model").predict(pd.DataFrame({"query_id": data.frame.query_id, "embedding": list(data.X)}))
-    np.testing.assert_allclose(scores, learner.score(data.X, data.query), rtol=1e-6)
+    np.testing.assert_allclose(scores, learner.score_rows(data.X, data.query), rtol=1e-6)
 
 
 def test_load_model_names_the_store_it_searched_and_creates_none(mlflow_uri, tmp_path, monkeypatch, query_dir):
@@ -161,7 +161,7 @@ def test_mlflow_models_serve_answers_the_documented_request(mlflow_uri, query_di
         request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json"})
         answer = json.loads(urllib.request.urlopen(request, timeout=30).read())
-        expected = learner.score(data.X[:2], np.array([1, 0]))
+        expected = learner.score_rows(data.X[:2], np.array([1, 0]))
         np.testing.assert_allclose(answer["predictions"], expected, rtol=1e-5)
     finally:
         os.killpg(server.pid, signal.SIGTERM)

@@ -1,15 +1,15 @@
-"""Per-query baseline learners behind the same fit/score contract as the neural heads.
+"""Per-query baseline learners behind the same fit/score_rows contract as the neural heads.
 
 The contract::
 
     learner.fit(X, y, groups) -> learner    # X (N, D) float, y (N,) 0/1 with 1 = accepted, groups (N,) int
-    learner.score(X, groups) -> (N,) float  # higher = more likely accepted
+    learner.score_rows(X, groups) -> (N,) float  # higher = more likely accepted
 
 ``fit`` trains one independent model per group (a query, or a (fold, query) pair during
 cross-validation) and replaces whatever was fitted before. Scores are only comparable
 within a group. Edge cases:
 
-* ``score`` on a group that ``fit`` never saw raises a ``ValueError`` naming the group.
+* ``score_rows`` on a group that ``fit`` never saw raises a ``ValueError`` naming the group.
 * A group whose training labels are all one class has nothing to rank, so every item in it
   scores the learner's neutral value (``SklearnLR``: 0.0, the decision boundary;
   ``RiverStack``: 0.5).
@@ -103,7 +103,7 @@ class _PerGroup:
             self.models_[g] = self._fit_group(X[mask], yg, g) if two_classes else None
         return self
 
-    def score(self, X: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    def score_rows(self, X: np.ndarray, groups: np.ndarray) -> np.ndarray:
         if not hasattr(self, "models_"):
             raise ValueError(f"{type(self).__name__} is not fitted; call fit first")
         X, groups = self._check_X_groups(X, groups)
@@ -165,12 +165,12 @@ class SklearnLR(_PerGroup):
     >>> X = (rng.normal(size=(20, 4)) + y[:, None]).astype(np.float32)
     >>> groups = np.repeat([0, 1], 10)
     >>> lr = SklearnLR().fit(X, y, groups)
-    >>> s = lr.score(X, groups)
+    >>> s = lr.score_rows(X, groups)
     >>> s.shape
     (20,)
     >>> bool(s[y == 1].mean() > s[y == 0].mean())
     True
-    >>> lr.score(X[:1], np.array([7]))
+    >>> lr.score_rows(X[:1], np.array([7]))
     Traceback (most recent call last):
         ...
     ValueError: group 7 was not seen in fit
@@ -224,7 +224,7 @@ class RiverStack(_PerGroup):
     >>> X = (rng.normal(size=(20, 4)) + 2 * y[:, None]).astype(np.float32)
     >>> groups = np.repeat([0, 1], 10)
     >>> stack = RiverStack(epochs=3).fit(X, y, groups)
-    >>> s = stack.score(X, groups)
+    >>> s = stack.score_rows(X, groups)
     >>> bool(((s > 0) & (s < 1)).all())
     True
     >>> bool(s[y == 1].mean() > s[y == 0].mean())

@@ -3,7 +3,8 @@
 The neural heads (through ``offline.module``) and the baselines of
 :mod:`streamml.offline.baselines` follow it. It is not the online contract
 (:class:`streamml.online.contract.OnlineLearner`), whose ``score`` takes a user and a
-query and whose learning is one feedback event at a time.
+query and whose learning is one feedback event at a time; the offline verb is
+``score_rows`` so that the two never pass for each other.
 """
 
 from __future__ import annotations
@@ -33,5 +34,5 @@ class OfflineLearner(Protocol):
         Lightning callbacks (epoch logging); learners without epochs ignore them.
         """
 
-    def score(self, X: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    def score_rows(self, X: np.ndarray, groups: np.ndarray) -> np.ndarray:
         """(N,) float, higher = more likely accepted."""

@@ -39,7 +39,7 @@ def cross_validate(learner: OfflineLearner, data: QueryData, splits: list[tuple[
     test, test_groups = _pack([te for _, te in splits], data)
 
     learner.fit(data.X[train], data.y[train], train_groups, blocks=train_groups // n_queries, **fit_kwargs)
-    scores = learner.score(data.X[test], test_groups)
+    scores = learner.score_rows(data.X[test], test_groups)
     per_group = ranking_metrics(torch.as_tensor(scores), torch.as_tensor(data.y[test]), torch.as_tensor(test_groups))
     groups = per_group.pop("groups").numpy()
     table = pd.DataFrame({name: values.numpy() for name, values in per_group.items()})

@@ -1,4 +1,4 @@
-"""Lightning wiring for the per-query heads, behind the same fit/score contract as the baselines.
+"""Lightning wiring for the per-query heads, behind the same fit/score_rows contract as the baselines.
 
 ``HeadLearner.fit(X, y, groups)`` trains one head per group in a single Lightning fit,
 so the cross-validation harness can pack every (fold, query) pair into one run and
@@ -89,7 +89,7 @@ class RankingDataModule(L.LightningDataModule):
 
 
 class HeadLearner:
-    """Per-group neural heads trained with Lightning, with the ``fit``/``score`` contract.
+    """Per-group neural heads trained with Lightning, with the ``fit``/``score_rows`` contract.
 
     Parameters
     ----------
@@ -118,7 +118,7 @@ class HeadLearner:
     >>> learner = HeadLearner(partial(LinearHeads, dim=8), ranknet, partial(torch.optim.Adam, lr=0.1),
     ...     partial(L.Trainer, max_epochs=30, logger=False, enable_progress_bar=False,
     ...             enable_model_summary=False, enable_checkpointing=False))
-    >>> scores = learner.fit(X, y, groups).score(X, groups)
+    >>> scores = learner.fit(X, y, groups).score_rows(X, groups)
     >>> bool(scores[y == 1].mean() > scores[y == 0].mean())
     True
     """
@@ -143,7 +143,7 @@ class HeadLearner:
         return self
 
     @torch.no_grad()
-    def score(self, X: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    def score_rows(self, X: np.ndarray, groups: np.ndarray) -> np.ndarray:
         idx = np.searchsorted(self.groups_, groups)
         unseen = (idx >= len(self.groups_)) | (self.groups_[np.minimum(idx, len(self.groups_) - 1)] != groups)
         if unseen.any():

@@ -4,7 +4,7 @@ An online learner ranks a query's candidates for one user and learns from that u
 accept/reject feedback, one event at a time, with state created on first use (river's
 ``learn_one`` shape). ``ResidualLearner`` and the baselines of
 :mod:`streamml.online.baselines` follow it, and ``tests/online/test_contract.py`` runs
-one suite over all of them. The offline contract (fit on labelled rows, score rows) is a
+one suite over all of them. The offline contract (``fit`` on labelled rows, ``score_rows``) is a
 different one: :class:`streamml.offline.contract.OfflineLearner`.
 """
 

@@ -144,7 +144,7 @@ def real_users(data: QueryData, head, streams: str = "test", seed: int = 0, user
                n_clusters: int = 3, probe_fraction: float = 0.4) -> World:
     """Users over the real items, scored by a head fit on the other half of their query.
 
-    ``head`` is an offline learner (``fit(X, y, groups)`` / ``score(X, groups)``); ``users``
+    ``head`` is an offline learner (``fit(X, y, groups)`` / ``score_rows(X, groups)``); ``users``
     maps a user model (``flip_cluster`` or ``none``) to the number of users per query half.
     """
     from sklearn.model_selection import StratifiedKFold
@@ -159,7 +159,7 @@ def real_users(data: QueryData, head, streams: str = "test", seed: int = 0, user
         for h, (_, part) in enumerate(StratifiedKFold(2, shuffle=True, random_state=split_seed).split(rows, y[rows])):
             half[rows[part]] = h
     head.fit(data.X, y, query * 2 + half)
-    head_scores = np.asarray(head.score(data.X, query * 2 + (1 - half)), np.float64)
+    head_scores = np.asarray(head.score_rows(data.X, query * 2 + (1 - half)), np.float64)
 
     world = World(data.X, query, head_scores, query_ids=list(data.query_ids))
     for q in range(len(data.query_ids)):
@@ -252,7 +252,7 @@ def large_catalog(data: QueryData, head, streams: str = "test", seed: int = 0, u
     X = np.concatenate(items)
     item_query = np.concatenate(item_query)
     head.fit(np.concatenate(head_X), np.concatenate(head_y), np.concatenate(head_q))
-    world = World(X, item_query, np.asarray(head.score(X, item_query), np.float64), query_ids=list(data.query_ids))
+    world = World(X, item_query, np.asarray(head.score_rows(X, item_query), np.float64), query_ids=list(data.query_ids))
     start = 0
     for name, q, model, n, truth, rng in people:
         world.users.append(_make_user(name, q, model, np.arange(start, start + n), truth, probe_fraction, rng))

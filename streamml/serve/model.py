@@ -7,7 +7,7 @@ an experiment that logged a model (what ``python -m streamml.train`` just wrote)
 The logged pyfunc takes a pandas DataFrame; building one per request costs more
 than the scoring itself. So the head's weights are taken out of the pyfunc once
 and scored in numpy (a linear head is one dot product per candidate). Learners
-that are not neural heads (sklearn, river baselines) keep their own ``score``.
+that are not neural heads (sklearn, river baselines) keep their own ``score_rows``.
 
 The fingerprint is a hash of the head's weights: per-user residuals are learned
 against one head and are stored under its fingerprint, so serving another head
@@ -143,8 +143,8 @@ def _load_head(uri: str, tracking_uri: str | None) -> Head:
         if type(heads) is MLPHeads:
             return Head.mlp(query_ids, p["w1"], p["b1"], p["w2"], p["b2"], uri)
 
-    def score(g, X):  # any other fit/score learner: its own score, slower but exact
-        return np.asarray(learner.score(X, np.full(len(X), g)), np.float32)
+    def score(g, X):  # any other fit/score_rows learner: its own scores, slower but exact
+        return np.asarray(learner.score_rows(X, np.full(len(X), g)), np.float32)
 
     fp = hashlib.sha256(pickle.dumps(learner)).hexdigest()
     return Head(query_ids, uri, fp, int(scorer.embedding_dim), score)

@@ -46,7 +46,7 @@ def train():
 
 def test_ranks_held_out_positives_above_negatives(make_learner, train):
     X_test, y_test, g_test = two_groups(seed=1)
-    s = make_learner().fit(*train).score(X_test, g_test)
+    s = make_learner().fit(*train).score_rows(X_test, g_test)
     for g in (3, 8):
         m = g_test == g
         assert roc_auc_score(y_test[m], s[m]) > 0.9
@@ -56,23 +56,23 @@ def test_groups_are_independent(make_learner, train):
     X, y, groups = train
     flipped = np.where(groups == 8, 1 - y, y)
     a = groups == 3
-    s1 = make_learner().fit(X, y, groups).score(X[a], groups[a])
-    s2 = make_learner().fit(X, flipped, groups).score(X[a], groups[a])
+    s1 = make_learner().fit(X, y, groups).score_rows(X[a], groups[a])
+    s2 = make_learner().fit(X, flipped, groups).score_rows(X[a], groups[a])
     np.testing.assert_array_equal(s1, s2)
 
 
 def test_group_model_ignores_other_groups_presence(make_learner, train):
     X, y, groups = train
     a = groups == 3
-    s_both = make_learner().fit(X, y, groups).score(X[a], groups[a])
-    s_alone = make_learner().fit(X[a], y[a], groups[a]).score(X[a], groups[a])
+    s_both = make_learner().fit(X, y, groups).score_rows(X[a], groups[a])
+    s_alone = make_learner().fit(X[a], y[a], groups[a]).score_rows(X[a], groups[a])
     np.testing.assert_array_equal(s_both, s_alone)
 
 
 def test_seeded_fits_are_identical(make_learner, train):
     X, y, groups = train
-    s1 = make_learner().fit(X, y, groups).score(X, groups)
-    s2 = make_learner().fit(X, y, groups).score(X, groups)
+    s1 = make_learner().fit(X, y, groups).score_rows(X, groups)
+    s2 = make_learner().fit(X, y, groups).score_rows(X, groups)
     np.testing.assert_array_equal(s1, s2)
 
 
@@ -80,21 +80,21 @@ def test_pickle_round_trip(make_learner, train):
     X, y, groups = train
     learner = make_learner().fit(X, y, groups)
     restored = pickle.loads(pickle.dumps(learner))
-    np.testing.assert_array_equal(learner.score(X, groups), restored.score(X, groups))
+    np.testing.assert_array_equal(learner.score_rows(X, groups), restored.score_rows(X, groups))
 
 
 def test_unseen_group_raises(make_learner, train):
     X, _, groups = train
     learner = make_learner().fit(*train)
     with pytest.raises(ValueError, match="group 5 "):
-        learner.score(X[:2], np.array([3, 5]))
+        learner.score_rows(X[:2], np.array([3, 5]))
 
 
 def test_single_class_group_scores_constant(make_learner, train):
     X, y, groups = train
     y = np.where(groups == 8, 1, y)  # group 8: accepted only
     learner = make_learner().fit(X, y, groups)
-    s = learner.score(X, groups)
+    s = learner.score_rows(X, groups)
     b = groups == 8
     assert np.all(s[b] == learner.neutral_score)
     # group 3 still has two classes and still ranks
@@ -104,7 +104,7 @@ def test_single_class_group_scores_constant(make_learner, train):
 def test_score_before_fit_raises(make_learner, train):
     X, _, groups = train
     with pytest.raises(ValueError, match="not fitted"):
-        make_learner().score(X, groups)
+        make_learner().score_rows(X, groups)
 
 
 @pytest.mark.parametrize(
@@ -125,20 +125,20 @@ def test_score_rejects_wrong_width(make_learner, train):
     X, _, groups = train
     learner = make_learner().fit(*train)
     with pytest.raises(ValueError, match="features"):
-        learner.score(X[:, :-1], groups)
+        learner.score_rows(X[:, :-1], groups)
 
 
 def test_river_epochs_change_the_fit(train):
     X, y, groups = train
-    s1 = RiverStack(epochs=1).fit(X, y, groups).score(X, groups)
-    s2 = RiverStack(epochs=2).fit(X, y, groups).score(X, groups)
+    s1 = RiverStack(epochs=1).fit(X, y, groups).score_rows(X, groups)
+    s2 = RiverStack(epochs=2).fit(X, y, groups).score_rows(X, groups)
     assert not np.array_equal(s1, s2)
 
 
 def test_river_seed_changes_the_order(train):
     X, y, groups = train
-    s1 = RiverStack(seed=0).fit(X, y, groups).score(X, groups)
-    s2 = RiverStack(seed=1).fit(X, y, groups).score(X, groups)
+    s1 = RiverStack(seed=0).fit(X, y, groups).score_rows(X, groups)
+    s2 = RiverStack(seed=1).fit(X, y, groups).score_rows(X, groups)
     assert not np.array_equal(s1, s2)
 
 

@@ -22,7 +22,7 @@ def test_packed_cv_matches_one_fit_per_split(data):
     assert len(table) == 5 * 3 and list(table.columns) == ["split", "query_id", *METRICS]
     for k, (train, test) in enumerate(splits):
         learner = SklearnLR(C=0.1).fit(data.X[train], data.y[train], data.query[train])
-        scores = learner.score(data.X[test], data.query[test])
+        scores = learner.score_rows(data.X[test], data.query[test])
         for q, query_id in enumerate(data.query_ids):
             m = data.query[test] == q
             expected = roc_auc_score(data.y[test][m], scores[m])
@@ -51,7 +51,7 @@ def test_nested_cv_scores_inner_folds_on_outer_train_and_outer_folds_on_held_out
     pd.testing.assert_frame_equal(held_out, plain)
     for k in range(3):
         for j, (train, test) in enumerate(inner[k]):
-            scores = SklearnLR(C=0.1).fit(data.X[train], data.y[train], data.query[train]).score(data.X[test], data.query[test])
+            scores = SklearnLR(C=0.1).fit(data.X[train], data.y[train], data.query[train]).score_rows(data.X[test], data.query[test])
             m = data.query[test] == 0
             got = table.query("split == @k and inner == @j and query_id == @data.query_ids[0]")["auc"].item()
             assert got == pytest.approx(roc_auc_score(data.y[test][m], scores[m]))

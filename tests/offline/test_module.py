@@ -39,7 +39,7 @@ def two_groups(seed, n=40):
 def test_ranks_held_out_items(head, loss):
     learner = make(head, loss).fit(*two_groups(0))
     X, y, g = two_groups(1)
-    s = learner.score(X, g)
+    s = learner.score_rows(X, g)
     for group in (3, 8):
         assert roc_auc_score(y[g == group], s[g == group]) > 0.9
 
@@ -47,18 +47,18 @@ def test_ranks_held_out_items(head, loss):
 @pytest.mark.parametrize("head", ["linear", "mlp"])
 def test_seeded_fits_repeat_exactly_and_seeds_matter(head):
     X, y, g = two_groups(0)
-    a = make(head).fit(X, y, g).score(X, g)
-    np.testing.assert_array_equal(a, make(head).fit(X, y, g).score(X, g))
+    a = make(head).fit(X, y, g).score_rows(X, g)
+    np.testing.assert_array_equal(a, make(head).fit(X, y, g).score_rows(X, g))
     if head == "mlp":  # linear heads start at zero, so only the MLP's init depends on the seed
-        assert not np.array_equal(a, make(head, seed=1).fit(X, y, g).score(X, g))
+        assert not np.array_equal(a, make(head, seed=1).fit(X, y, g).score_rows(X, g))
 
 
 def test_pickle_round_trip_and_unseen_group():
     X, y, g = two_groups(0)
     learner = make().fit(X, y, g)
-    np.testing.assert_array_equal(pickle.loads(pickle.dumps(learner)).score(X, g), learner.score(X, g))
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(learner)).score_rows(X, g), learner.score_rows(X, g))
     with pytest.raises(ValueError, match="group 5 was not seen in fit"):
-        learner.score(X[:2], np.array([3, 5]))
+        learner.score_rows(X[:2], np.array([3, 5]))
 
 
 def test_minibatches_cover_the_data_once_per_epoch():
@@ -103,8 +103,8 @@ def test_multitask_shares_within_a_block_and_learns_nothing_from_another_block()
     for group in (13, 18):
         scrambled[g == group] = rng.permutation(y[g == group])
     other = make("multitask").fit(X, scrambled, g, blocks=blocks)
-    np.testing.assert_allclose(other.score(X, g)[blocks == 0], learner.score(X, g)[blocks == 0], rtol=1e-5, atol=1e-6)
-    assert not np.allclose(other.score(X, g)[blocks == 1], learner.score(X, g)[blocks == 1])
+    np.testing.assert_allclose(other.score_rows(X, g)[blocks == 0], learner.score_rows(X, g)[blocks == 0], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(other.score_rows(X, g)[blocks == 1], learner.score_rows(X, g)[blocks == 1])
 
 
 def test_a_group_spanning_two_blocks_is_an_error():

@@ -18,8 +18,8 @@ RULES = {
     "laplace32": DiagonalLaplace(prior_var=0.5, dtype="float32"),
     "laplace_iso": IsotropicLaplace(prior_var=3.0),
     "window": WindowMAP(prior_var=3.0, window=6),  # ~300 events per key: the window is full most of the time
-    "window_head": WindowMAP(prior_var=3.0, window=5, newton_steps=2, head_var=1.0),
 }
+WINDOW_HEAD = WindowMAP(prior_var=3.0, window=5, newton_steps=2, head_var=1.0)  # event by event only: its solve is slow in numpy
 
 
 def catalog(rng, n=60, d=24):
@@ -71,7 +71,7 @@ def test_kernel_equals_reference_event_by_event_in_float16():
     """Single events from the same float16 state: equal up to one float16 rounding."""
     rng = np.random.default_rng(9)
     cat = catalog(rng)
-    for rule in (RULES["pointwise"], RULES["pairwise"], RULES["laplace"], RULES["laplace_iso"], RULES["window_head"]):
+    for rule in (RULES["pointwise"], RULES["pairwise"], RULES["laplace"], RULES["laplace_iso"], WINDOW_HEAD):
         cols = empty_state(rule, 5, 24, "float16")
         for t in range(200):
             row, item, label = int(rng.integers(5)), int(rng.integers(60)), bool(rng.integers(2))

@@ -65,7 +65,7 @@ def test_worlds_keep_pool_and_probe_apart_and_head_off_the_candidates(data, real
     cand = np.concatenate([none.pool, none.probe])
     other = np.setdiff1d(np.flatnonzero(data.query == none.query), cand)
     zeros = np.zeros(len(other), int)
-    expected = SklearnLR().fit(data.X[other], data.y[other], zeros).score(data.X[cand], np.zeros(len(cand), int))
+    expected = SklearnLR().fit(data.X[other], data.y[other], zeros).score_rows(data.X[cand], np.zeros(len(cand), int))
     np.testing.assert_allclose(real.head_scores[cand], expected)
 
 
