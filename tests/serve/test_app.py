@@ -131,6 +131,32 @@ def test_reward_applies_once_and_the_next_rank_reflects_it(client, user):
     assert metric(client, "streamml_updates_applied_total", '{source="reward"}') == applied + 1
 
 
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_the_experiments_rule_serves_and_learns_on_a_durable_store(backend, served_models, tmp_path, request):
+    """rule=window keeps int32 ids, float32 coefficients, a Gram matrix and a head weight per key."""
+    items_dir, tracking_uri, _ = served_models
+    cfg = serve_cfg(items_dir, tracking_uri, overrides=["rule=window", "rule.head_var=1.0"], backend=backend)
+    with open_dict(cfg):
+        if backend == "sqlite":
+            cfg.backend.path = str(tmp_path / "serve.db")
+        else:
+            cfg.backend.url = f"redis://127.0.0.1:{request.getfixturevalue('redis_server').port}/0"
+            cfg.backend.prefix = f"win{uuid.uuid4().hex[:8]}"
+    with TestClient(create_app(cfg)) as c:
+        user = uuid.uuid4().hex
+        ev = rank(c, user, k=3)
+        item = ev["items"][2]["item"]
+        before = {s["item"]: s["score"] for s in rank(c, user, k=40)["items"]}
+        r = c.post(f"/v1/events/{ev['event_id']}/reward", json={"rewards": [{"item": item, "label": "accepted"}]})
+        assert r.status_code == 200 and r.json()["applied"] == 1
+        assert {s["item"]: s["score"] for s in rank(c, user, k=40)["items"]}[item] > before[item]
+        learner = c.app.state.lifecycle.current.learner
+        assert type(learner.rule).__name__ == "WindowMAP" and learner.rule.head_var == 1.0
+        stored = learner.store.get_many([(user, QUERY)])
+        assert np.count_nonzero(stored["window"]) == 1 and stored["window"][0, 0] > 0  # one accepted event
+        assert stored["head_weight"][0] != 0 and residuals(c, user)[QUERY] > 0
+
 def test_reward_of_several_items_and_a_duplicate_inside_one_request(client, user):
     ev = rank(client, user, k=3)
     a, b = ev["items"][0]["item"], ev["items"][1]["item"]
