@@ -65,7 +65,18 @@ def _cap(r: np.ndarray, max_norm: float) -> None:
         r *= np.float32(max_norm / norm)
 
 
-class _SGD:
+class _Hyperparameters:
+    """A rule is its hyperparameters: shown and compared by them (``vars``), as Hydra built it."""
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({args})"
+
+    def __eq__(self, other) -> bool:
+        return type(self) is type(other) and vars(self) == vars(other)
+
+
+class _SGD(_Hyperparameters):
     """Shared hyperparameters of the SGD rules: ``r <- cap(shrink r - lr grad)``,
     ``shrink = 1 - decay - lr l2``, ``||r||`` capped at ``max_norm`` after every event."""
 
@@ -85,13 +96,6 @@ class _SGD:
     @property
     def shrink(self) -> float:
         return 1.0 - self.decay - self.lr * self.l2
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
-        return f"{type(self).__name__}({args})"
-
-    def __eq__(self, other) -> bool:
-        return type(self) is type(other) and vars(self) == vars(other)
 
     def fields(self, dim: int) -> dict[str, Field]:
         return {}
@@ -193,7 +197,7 @@ class PairwiseSGD(_SGD):
             buf[y, 0] = item
 
 
-class DiagonalLaplace:
+class DiagonalLaplace(_Hyperparameters):
     """Online Bayesian logistic regression on the residual, with a diagonal Gaussian posterior.
 
     The prior is ``r ~ N(0, prior_var I)``: the head. The key keeps the posterior mean
@@ -234,12 +238,6 @@ class DiagonalLaplace:
         if self.dtype not in ("float16", "float32"):
             raise ValueError(f"dtype must be float16 or float32, got {dtype}")
 
-    def __repr__(self) -> str:
-        return f"DiagonalLaplace(prior_var={self.prior_var!r}, dtype={self.dtype!r})"
-
-    def __eq__(self, other) -> bool:
-        return type(self) is type(other) and vars(self) == vars(other)
-
     def fields(self, dim: int) -> dict[str, Field]:
         return {"evidence": Field((dim,), self.dtype, 0)}
 
@@ -254,7 +252,7 @@ class DiagonalLaplace:
         return 1.0 / (np.float32(1.0 / self.prior_var) + state["evidence"].astype(np.float32))
 
 
-class IsotropicLaplace:
+class IsotropicLaplace(_Hyperparameters):
     """Online Bayesian logistic regression on the residual with an isotropic posterior ``N(m, I / q)``.
 
     As :class:`DiagonalLaplace`, but the key keeps one precision for all directions
@@ -289,12 +287,6 @@ class IsotropicLaplace:
             raise ValueError(f"prior_var must be finite and > 0, got {prior_var}")
         self.prior_var = float(prior_var)
 
-    def __repr__(self) -> str:
-        return f"IsotropicLaplace(prior_var={self.prior_var!r})"
-
-    def __eq__(self, other) -> bool:
-        return type(self) is type(other) and vars(self) == vars(other)
-
     def fields(self, dim: int) -> dict[str, Field]:
         return {"evidence": Field((), "float32", 0)}
 
@@ -311,7 +303,7 @@ class IsotropicLaplace:
         return 1.0 / (np.float32(1.0 / self.prior_var) + a)
 
 
-class WindowMAP:
+class WindowMAP(_Hyperparameters):
     """Bayesian logistic regression on the residual, solved to its maximum over the key's recent events.
 
     The one-event Laplace steps above see each event once, with the residual of that
@@ -367,13 +359,6 @@ class WindowMAP:
             raise ValueError(f"newton_steps must be an integer >= 1, got {newton_steps}")
         self.prior_var, self.head_var = float(prior_var), float(head_var)
         self.window, self.newton_steps = int(window), int(newton_steps)
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
-        return f"WindowMAP({args})"
-
-    def __eq__(self, other) -> bool:
-        return type(self) is type(other) and vars(self) == vars(other)
 
     def fields(self, dim: int) -> dict[str, Field]:
         b = self.window
