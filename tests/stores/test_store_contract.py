@@ -199,13 +199,13 @@ def test_empty_batches(store):
     assert len(store) == 0
 
 
-def test_matches_a_dict_under_random_operations(make_store):
-    store = make_store({"v": Field((), "int64", fill=-1)})
+def check_against_a_dict(store, universe: list, batch_sizes) -> None:
+    """Random batches of puts and deletes of ``universe``'s keys (one batch per size), the
+    store checked against a dict after each; ``store`` has the one field ``v`` (int64, fill -1)."""
     model: dict = {}
     rng = np.random.default_rng(0)
-    universe = list(range(100)) + [(i, f"q{i % 7}") for i in range(100)] + [f"s{i}" for i in range(30)]
-    for step in range(40):
-        idx = rng.choice(len(universe), size=int(rng.integers(1, 60)), replace=False)
+    for size in batch_sizes:
+        idx = rng.choice(len(universe), size=min(size, len(universe)), replace=False)
         batch = [universe[i] for i in idx]
         if rng.random() < 0.3:
             store.delete_many(batch)
@@ -215,8 +215,14 @@ def test_matches_a_dict_under_random_operations(make_store):
             v = rng.integers(0, 10**9, len(batch))
             store.put_many(batch, {"v": v})
             model.update(zip(batch, v.tolist()))
-    assert len(store) == len(model)
+        assert len(store) == len(model)
     assert store.get_many(universe)["v"].tolist() == [model.get(k, -1) for k in universe]
+
+
+def test_matches_a_dict_under_random_operations(make_store):
+    store = make_store({"v": Field((), "int64", fill=-1)})
+    universe = list(range(100)) + [(i, f"q{i % 7}") for i in range(100)] + [f"s{i}" for i in range(30)]
+    check_against_a_dict(store, universe, np.random.default_rng(1).integers(1, 60, 40).tolist())
 
 
 def test_large_batches(make_store):
