@@ -142,6 +142,27 @@ def _prefetch_event(res, X, row, item):
         prefetch(X, item, off)
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _prefetch_window_row(res, win, beta, gram, X, row, item):
+    """A WindowMAP event's state rows and new item."""
+    _prefetch_event(res, X, row, item)
+    prefetch(win, row, 0)
+    prefetch(beta, row, 0)
+    for off in range(0, gram.shape[1] * gram.itemsize, 64):
+        prefetch(gram, row, off)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _prefetch_window_items(win, X, row):
+    """The catalog rows of the items in a key's window (its ``win`` row already asked for):
+    the window's items are scattered over a catalog that need not fit in the caches."""
+    for j in range(win.shape[1]):
+        code = win[row, j]
+        if code != 0:
+            for off in range(0, X.shape[1] * X.itemsize, 64):
+                prefetch(X, abs(code) - 1, off)
+
+
 @njit(cache=True, nogil=True)
 def _my_events(rows, part, parts):
     """Positions of the events of part ``part`` of ``parts``, in order: those whose row is in
@@ -345,8 +366,10 @@ def _window_events(res, win, beta, gram, hw, rows, items, labels, X, z, pv, hv, 
     G, K, L = np.empty((B, B)), np.empty((B, B)), np.empty((B, B))
     off, g, sw, u, inv = np.empty(B), np.empty(B), np.empty(B), np.empty(B), np.empty(B)
     for t in range(n_ev):
+        if t + 2 * _AHEAD < n_ev:  # the rows of a later event, then, once its window is in cache, its items
+            _prefetch_window_row(res, win, beta, gram, X, rows[mine[t + 2 * _AHEAD]], items[mine[t + 2 * _AHEAD]])
         if t + _AHEAD < n_ev:
-            _prefetch_event(res, X, rows[mine[t + _AHEAD]], items[mine[t + _AHEAD]])
+            _prefetch_window_items(win, X, rows[mine[t + _AHEAD]])
         e = mine[t]
         row, i = rows[e], items[e]
         v = np.float64(hw[row]) if hv > 0 else 0.0
@@ -410,8 +433,9 @@ def _window_events(res, win, beta, gram, hw, rows, items, labels, X, z, pv, hv, 
                 f = off[a]
                 for b in range(n):
                     f += K[a, b] * bt[b]
-                p = 1.0 / (1.0 + math.exp(-f))  # the reference's tanh form, at a quarter of the cost; no overflow to NaN
-                sw[a] = math.sqrt(p * (1.0 - p))
+                h = math.exp(-0.5 * min(max(f, -700.0), 700.0))  # sigmoid(f) = 1 / (1 + h²), and its
+                p = 1.0 / (1.0 + h * h)                           # sqrt(p (1 - p)) = h p without a sqrt
+                sw[a] = h * p
                 g[a] = p - lab[a] + bt[a]
             for a in range(n):  # u = S K g
                 f = 0.0
