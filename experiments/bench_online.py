@@ -31,7 +31,8 @@ from streamml.online import DiagonalLaplace, IsotropicLaplace, PairwiseSGD, Poin
 from streamml.stores import InMemoryStore
 
 RULES = {"pointwise": PointwiseSGD, "pairwise": PairwiseSGD, "laplace": DiagonalLaplace, "laplace_iso": IsotropicLaplace,
-         "window": WindowMAP, "window_head": lambda: WindowMAP(head_var=0.1)}
+         "window": WindowMAP, "window_head": lambda: WindowMAP(head_var=0.1),
+         "window_2steps": lambda: WindowMAP(newton_steps=2), "window_1step": lambda: WindowMAP(newton_steps=1)}
 N_QUERIES, PER_QUERY, DIM = 100, 100, 384
 
 

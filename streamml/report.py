@@ -210,11 +210,16 @@ def online_table(runs: pd.DataFrame, tables: list[list[str]] | None, ours: str =
             lines.append(f"| {r['tags.mlflow.runName']} | " + " | ".join(f"{r[f'metrics.{c}']:.4f}" for c in cols) + " |")
         return "\n".join(lines)
     run = newest.iloc[0]
-    lift = any(m.startswith("probe_lift") for metrics in tables for m in metrics)
+    shown = [m for metrics in tables for m in metrics]
+    notes = ["mean ± std: the run's `<metric>` and `<metric>_std`, the spread over its simulated users or streams"]
+    if any(m.startswith("probe_lift") for m in shown):
+        notes.append("`probe_lift` is the paired difference to the head on the same user")
+    if any("_gap" in m for m in shown):
+        notes.append(f"a `_gap` is {ours} minus that learner, paired on the same user (or stream): its standard "
+                     "error is its std over the square root of `users` (`streams`)")
     return (f"Run `{run['run_id']}`, {run['tags.mlflow.runName']}.\n\n"
             + "\n\n".join(_learner_table(run, metrics, ours) for metrics in tables)
-            + "\n\nmean ± std: the run's `<metric>` and `<metric>_std`, the spread over its simulated users or streams"
-            + ("; `probe_lift` is the paired difference to the head on the same user." if lift else "."))
+            + "\n\n" + "; ".join(notes) + ".")
 
 
 def _learner_table(run: pd.Series, metrics: list[str], ours: str) -> str:

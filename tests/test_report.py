@@ -110,7 +110,8 @@ def test_online_tables_show_mean_pm_std_over_users_and_where_filters_runs(store,
         rid = client.create_run(eid, tags={"mlflow.runName": f"personalize-{streams}", "streams": streams}).info.run_id
         client.log_param(rid, "scenario.kind", "personalize")
         for key, value in {"probe_auc_at_5": auc, "probe_auc_at_5_std": 0.25, "probe_auc_at_5.river": 0.66,
-                           "probe_auc_at_5_std.river": 0.2, "probe_auc_at_0": 0.7, "probe_auc_at_5_none": 0.9}.items():
+                           "probe_auc_at_5_std.river": 0.2, "probe_auc_at_0": 0.7, "probe_auc_at_5_none": 0.9,
+                           "probe_gap_at_5": 0.0, "probe_gap_at_5.river": 0.09}.items():
             client.log_metric(rid, key, value)
         client.set_terminated(rid)
     out = tmp_path / "online.md"
@@ -120,7 +121,10 @@ def test_online_tables_show_mean_pm_std_over_users_and_where_filters_runs(store,
     assert "personalize-test" in text and "0.990" not in text
     assert "| learner | probe_auc_at_0 | probe_auc_at_5 |\n|---|---|---|\n| residual | 0.700 | 0.750 ± 0.250 |\n| river |  | 0.660 ± 0.200 |" in text
     assert "| learner | probe_auc_at_5_none |\n|---|---|\n| residual | 0.900 |" in text  # a second table, no std logged
-    assert "(1 finished runs)" in text
+    assert "(1 finished runs)" in text and "_gap" not in text
+    main(["online_where", "--out", str(out), "--tracking-uri", store, "--where", "tags.streams = 'test'",
+          "--metrics", "probe_auc_at_5,probe_gap_at_5"])
+    assert "a `_gap` is residual minus that learner, paired on the same user" in out.read_text()
     with pytest.raises(SystemExit, match="matching \"tags.streams = 'nope'\""):
         main(["online_where", "--out", str(out), "--tracking-uri", store, "--where", "tags.streams = 'nope'"])
 

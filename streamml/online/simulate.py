@@ -99,33 +99,49 @@ def at_events(rounds: pd.DataFrame, events: int) -> pd.DataFrame:
     return rounds[rounds.events >= events].sort_values("round").groupby(["learner", "user"]).head(1)
 
 
-def summarize(rounds: pd.DataFrame, k: int, checkpoints=CHECKPOINTS, reference: str = "head_only") -> dict[str, dict[str, float]]:
+def _paired(out: dict, values: dict[str, pd.Series], key: str, other: str, sign: int = 1) -> None:
+    """``out[name][key]``: the mean over users (or streams) of ``sign * (values[other] - values[name])``,
+    paired on the index, with its std as ``key_std``."""
+    if other not in values:
+        return
+    for name, v in values.items():
+        diff = sign * (values[other].loc[v.index] - v)
+        out[name][key], out[name][f"{key}_std"] = diff.mean(), diff.std(ddof=0)
+
+
+def summarize(rounds: pd.DataFrame, k: int, checkpoints=CHECKPOINTS, reference: str = "head_only",
+              ours: str = "residual") -> dict[str, dict[str, float]]:
     """Per learner: probe AUC (mean, std over users) at each checkpoint reached, also per user
-    model and as the paired lift over ``reference``; their mean ``probe_auc_mean``; and the
-    accepts per shown slate over the whole stream, ``cumulative_accepts_per_slate``."""
+    model; their mean ``probe_auc_mean``; the accepts per shown slate over the whole stream,
+    ``cumulative_accepts_per_slate``; and the number of ``users``.
+
+    Differences are paired on the user: ``probe_lift_at_<c>`` is the learner minus
+    ``reference``, and ``probe_gap_at_<c>`` and ``accepts_gap`` are ``ours`` minus the learner,
+    so that a gap's standard error is its std over the square root of ``users``.
+    """
     reached = checkpoints_reached(rounds, checkpoints)
     out: dict[str, dict[str, float]] = {name: {} for name in dict.fromkeys(rounds.learner)}
     for c in reached:
         at = at_events(rounds, c)
+        aucs = {name: part.set_index("user").probe_auc for name, part in at.groupby("learner", sort=False)}
         for name, part in at.groupby("learner", sort=False):
             out[name][f"probe_auc_at_{c}"] = part.probe_auc.mean()
             out[name][f"probe_auc_at_{c}_std"] = part.probe_auc.std(ddof=0)
             for model, by_model in part.groupby("user_model"):
                 out[name][f"probe_auc_at_{c}_{model}"] = by_model.probe_auc.mean()
-        if reference in out:
-            ref = at[at.learner == reference].set_index("user").probe_auc
-            for name, part in at.groupby("learner", sort=False):
-                lift = part.set_index("user").probe_auc - ref.loc[part.user].to_numpy()
-                out[name][f"probe_lift_at_{c}"] = lift.mean()
-                out[name][f"probe_lift_at_{c}_std"] = lift.std(ddof=0)
+        _paired(out, aucs, f"probe_lift_at_{c}", reference, sign=-1)
+        _paired(out, aucs, f"probe_gap_at_{c}", ours)
+    accepts = {}
     for name, part in rounds.groupby("learner", sort=False):
         out[name]["probe_auc_at_0"] = part[part["round"] == 0].probe_auc.mean()
         if reached:
             out[name]["probe_auc_mean"] = float(np.mean([out[name][f"probe_auc_at_{c}"] for c in reached]))
         shown = part[part["round"] > 0]
-        per_user = shown.groupby("user").accepts.sum() / shown.groupby("user").size()
+        accepts[name] = per_user = shown.groupby("user").accepts.sum() / shown.groupby("user").size()
         out[name]["cumulative_accepts_per_slate"] = per_user.mean()
         out[name]["cumulative_accepts_per_slate_std"] = per_user.std(ddof=0)
+        out[name]["users"] = part.user.nunique()
+    _paired(out, accepts, "accepts_gap", ours)
     return {name: {key: float(v) for key, v in values.items()} for name, values in out.items()}
 
 
@@ -137,13 +153,14 @@ def curves(rounds: pd.DataFrame) -> pd.DataFrame:
 
 
 def coldstart(streams: list, learners: dict, items: np.ndarray, item_query: np.ndarray, y: np.ndarray,
-              curve_every: int = 5, progress: bool = True) -> tuple[pd.DataFrame, dict]:
+              curve_every: int = 5, progress: bool = True, ours: str = "residual") -> tuple[pd.DataFrame, dict]:
     """Prequential AUC from an empty model over ``streams`` of ``(user, query, item order)``.
 
     Returns ``(curves, finals)``: the mean prequential AUC over the first ``t`` events
-    (step ``t``), and per learner the final ``prequential_auc`` with its std over streams.
+    (step ``t``), and per learner the final ``prequential_auc`` with its std over the number
+    of ``streams``, and ``prequential_auc_gap``: ``ours`` minus the learner, paired on the stream.
     """
-    rows, finals = [], {}
+    rows, finals, per_stream = [], {}, {}
     for name, make in learners.items():
         model = make(items, item_query, None)
         results = []
@@ -154,12 +171,14 @@ def coldstart(streams: list, learners: dict, items: np.ndarray, item_query: np.n
                 model.learn_one(user, query, int(item), int(y[item]))
             results.append((preds, y[order]))
         aucs = np.array([roc_auc_score(labels, preds) for preds, labels in results])
-        finals[name] = {"prequential_auc": float(aucs.mean()), "prequential_auc_std": float(aucs.std())}
+        finals[name] = {"prequential_auc": float(aucs.mean()), "prequential_auc_std": float(aucs.std()), "streams": len(aucs)}
+        per_stream[name] = pd.Series(aucs)
         shortest = min(len(p) for p, _ in results)
         for t in range(curve_every * 2, shortest + 1, curve_every):
             auc_t = [roc_auc_score(lab[:t], p[:t]) for p, lab in results if len(set(lab[:t])) == 2]
             rows.append({"learner": name, "step": t, "metric": "prequential_auc", "value": float(np.mean(auc_t))})
-    return pd.DataFrame(rows), finals
+    _paired(finals, per_stream, "prequential_auc_gap", ours)
+    return pd.DataFrame(rows), {name: {key: float(v) for key, v in values.items()} for name, values in finals.items()}
 
 
 # --------------------------------------------------------------------------- entry
@@ -183,21 +202,30 @@ def _factories(cfg, with_head: bool) -> dict:
 _WORLDS: dict[str, World] = {}  # the last world built, reused by the next job of a grid in this process
 
 
+def _scale(sc) -> int:
+    """How many times the tuning streams' users (or orders) the scenario's streams have."""
+    scale = sc.get("test_scale", 1) if sc.streams == "test" else 1
+    if int(scale) != scale or scale < 1:
+        raise ValueError(f"scenario.test_scale must be an integer >= 1, got {scale!r}")
+    return int(scale)
+
+
 def _world(cfg, data) -> World:
     """The scenario's world; a multirun over the learner's settings trains its head only once."""
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
     sc = cfg.scenario
+    users = {model: count * _scale(sc) for model, count in sc.users.items()}
     resolved = OmegaConf.to_container(cfg, resolve=True)
     key = data.fingerprint + repr({k: resolved.get(k) for k in ("seed", "scenario", *HEAD_PARAMS)})
     if key in _WORLDS:
         return _WORLDS[key]
     if sc.kind == "personalize":
-        world = real_users(data, instantiate(cfg.learner), sc.streams, cfg.seed, dict(sc.users),
+        world = real_users(data, instantiate(cfg.learner), sc.streams, cfg.seed, users,
                            sc.n_clusters, sc.probe_fraction)
     elif sc.kind == "large_catalog":
-        world = large_catalog(data, instantiate(cfg.learner), sc.streams, cfg.seed, dict(sc.users),
+        world = large_catalog(data, instantiate(cfg.learner), sc.streams, cfg.seed, users,
                               tuple(sc.n_candidates), sc.n_population, sc.n_components, sc.label_noise,
                               sc.shift, sc.n_clusters, sc.probe_fraction)
     else:
@@ -208,10 +236,12 @@ def _world(cfg, data) -> World:
 
 
 def _run_name(cfg) -> str:
-    """``<scenario>-<streams>-<rule>-<its settings>``, e.g. ``personalize-tune-DiagonalLaplace-prior_var3.0``."""
+    """``<scenario>-<streams>-<rule>-<its settings>[-<policy>]``, e.g. ``personalize-tune-DiagonalLaplace-prior_var3.0``;
+    the slate policy is named when it is not ``Greedy``."""
     rule = cfg.rule._target_.rsplit(".", 1)[-1]
     settings = "-".join(f"{k}{v}" for k, v in cfg.rule.items() if k in ("lr", "prior_var", "decay", "head_var", "window") and v)
-    return "-".join(p for p in (cfg.scenario.kind, cfg.scenario.streams, rule, settings) if p)
+    policy = cfg.explore._target_.rsplit(".", 1)[-1] if cfg.scenario.kind != "coldstart" else "Greedy"
+    return "-".join(p for p in (cfg.scenario.kind, cfg.scenario.streams, rule, settings, policy != "Greedy" and policy) if p)
 
 
 def run(cfg) -> dict[str, float]:
@@ -232,7 +262,7 @@ def run(cfg) -> dict[str, float]:
     params = ONLINE_PARAMS + (HEAD_PARAMS if with_head else ())
     with tracking.start_run(cfg, tags=tags, run_name=_run_name(cfg), params=params) as active:
         if sc.kind == "coldstart":
-            streams = coldstart_streams(data, sc.streams, cfg.seed, sc.n_orders)
+            streams = coldstart_streams(data, sc.streams, cfg.seed, sc.n_orders * _scale(sc))
             curve_table, per_learner = coldstart(streams, learners, data.X, data.query, data.y)
         else:
             world = _world(cfg, data)

@@ -147,6 +147,31 @@ def test_summarize_by_hand():
     assert out["a"]["probe_auc_mean"] == pytest.approx(0.8) and out["a"]["cumulative_accepts_per_slate"] == 2.0
 
 
+def test_gaps_to_ours_are_paired_on_the_user():
+    """Users listed in a different order per learner: the gap still pairs each user with itself."""
+    rows = []
+    for learner, user_aucs, accepts in (("ours", {"u": 0.9, "v": 0.6}, {"u": 4, "v": 2}),
+                                        ("other", {"v": 0.5, "u": 0.6}, {"v": 1, "u": 4})):
+        for user, auc in user_aucs.items():
+            rows += [{"learner": learner, "user": user, "user_model": "none", "round": r, "events": 5 * r,
+                      "accepts": accepts[user] if r else 0, "probe_auc": auc if r else 0.5} for r in (0, 1)]
+    out = simulate.summarize(pd.DataFrame(rows), k=5, ours="ours")
+    assert out["other"]["probe_gap_at_5"] == pytest.approx(0.2)  # (0.3 + 0.1) / 2
+    assert out["other"]["probe_gap_at_5_std"] == pytest.approx(0.1)
+    assert out["other"]["accepts_gap"] == pytest.approx(0.5) and out["other"]["users"] == 2
+    assert out["ours"]["probe_gap_at_5"] == 0.0 and "probe_lift_at_5" not in out["ours"]  # no head_only here
+
+
+def test_test_scale_multiplies_the_test_streams_only():
+    from omegaconf import OmegaConf
+
+    assert simulate._scale(OmegaConf.create({"streams": "test", "test_scale": 5})) == 5
+    assert simulate._scale(OmegaConf.create({"streams": "tune", "test_scale": 5})) == 1
+    assert simulate._scale(OmegaConf.create({"streams": "test"})) == 1
+    with pytest.raises(ValueError, match="scenario.test_scale must be an integer >= 1, got 0"):
+        simulate._scale(OmegaConf.create({"streams": "test", "test_scale": 0}))
+
+
 def test_coldstart_is_deterministic_and_learns(data):
     online = {"residual": learners()["residual"], "river": RiverOnline}
     streams = scenarios.coldstart_streams(data, "test", seed=0, n_orders=1)
@@ -155,16 +180,19 @@ def test_coldstart_is_deterministic_and_learns(data):
     pd.testing.assert_frame_equal(curves1, curves2)
     assert finals1 == finals2
     assert finals1["residual"]["prequential_auc"] > 0.7  # the synthetic preference is learnable
+    gap = finals1["river"]["prequential_auc_gap"]
+    assert finals1["residual"]["prequential_auc_gap"] == 0.0 and finals1["river"]["streams"] == len(streams)
+    assert gap == pytest.approx(finals1["residual"]["prequential_auc"] - finals1["river"]["prequential_auc"])
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "experiment, overrides",
     [
-        ("online_coldstart", ["scenario.n_orders=1"]),
-        ("online_personalize", ["scenario.users={flip_cluster: 1}", "scenario.n_rounds=2"]),
+        ("online_coldstart", ["scenario.n_orders=1", "scenario.test_scale=2"]),
+        ("online_personalize", ["scenario.users={flip_cluster: 1}", "scenario.n_rounds=2", "scenario.test_scale=2"]),
         ("online_large_catalog", ["scenario.users={shift: 1}", "scenario.n_candidates=[200,300]",
-                                  "scenario.n_population=100", "scenario.n_rounds=2"]),
+                                  "scenario.n_population=100", "scenario.n_rounds=2", "scenario.test_scale=1"]),
     ],
 )
 def test_online_experiments_log_their_metrics_curves_and_plot(mlflow_uri, experiment, overrides):
@@ -185,6 +213,16 @@ def test_online_experiments_log_their_metrics_curves_and_plot(mlflow_uri, experi
         assert np.isfinite(logged[name]) and logged[name] == pytest.approx(metrics[name])
     if experiment != "online_coldstart":
         assert {"probe_auc_at_5", "probe_auc_at_10", "cumulative_accepts_per_slate"} <= set(logged)
+    # test streams: test_scale times the tuning streams' users (per query half) or orders (per query)
+    n_queries = len(load_queries(cfg.data.dir, cfg.data.embedding_dim, cfg.data.min_per_class).query_ids)
+    sc = cfg.scenario
+    if experiment == "online_coldstart":
+        assert logged["streams"] == n_queries * sc.n_orders * 2
+    else:
+        halves = 2 if experiment == "online_personalize" else 1
+        assert logged["users"] == n_queries * halves * sum(sc.users.values()) * sc.test_scale
+    gap = "prequential_auc_gap" if experiment == "online_coldstart" else "probe_gap_at_5"
+    assert logged[gap] == 0 and f"{gap}.river" in logged and f"{gap}_std.river" in logged
     params = runs[0].data.params
     assert "scenario.kind" in params and not any(p.startswith("cv.") for p in params)
     client = mlflow.MlflowClient(mlflow_uri)
