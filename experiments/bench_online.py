@@ -30,9 +30,18 @@ from tqdm.auto import tqdm
 from streamml.online import DiagonalLaplace, IsotropicLaplace, PairwiseSGD, PointwiseSGD, ResidualLearner, WindowMAP
 from streamml.stores import InMemoryStore
 
+def experiment_rule(name: str):
+    """The rule exactly as ``+experiment=<name>`` configures it (its Newton steps and head weight set the cost)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "configs"), version_base="1.3"):
+        return instantiate(compose("train", overrides=[f"+experiment={name}"]).rule)
+
+
 RULES = {"pointwise": PointwiseSGD, "pairwise": PairwiseSGD, "laplace": DiagonalLaplace, "laplace_iso": IsotropicLaplace,
          "window": WindowMAP, "window_head": lambda: WindowMAP(head_var=0.1),
-         "window_2steps": lambda: WindowMAP(newton_steps=2), "window_1step": lambda: WindowMAP(newton_steps=1)}
+         **{f"window@{e}": lambda e=e: experiment_rule(f"online_{e}") for e in ("personalize", "large_catalog", "coldstart")}}
 N_QUERIES, PER_QUERY, DIM = 100, 100, 384
 
 
@@ -130,7 +139,8 @@ window of events, so that every timed event solves the largest system); 100 quer
 384-d; float16 residuals; the in-memory store. State bytes/key: the schema's fields (residual,
 plus the pairwise buffer, the Laplace evidence (D floats or one), or WindowMAP's window, coefficients, packed
 Gram matrix and head weight); store bytes/key adds the store's spare rows
-and its hash table. Budget (issue 6): <= 1 KB per key (2 KB with a posterior whose gain is
+and its hash table. `window` is WindowMAP's defaults (3 Newton steps, no head weight), and
+`window@<experiment>` the rule as `+experiment=online_<experiment>` configures it. Budget (issue 6): <= 1 KB per key (2 KB with a posterior whose gain is
 shown), `learn_one` <= 20 µs, `learn_many` >= 1M events/s on 2 cores.
 
 {chr(10).join(lines)}
