@@ -135,6 +135,7 @@ class ResidualLearner:
         self.item_query = item_query
         self._item_query_list = item_query.tolist()  # plain values: cheap per-event checks, clean messages
         self.queries, q_code = np.unique(item_query, return_inverse=True)
+        self._item_query_code = q_code.astype(np.uint16 if len(self.queries) <= 1 << 16 else np.int64)  # uint16: radix sort
         self._query_index = {q: i for i, q in enumerate(self.queries.tolist())}
         if features == "standardized":
             self._x_shift, self._x_scale = _feature_stats(X, q_code, len(self.queries))
@@ -329,7 +330,10 @@ class ResidualLearner:
         """Many events at once, equal to calling :meth:`learn_one` on each in order.
 
         On an :class:`~streamml.stores.InMemoryStore` the rule's kernel updates the
-        store's arrays in place (split by key over ``threads``). On any other store the
+        store's arrays in place (split by key over ``threads``). With ``key="user_query"``
+        the events go to it grouped by query, stably, so each key's stay in order: a
+        query's catalog rows are then read by consecutive events and stay in cache, where a
+        big catalog would not. On any other store the
         events go in chunks of ``chunk_size``: one ``update_many`` of a chunk's distinct
         keys, inside which the kernel applies the chunk's events in order.
         """
@@ -344,6 +348,9 @@ class ResidualLearner:
         keys = self._keys(users, queries)
         if self._in_memory():
             rows = self.store.rows_for(keys)
+            if self.key == "user_query":
+                order = np.argsort(self._item_query_code[items], kind="stable")
+                rows, items, labels = rows[order], items[order], labels[order]
             self._apply(self.store.columns, rows, items, labels)
             return
         keys = as_key_list(keys)
