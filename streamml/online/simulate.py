@@ -204,8 +204,8 @@ _WORLDS: dict[str, World] = {}  # the last world built, reused by the next job o
 
 def _scale(sc) -> int:
     """How many times the tuning streams' users (or orders) the scenario's streams have."""
-    scale = sc.get("test_scale", 1) if sc.streams == "test" else 1
-    if int(scale) != scale or scale < 1:
+    scale = sc.get("test_scale") if sc.streams == "test" else 1
+    if scale is None or int(scale) != scale or scale < 1:
         raise ValueError(f"scenario.test_scale must be an integer >= 1, got {scale!r}")
     return int(scale)
 

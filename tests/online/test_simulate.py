@@ -167,9 +167,11 @@ def test_test_scale_multiplies_the_test_streams_only():
 
     assert simulate._scale(OmegaConf.create({"streams": "test", "test_scale": 5})) == 5
     assert simulate._scale(OmegaConf.create({"streams": "tune", "test_scale": 5})) == 1
-    assert simulate._scale(OmegaConf.create({"streams": "test"})) == 1
-    with pytest.raises(ValueError, match="scenario.test_scale must be an integer >= 1, got 0"):
-        simulate._scale(OmegaConf.create({"streams": "test", "test_scale": 0}))
+    for bad in (0, 2.5, None):
+        with pytest.raises(ValueError, match=f"scenario.test_scale must be an integer >= 1, got {bad}"):
+            simulate._scale(OmegaConf.create({"streams": "test", "test_scale": bad}))
+    with pytest.raises(ValueError, match="got None"):
+        simulate._scale(OmegaConf.create({"streams": "test"}))
 
 
 def test_coldstart_is_deterministic_and_learns(data):
