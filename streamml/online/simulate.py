@@ -240,8 +240,10 @@ def _run_name(cfg) -> str:
     the slate policy is named when it is not ``Greedy``."""
     rule = cfg.rule._target_.rsplit(".", 1)[-1]
     settings = "-".join(f"{k}{v}" for k, v in cfg.rule.items() if k in ("lr", "prior_var", "decay", "window", "newton_steps", "head_var") and v)
-    policy = cfg.explore._target_.rsplit(".", 1)[-1] if cfg.scenario.kind != "coldstart" else "Greedy"
-    return "-".join(p for p in (cfg.scenario.kind, cfg.scenario.streams, rule, settings, policy != "Greedy" and policy) if p)
+    policy = cfg.explore._target_.rsplit(".", 1)[-1]
+    if policy == "Greedy" or cfg.scenario.kind == "coldstart":  # cold start shows no slates
+        policy = ""
+    return "-".join(p for p in (cfg.scenario.kind, cfg.scenario.streams, rule, settings, policy) if p)
 
 
 def run(cfg) -> dict[str, float]:
