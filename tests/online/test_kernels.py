@@ -57,10 +57,13 @@ def test_kernel_equals_reference_on_random_streams(name, dtype, threads):
     run_reference(rule, want, rows, items, labels, cat)
     kernels.apply(rule, got, rows, items, labels, cat.embeddings, cat.head, threads=threads)
     assert np.abs(want["residual"].astype(np.float32)).max() > 0.1
+    assert_states_agree(got, want, dtype)
+
+
+def assert_states_agree(got, want, dtype):
     # float32: summation order only. float16: a rounding that differs once can change later steps
     tol = 1e-4 if dtype == "float32" else 2e-2
-    np.testing.assert_allclose(got["residual"].astype(np.float32), want["residual"].astype(np.float32), rtol=tol, atol=tol)
-    for field in set(want) - {"residual"}:
+    for field in want:
         if want[field].dtype.kind == "f":
             np.testing.assert_allclose(got[field].astype(np.float32), want[field].astype(np.float32), rtol=tol, atol=tol)
         else:
@@ -84,6 +87,22 @@ def test_kernel_equals_reference_event_by_event_in_float16():
                 np.testing.assert_allclose(cols[k][row].astype(np.float32), ref[k][row].astype(np.float32), rtol=2**-10)
                 cols[k][row] = ref[k][row]
             cols["residual"][row] = ref["residual"][row]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_window_with_a_head_weight_equals_the_reference_on_an_interleaved_stream(dtype):
+    """Keys interleaved, windows filling up at different times, a new key as the last event."""
+    rng = np.random.default_rng(11)
+    cat = catalog(rng)
+    rows = np.concatenate([rng.integers(0, 3, 60), rng.integers(0, 6, 200), np.zeros(5, np.int64), rng.integers(0, 3, 100),
+                           np.zeros(6, np.int64), [6]])
+    items, labels = rng.integers(0, 60, len(rows)), rng.random(len(rows)) < 0.4
+    want = empty_state(WINDOW_HEAD, 7, 24, dtype)
+    got = {k: v.copy() for k, v in want.items()}
+    run_reference(WINDOW_HEAD, want, rows, items, labels, cat)
+    kernels.apply(WINDOW_HEAD, got, rows, items, labels, cat.embeddings, cat.head)
+    assert np.abs(want["head_weight"]).max() > 0.01
+    assert_states_agree(got, want, dtype)
 
 
 def test_a_rule_without_a_kernel_is_refused():
