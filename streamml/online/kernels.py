@@ -428,6 +428,10 @@ def _window_events(res, win, beta, gram, hw, rows, items, labels, X, z, pv, hv, 
                 f -= K[a, b] * b0[b]
             off[a] = f
             bt[a] = b0[a]
+        a = n - 1  # the new event's coefficient by one Newton step of its own, the others held: the joint steps' start
+        f = (1.0 + v) * zw[a] + m[a]
+        p = 1.0 / (1.0 + math.exp(-min(max(f, -700.0), 700.0)))
+        bt[a] = (lab[a] - p) / (1.0 + K[a, a] * p * (1.0 - p))
         for _ in range(steps):
             for a in range(n):
                 f = off[a]
