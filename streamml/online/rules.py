@@ -350,7 +350,7 @@ class WindowMAP(_Hyperparameters):
     ([1, 0], [0.401, 0.0])
     """
 
-    def __init__(self, prior_var: float = 10.0, window: int = 8, newton_steps: int = 3, head_var: float = 0.0):
+    def __init__(self, prior_var: float = 10.0, window: int = 8, newton_steps: int = 1, head_var: float = 0.0):
         if not (0 < prior_var < np.inf):
             raise ValueError(f"prior_var must be finite and > 0, got {prior_var}")
         if not (0 <= head_var < np.inf):

@@ -166,7 +166,7 @@ def test_run_names_carry_the_rule_settings_and_a_policy_other_than_greedy():
     from conftest import compose_cfg
 
     name = simulate._run_name(compose_cfg(["+experiment=online_personalize"]))
-    assert name == "personalize-test-WindowMAP-prior_var30.0-window8-newton_steps2-head_var3.0"
+    assert name == "personalize-test-WindowMAP-prior_var30.0-window8-newton_steps1-head_var3.0"
     thompson = compose_cfg(["+experiment=online_personalize", "rule=laplace", "rule.prior_var=10.0", "~rule.head_var",
                             "~rule.newton_steps", "explore=thompson", "scenario.streams=tune"])
     assert simulate._run_name(thompson) == "personalize-tune-DiagonalLaplace-prior_var10.0-Thompson"
