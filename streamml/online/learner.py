@@ -29,16 +29,19 @@ from streamml.stores import Field, InMemoryStore, Schema, Store, as_key_list
 __all__ = ["ResidualLearner"]
 
 
-def _feature_stats(X: np.ndarray, q_code: np.ndarray, n_queries: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-query mean (Q, D) and scale (Q, D) = std * sqrt(D) of the catalog embeddings."""
+def _feature_stats(X: np.ndarray, q_code: np.ndarray, n_queries: int, features: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-query mean (Q, D) of the catalog embeddings and their scale: ``"standardized"``,
+    (Q, D) = std * sqrt(D) per dimension; ``"centered"``, (Q, 1) = the root mean square norm
+    of the centered embeddings."""
     count = np.bincount(q_code, minlength=n_queries)[:, None]
     mean = np.zeros((n_queries, X.shape[1]))
     np.add.at(mean, q_code, X)
     mean /= count
     var = np.zeros_like(mean)
     np.add.at(var, q_code, (X - mean[q_code]) ** 2)
-    std = np.sqrt(var / count)
-    return mean.astype(np.float32), (np.where(std > 1e-6, std, 1.0) * np.sqrt(X.shape[1])).astype(np.float32)
+    var /= count
+    scale = np.sqrt(var) * np.sqrt(X.shape[1]) if features == "standardized" else np.sqrt(var.sum(1, keepdims=True))
+    return mean.astype(np.float32), np.where(scale > 1e-6, scale, 1.0).astype(np.float32)
 
 
 def _plain(v):
@@ -74,10 +77,12 @@ class ResidualLearner:
         Standardise head scores per query (mean 0, std 1 over the query's catalog items;
         a query whose head scores are constant gets std 1).
     features
-        ``"standardized"``: the residual acts on embeddings standardised per dimension over
-        the query's catalog items, divided by sqrt(D) to keep unit norm (label-free, known
-        before any feedback; MiniLM vectors share a large common component, which raw
-        steps would mostly move along). ``"raw"``: on the embeddings as given.
+        What the residual acts on. ``"standardized"``: embeddings standardised per dimension
+        over the query's catalog items, divided by sqrt(D) to keep unit norm (label-free,
+        known before any feedback; MiniLM vectors share a large common component, which raw
+        steps would mostly move along). ``"centered"``: the same centering, then one scale
+        per query (unit root mean square norm), so the embedding's geometry is kept and
+        its low-variance dimensions are not blown up. ``"raw"``: the embeddings as given.
     threads
         Threads over which :meth:`learn_many` splits a big batch on an in-memory store.
     chunk_size
@@ -122,8 +127,8 @@ class ResidualLearner:
             raise ValueError(f"item_query must have shape ({len(X)},), got {item_query.shape}")
         if key not in ("user_query", "user"):
             raise ValueError(f"key must be 'user_query' or 'user', got {key!r}")
-        if features not in ("raw", "standardized"):
-            raise ValueError(f"features must be 'raw' or 'standardized', got {features!r}")
+        if features not in ("raw", "standardized", "centered"):
+            raise ValueError(f"features must be 'raw', 'standardized' or 'centered', got {features!r}")
         self.dtype = np.dtype(dtype)
         if self.dtype not in (np.dtype(np.float16), np.dtype(np.float32)):
             raise ValueError(f"dtype must be float16 or float32, got {dtype}")
@@ -137,8 +142,8 @@ class ResidualLearner:
         self.queries, q_code = np.unique(item_query, return_inverse=True)
         self._item_query_code = q_code.astype(np.uint16 if len(self.queries) <= 1 << 16 else np.int64)  # uint16: radix sort
         self._query_index = {q: i for i, q in enumerate(self.queries.tolist())}
-        if features == "standardized":
-            self._x_shift, self._x_scale = _feature_stats(X, q_code, len(self.queries))
+        if features != "raw":
+            self._x_shift, self._x_scale = _feature_stats(X, q_code, len(self.queries), features)
             X = ((X - self._x_shift[q_code]) / self._x_scale[q_code]).astype(np.float32)
         self._mean = np.zeros(len(self.queries))
         self._std = np.ones(len(self.queries))
@@ -224,7 +229,7 @@ class ResidualLearner:
 
     def _features(self, X: np.ndarray, q: int) -> np.ndarray:
         X = X.astype(np.float32)
-        return (X - self._x_shift[q]) / self._x_scale[q] if self.features == "standardized" else X
+        return X if self.features == "raw" else (X - self._x_shift[q]) / self._x_scale[q]
 
     def _head(self, head, n: int, q: int) -> np.ndarray:
         head = np.asarray(head, np.float64)

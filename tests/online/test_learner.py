@@ -330,15 +330,24 @@ def test_pickle_round_trip_keeps_the_state():
     np.testing.assert_array_equal(clone.score(1, 0, np.arange(20)), learner.score(1, 0, np.arange(20)))
 
 
-def test_standardized_features_match_a_learner_on_prestandardized_items():
-    rng = np.random.default_rng(0)
-    X = (rng.normal(size=(12, 6)) + 3.0).astype(np.float32)
-    item_query = np.repeat([0, 1], 6)
+def _prestandardized(X, item_query, features):
     Z = X.copy()
-    for q in (0, 1):
+    for q in np.unique(item_query):
         m = item_query == q
-        Z[m] = (X[m] - X[m].mean(0)) / (X[m].std(0) * np.sqrt(6))
-    a = ResidualLearner(X, item_query, PairwiseSGD(lr=1.0), dtype="float32", features="standardized")
+        C = X[m] - X[m].mean(0)
+        Z[m] = C / (X[m].std(0) * np.sqrt(X.shape[1])) if features == "standardized" else C / np.sqrt((C ** 2).sum(1).mean())
+    return Z
+
+
+@pytest.mark.parametrize("features", ["standardized", "centered"])
+def test_features_match_a_learner_on_pretransformed_items(features):
+    rng = np.random.default_rng(0)
+    X = (rng.normal(size=(12, 6)) * rng.uniform(0.1, 3.0, 6) + 3.0).astype(np.float32)
+    item_query = np.repeat([0, 1], 6)
+    Z = _prestandardized(X, item_query, features)
+    if features == "centered":  # one scale per query: the catalog's centered vectors have unit mean square norm
+        np.testing.assert_allclose((Z[:6] ** 2).sum(1).mean(), 1.0, rtol=1e-5)
+    a = ResidualLearner(X, item_query, PairwiseSGD(lr=1.0), dtype="float32", features=features)
     b = ResidualLearner(Z, item_query, PairwiseSGD(lr=1.0), dtype="float32", features="raw")
     for learner in (a, b):
         learner.learn_many([1, 1, 1, 2], [0, 0, 0, 1], [0, 1, 2, 7], [1, 0, 0, 1])
@@ -346,7 +355,7 @@ def test_standardized_features_match_a_learner_on_prestandardized_items():
         np.testing.assert_allclose(a.score(user, query, ids), b.score(user, query, ids), rtol=1e-5, atol=1e-6)
         # arbitrary embeddings are standardised with the same query statistics
         np.testing.assert_allclose(a.score(user, query, X[ids]), b.score(user, query, Z[ids]), rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="features must be 'raw' or 'standardized'"):
+    with pytest.raises(ValueError, match="features must be 'raw', 'standardized' or 'centered'"):
         ResidualLearner(X, item_query, features="whitened")
 
 
