@@ -162,15 +162,16 @@ def test_gaps_to_ours_are_paired_on_the_user():
     assert out["ours"]["probe_gap_at_5"] == 0.0 and "probe_lift_at_5" not in out["ours"]  # no head_only here
 
 
-def test_run_names_carry_the_rule_settings_and_a_policy_other_than_greedy():
+def test_run_names_carry_the_rule_settings_features_and_a_policy_other_than_the_defaults():
     from conftest import compose_cfg
 
     name = simulate._run_name(compose_cfg(["+experiment=online_personalize"]))
-    assert name == "personalize-test-WindowMAP-prior_var30.0-window8-newton_steps1-head_var3.0"
+    assert name == "personalize-test-WindowMAP-prior_var30.0-window8-newton_steps1-head_var3.0-centered"
     thompson = compose_cfg(["+experiment=online_personalize", "rule=laplace", "rule.prior_var=10.0", "~rule.head_var",
-                            "~rule.newton_steps", "explore=thompson", "scenario.streams=tune"])
+                            "~rule.newton_steps", "explore=thompson", "scenario.streams=tune", "online.features=standardized"])
     assert simulate._run_name(thompson) == "personalize-tune-DiagonalLaplace-prior_var10.0-Thompson"
-    assert simulate._run_name(compose_cfg(["+experiment=online_coldstart"])).endswith("window8-newton_steps1")
+    assert simulate._run_name(compose_cfg(["+experiment=online_coldstart"])).endswith("window8-newton_steps1-centered")
+    assert simulate._run_name(compose_cfg(["+experiment=online_large_catalog"])).endswith("head_var0.1")
 
 
 def test_test_scale_multiplies_the_test_streams_only():
