@@ -139,7 +139,7 @@ window of events, so that every timed event solves the largest system); 100 quer
 384-d; float16 residuals; the in-memory store. State bytes/key: the schema's fields (residual,
 plus the pairwise buffer, the Laplace evidence (D floats or one), or WindowMAP's window, coefficients, packed
 Gram matrix and head weight); store bytes/key adds the store's spare rows
-and its hash table. `window` is WindowMAP's defaults (3 Newton steps, no head weight), and
+and its hash table. `window` is WindowMAP's defaults ({WindowMAP().newton_steps} joint Newton step(s), no head weight), `window_head` the same with a head weight, and
 `window@<experiment>` the rule as `+experiment=online_<experiment>` configures it. Budget (issue 6): <= 1 KB per key (2 KB with a posterior whose gain is
 shown), `learn_one` <= 20 µs, `learn_many` >= 1M events/s on 2 cores.
 
