@@ -6,7 +6,7 @@ For a user ``u``, a query ``q`` and an item embedding ``x``::
 
 ``z_q`` standardises the head's scores with the mean and std of that query's catalog
 items, so that a residual step moves rankings equally fast whatever the head's scale.
-``x̃`` is ``x`` standardised per dimension over the query's catalog (``features``).
+``x̃`` is ``x`` centered and scaled over the query's catalog (``features``).
 ``r`` is a residual vector per key (per ``(user, query)``, or per user), zero at cold
 start, so a new user ranks exactly as the head does. A rule may also keep a per-key head
 weight ``v`` (``WindowMAP`` with ``head_var > 0``); the head term is then ``(1 + v) z_q``.
