@@ -34,11 +34,6 @@ from streamml.online.scenarios import World, coldstart_streams, large_catalog, r
 CHECKPOINTS = (5, 10, 20, 40)
 
 
-def _policy_scores(model, policy, user, query, items, rng) -> np.ndarray:
-    """What the policy ranks: posterior draws for Thompson, else the learner's scores."""
-    return policy_scores(policy, model, user, query, items, rng)
-
-
 def _auc(truth: np.ndarray, scores: np.ndarray) -> float:
     return float(roc_auc_score(truth, scores))
 
@@ -69,7 +64,7 @@ def interact(world: World, learners: dict, policy, k: int = 5, n_rounds: int = 8
                 avail = np.flatnonzero(~shown_yet)
                 if len(avail) <= k:  # the policy would have no choice left: every learner would show the same
                     break
-                scores = _policy_scores(model, policy, u.name, u.query, u.pool[avail], rng)
+                scores = policy_scores(policy, model, u.name, u.query, u.pool[avail], rng)
                 slate = policy.select(scores, k, rng)
                 shown = avail[np.asarray(slate.items)]
                 if shown_yet[shown].any() or len(np.unique(shown)) != len(shown):
