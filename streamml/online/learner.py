@@ -10,6 +10,10 @@ items, so that a residual step moves rankings equally fast whatever the head's s
 ``r`` is a residual vector per key (per ``(user, query)``, or per user), zero at cold
 start, so a new user ranks exactly as the head does. A rule may also keep a per-key head
 weight ``v`` (``WindowMAP`` with ``head_var > 0``); the head term is then ``(1 + v) z_q``.
+With ``head_interaction`` the residual also acts on ``z_q x̃``: how far a user trusts the
+head then varies over the embedding, as when they disagree with the population on one
+kind of item only (a constant ``v`` would distrust the head everywhere, and ``r · x̃``
+would push that kind of item down whether the head liked it or not).
 Each feedback event updates the
 key's state by the learner's rule (:mod:`streamml.online.rules`), through that rule's
 compiled kernel (:mod:`streamml.online.kernels`); the state lives in a
@@ -42,6 +46,17 @@ def _feature_stats(X: np.ndarray, q_code: np.ndarray, n_queries: int, features: 
     var /= count
     scale = np.sqrt(var) * np.sqrt(X.shape[1]) if features == "standardized" else np.sqrt(var.sum(1, keepdims=True))
     return mean.astype(np.float32), np.where(scale > 1e-6, scale, 1.0).astype(np.float32)
+
+
+def _principal_basis(X: np.ndarray, q_code: np.ndarray, n_queries: int, k: int) -> np.ndarray:
+    """(Q, k, D): each query's top ``k`` principal directions of its catalog rows (zero rows
+    past the query's rank)."""
+    basis = np.zeros((n_queries, k, X.shape[1]), np.float32)
+    for q in range(n_queries):
+        rows = X[q_code == q].astype(np.float64)
+        _, _, vt = np.linalg.svd(rows - rows.mean(0), full_matrices=False)
+        basis[q, : min(k, len(vt))] = vt[:k]
+    return basis
 
 
 def _plain(v):
@@ -83,6 +98,13 @@ class ResidualLearner:
         steps would mostly move along). ``"centered"``: the same centering, then one scale
         per query (unit root mean square norm), so the embedding's geometry is kept and
         its low-variance dimensions are not blown up. ``"raw"``: the embeddings as given.
+    head_interaction
+        ``c > 0``: the residual acts on ``[P x̃, c z P x̃]`` rather than on ``x̃``, where ``P``
+        projects on the query's top D/2 principal directions of its catalog's ``x̃``; so the
+        score is ``(1 + v) z + r₁ · P x̃ + c z r₂ · P x̃``, with the state still D numbers.
+        The projection keeps all of a query's catalog with fewer than D/2 items (the residual
+        only ever moves in its span) and the catalog's main directions otherwise.
+        Needs ``head_scores``. ``0``: the residual acts on ``x̃``.
     threads
         Threads over which :meth:`learn_many` splits a big batch on an in-memory store.
     chunk_size
@@ -118,6 +140,7 @@ class ResidualLearner:
         features: str = "standardized",
         threads: int = 1,
         chunk_size: int = 8192,
+        head_interaction: float = 0.0,
     ):
         X = np.ascontiguousarray(items, np.float32)
         if X.ndim != 2:
@@ -134,9 +157,15 @@ class ResidualLearner:
             raise ValueError(f"dtype must be float16 or float32, got {dtype}")
         if int(threads) < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
+        if not (0 <= head_interaction < np.inf):
+            raise ValueError(f"head_interaction must be finite and >= 0, got {head_interaction}")
+        if head_interaction > 0 and head_scores is None:
+            raise ValueError("head_interaction > 0 needs head_scores: the interaction is with the head's score")
         self.rule = PairwiseSGD() if rule is None else rule
         self.key, self.standardize, self.features = key, standardize, features
         self.threads, self.chunk_size = int(threads), int(chunk_size)
+        self.head_interaction = float(head_interaction)
+        self._dim = X.shape[1]
         self.item_query = item_query
         self._item_query_list = item_query.tolist()  # plain values: cheap per-event checks, clean messages
         self.queries, q_code = np.unique(item_query, return_inverse=True)
@@ -159,6 +188,13 @@ class ResidualLearner:
                 std = np.sqrt(np.bincount(q_code, (h - self._mean[q_code]) ** 2) / count)
                 self._std = np.where(std > 1e-12 * np.maximum(np.abs(self._mean), 1), std, 1.0)
             z = ((h - self._mean[q_code]) / self._std[q_code]).astype(np.float32)
+        if self.head_interaction > 0:
+            self._basis = _principal_basis(X, q_code, len(self.queries), X.shape[1] // 2)
+            P = np.empty((len(X), X.shape[1] // 2), np.float32)
+            for q in range(len(self.queries)):
+                rows = q_code == q
+                P[rows] = X[rows] @ self._basis[q].T
+            X = self._interact(P, z)
         self.catalog = Catalog(X, z)
         self.schema: dict[str, Field] = {"residual": Field((X.shape[1],), self.dtype, 0), **self.rule.fields(X.shape[1])}
         if store is None:
@@ -170,12 +206,15 @@ class ResidualLearner:
         self.store = store
 
     def __repr__(self) -> str:
+        interaction = f", head_interaction={self.head_interaction}" if self.head_interaction else ""
         return (f"ResidualLearner(rule={self.rule!r}, key={self.key!r}, dtype={self.dtype.name!r}, "
-                f"features={self.features!r}, n_items={len(self.item_query)}, store={type(self.store).__name__})")
+                f"features={self.features!r}{interaction}, n_items={len(self.item_query)}, store={type(self.store).__name__})")
 
     @property
     def dim(self) -> int:
-        return self.catalog.embeddings.shape[1]
+        """The embeddings' dimension (the residual has as many numbers, or one fewer if it is odd
+        and ``head_interaction > 0``)."""
+        return self._dim
 
     # ---- checks and keys
     def _query(self, query: Hashable) -> int:
@@ -227,9 +266,15 @@ class ResidualLearner:
         got = self.store.get_many([self._key(user, query)])
         return {name: v[0].astype(np.float32) if v.dtype.kind == "f" else v[0] for name, v in got.items()}
 
-    def _features(self, X: np.ndarray, q: int) -> np.ndarray:
+    def _interact(self, P: np.ndarray, z: np.ndarray) -> np.ndarray:
+        return np.hstack([P, self.head_interaction * z[:, None] * P]).astype(np.float32)
+
+    def _features(self, X: np.ndarray, q: int, z: np.ndarray) -> np.ndarray:
+        """What the residual acts on, for embeddings ``X`` (n, D) of query ``q`` with standardised head ``z``."""
         X = X.astype(np.float32)
-        return X if self.features == "raw" else (X - self._x_shift[q]) / self._x_scale[q]
+        if self.features != "raw":
+            X = (X - self._x_shift[q]) / self._x_scale[q]
+        return self._interact(X @ self._basis[q].T, z) if self.head_interaction > 0 else X
 
     def _head(self, head, n: int, q: int) -> np.ndarray:
         head = np.asarray(head, np.float64)
@@ -251,7 +296,7 @@ class ResidualLearner:
         if X.ndim != 2 or X.shape[1] != self.dim:
             raise ValueError(f"X must be item ids (n,) or embeddings (n, {self.dim}), got shape {X.shape}")
         z = np.zeros(len(X), np.float32) if head is None else self._head(head, len(X), q)
-        return self._features(X, q), z
+        return self._features(X, q, z), z
 
     def score(self, user: Hashable, query: Hashable, X: np.ndarray, head: np.ndarray | None = None) -> np.ndarray:
         """Scores of catalog items or of raw embeddings for one user and query.
@@ -294,7 +339,7 @@ class ResidualLearner:
             raise TypeError(f"rule {type(self.rule).__name__} keeps no posterior to sample from; use DiagonalLaplace")
         F, z = self._inputs(query, X, head)
         state = self._state(user, query)
-        eps = np.random.default_rng(rng).standard_normal((int(n_samples), self.dim)).astype(np.float32)
+        eps = np.random.default_rng(rng).standard_normal((int(n_samples), self.catalog.embeddings.shape[1])).astype(np.float32)
         r = state["residual"] + eps * np.sqrt(self.rule.variance(state))  # (S, D)
         return z + r @ F.T
 
@@ -383,8 +428,9 @@ class ResidualLearner:
             raise ValueError("x contains NaN or infinite values")
         if label not in (0, 1):
             raise ValueError(f"labels must be 1 (accepted) or 0 (rejected), got {_plain(label)!r}")
-        f = self._features(x[None], q)[0]
-        z = 0.0 if head_score is None else float(self._head([head_score], 1, q)[0])
+        z = np.zeros(1, np.float32) if head_score is None else self._head([head_score], 1, q)
+        f = self._features(x[None], q, z)[0]
+        z = float(z[0])
 
         def step(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             row = {name: v[0].astype(np.float32) if v.dtype.kind == "f" else v[0].copy() for name, v in state.items()}

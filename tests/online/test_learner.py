@@ -359,6 +359,34 @@ def test_features_match_a_learner_on_pretransformed_items(features):
         ResidualLearner(X, item_query, features="whitened")
 
 
+def test_head_interaction_acts_on_the_features_and_their_product_with_the_head():
+    """A query with fewer items than D/2 keeps its whole catalog through the projection, so a
+    rule that sees only inner products (WindowMAP) scores as it does on ``[x̃, c z x̃]`` unprojected."""
+    rng = np.random.default_rng(3)
+    X = (rng.normal(size=(12, 16)) + 2.0).astype(np.float32)
+    item_query, head = np.repeat([0, 1], 6), rng.normal(size=12) * 3 + 1
+    Z = _prestandardized(X, item_query, "centered")
+    z = np.concatenate([(h - h.mean()) / h.std() for h in np.split(head, 2)])
+    rule = lambda: WindowMAP(prior_var=2.0, window=4, head_var=0.5)  # noqa: E731
+    a = ResidualLearner(X, item_query, rule(), head_scores=head, dtype="float32", features="centered", head_interaction=1.5)
+    b = ResidualLearner(np.hstack([Z, 1.5 * z[:, None] * Z]), item_query, rule(), head_scores=head, dtype="float32", features="raw")
+    assert a.store.schema["residual"].shape == (16,) and a.dim == 16
+    events = ([1] * 5 + [2] * 3, [0] * 5 + [1] * 3, [0, 1, 2, 3, 4, 7, 8, 9], [1, 0, 0, 1, 1, 0, 1, 0])
+    for learner in (a, b):
+        learner.learn_many(*events)
+    for user, query, ids in ((1, 0, np.arange(6)), (2, 1, np.arange(6, 12)), (3, 0, np.arange(6))):
+        np.testing.assert_allclose(a.score(user, query, ids), b.score(user, query, ids), rtol=1e-4, atol=1e-4)
+        # embeddings with their raw head scores take the catalog's transform and projection
+        np.testing.assert_allclose(a.score(user, query, X[ids], head=head[ids]), a.score(user, query, ids), rtol=1e-4, atol=1e-4)
+    plain = ResidualLearner(X, item_query, rule(), head_scores=head, dtype="float32", features="centered")
+    plain.learn_many(*events)
+    assert not np.allclose(a.score(1, 0, np.arange(6)), plain.score(1, 0, np.arange(6)), atol=1e-3)  # it changes what is learned
+    with pytest.raises(ValueError, match="head_interaction > 0 needs head_scores"):
+        ResidualLearner(X, item_query, head_interaction=1.0)
+    with pytest.raises(ValueError, match="head_interaction must be finite and >= 0"):
+        ResidualLearner(X, item_query, head_scores=head, head_interaction=-1.0)
+
+
 def test_config_defaults_equal_code_defaults():
     import inspect
     from pathlib import Path
