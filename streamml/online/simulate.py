@@ -231,16 +231,17 @@ def _world(cfg, data) -> World:
 
 
 def _run_name(cfg) -> str:
-    """``<scenario>-<streams>-<rule>-<its settings>[-<features>][-<policy>]``, e.g.
+    """``<scenario>-<streams>-<rule>-<its settings>[-<features>][-head_interaction<c>][-<policy>]``, e.g.
     ``personalize-tune-DiagonalLaplace-prior_var3.0``; the features are named when they are not
-    ``standardized``, the slate policy when it is not ``Greedy``."""
+    ``standardized``, the head interaction when it is on, the slate policy when it is not ``Greedy``."""
     rule = cfg.rule._target_.rsplit(".", 1)[-1]
     settings = "-".join(f"{k}{v}" for k, v in cfg.rule.items() if k in ("lr", "prior_var", "decay", "window", "newton_steps", "head_var") and v)
     policy = cfg.explore._target_.rsplit(".", 1)[-1]
     if policy == "Greedy" or cfg.scenario.kind == "coldstart":  # cold start shows no slates
         policy = ""
     features = "" if cfg.online.features == "standardized" else cfg.online.features
-    return "-".join(p for p in (cfg.scenario.kind, cfg.scenario.streams, rule, settings, features, policy) if p)
+    interaction = f"head_interaction{cfg.online.head_interaction}" if cfg.online.get("head_interaction") else ""
+    return "-".join(p for p in (cfg.scenario.kind, cfg.scenario.streams, rule, settings, features, interaction, policy) if p)
 
 
 def run(cfg) -> dict[str, float]:
