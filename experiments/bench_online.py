@@ -30,18 +30,20 @@ from tqdm.auto import tqdm
 from streamml.online import DiagonalLaplace, IsotropicLaplace, PairwiseSGD, PointwiseSGD, ResidualLearner, WindowMAP
 from streamml.stores import InMemoryStore
 
-def experiment_rule(name: str):
-    """The rule exactly as ``+experiment=<name>`` configures it (its Newton steps and head weight set the cost)."""
+def experiment_setting(name: str):
+    """The rule and the learner's feature settings exactly as ``+experiment=<name>`` configures them
+    (the rule's Newton steps and head weight set the cost; the features set what the kernel reads)."""
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
     with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "configs"), version_base="1.3"):
-        return instantiate(compose("train", overrides=[f"+experiment={name}"]).rule)
+        cfg = compose("train", overrides=[f"+experiment={name}"])
+    return instantiate(cfg.rule), {"features": cfg.online.features, "head_interaction": cfg.online.head_interaction}
 
 
 RULES = {"pointwise": PointwiseSGD, "pairwise": PairwiseSGD, "laplace": DiagonalLaplace, "laplace_iso": IsotropicLaplace,
          "window": WindowMAP, "window_head": lambda: WindowMAP(head_var=0.1),
-         **{f"window@{e}": lambda e=e: experiment_rule(f"online_{e}") for e in ("personalize", "large_catalog", "coldstart")}}
+         **{f"window@{e}": lambda e=e: experiment_setting(f"online_{e}") for e in ("personalize", "large_catalog", "coldstart")}}
 N_QUERIES, PER_QUERY, DIM = 100, 100, 384
 
 
@@ -61,8 +63,10 @@ def events(rng, n: int, n_keys: int):
 
 def bench_rule(name: str, args, progress) -> dict:
     X, item_query, head = catalog()
-    learner = ResidualLearner(X, item_query, rule=RULES[name](), head_scores=head, threads=max(args.threads),
-                              store=lambda schema: InMemoryStore(schema, capacity=args.keys))
+    rule = RULES[name]()
+    rule, options = rule if isinstance(rule, tuple) else (rule, {})
+    learner = ResidualLearner(X, item_query, rule=rule, head_scores=head, threads=max(args.threads),
+                              store=lambda schema: InMemoryStore(schema, capacity=args.keys), **options)
     users = np.arange(args.keys)
     q = users % N_QUERIES
     rng = np.random.default_rng(1)
@@ -140,7 +144,7 @@ window of events, so that every timed event solves the largest system); 100 quer
 plus the pairwise buffer, the Laplace evidence (D floats or one), or WindowMAP's window, coefficients, packed
 Gram matrix and head weight); store bytes/key adds the store's spare rows
 and its hash table. `window` is WindowMAP's defaults ({WindowMAP().newton_steps} joint Newton step(s), no head weight), `window_head` the same with a head weight, and
-`window@<experiment>` the rule as `+experiment=online_<experiment>` configures it. Budget (issue 6): <= 1 KB per key (2 KB with a posterior whose gain is
+`window@<experiment>` the rule and the features (`features`, `head_interaction`) as `+experiment=online_<experiment>` configures them. Budget (issue 6): <= 1 KB per key (2 KB with a posterior whose gain is
 shown), `learn_one` <= 20 µs, `learn_many` >= 1M events/s on 2 cores.
 
 {chr(10).join(lines)}
