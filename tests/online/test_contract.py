@@ -31,6 +31,8 @@ CASES = {
     "residual-laplace": Case(lambda X, q, h: ResidualLearner(X, q, rule=DiagonalLaplace(), head_scores=h)),
     "residual-laplace-iso": Case(lambda X, q, h: ResidualLearner(X, q, rule=IsotropicLaplace(), head_scores=h)),
     "residual-window": Case(lambda X, q, h: ResidualLearner(X, q, rule=WindowMAP(window=4, head_var=1.0), head_scores=h)),
+    "residual-window-interaction": Case(lambda X, q, h: ResidualLearner(
+        X, q, rule=WindowMAP(window=4, head_var=1.0), head_scores=h, features="centered", head_interaction=2.0)),
     "residual-user-key": Case(lambda X, q, h: ResidualLearner(X, q, head_scores=h, key="user")),
     "head_only": Case(HeadOnly, adapts=False),
     "river": Case(RiverOnline, has_head=False),
