@@ -23,7 +23,7 @@ def test_online_snippet_runs_with_the_experiments_settings(monkeypatch):
     rule = yaml.safe_load((REPO / "configs" / "rule" / f"{experiment['defaults'][2]['/rule']}.yaml").read_text())
     assert type(learner.rule).__name__ == rule["_target_"].rsplit(".", 1)[-1]
     assert {k: getattr(learner.rule, k) for k in experiment["rule"]} == experiment["rule"]
-    assert learner.features == experiment["online"]["features"]
+    assert {k: getattr(learner, k) for k in experiment["online"]} == experiment["online"]
     assert sorted(namespace["best"].tolist()) == sorted(candidates.tolist())
     assert len(learner.store) == 2  # users 7 and 8 remain; 42 was forgotten
     assert np.isfinite(learner.score(7, 3, namespace["data"].X[candidates])).all()

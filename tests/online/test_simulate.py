@@ -166,12 +166,13 @@ def test_run_names_carry_the_rule_settings_features_and_a_policy_other_than_the_
     from conftest import compose_cfg
 
     name = simulate._run_name(compose_cfg(["+experiment=online_personalize"]))
-    assert name == "personalize-test-WindowMAP-prior_var30.0-window8-newton_steps1-head_var3.0-centered"
+    assert name == "personalize-test-WindowMAP-prior_var300.0-window8-newton_steps1-head_var1.0-head_interaction1.0"
     thompson = compose_cfg(["+experiment=online_personalize", "rule=laplace", "rule.prior_var=10.0", "~rule.head_var",
                             "~rule.newton_steps", "explore=thompson", "scenario.streams=tune", "online.features=standardized"])
-    assert simulate._run_name(thompson) == "personalize-tune-DiagonalLaplace-prior_var10.0-Thompson"
+    assert simulate._run_name(thompson) == "personalize-tune-DiagonalLaplace-prior_var10.0-head_interaction1.0-Thompson"
+    assert "head_interaction" not in simulate._run_name(compose_cfg(["+experiment=online_personalize", "online.head_interaction=0"]))
     assert simulate._run_name(compose_cfg(["+experiment=online_coldstart"])).endswith("window8-newton_steps1-centered")
-    assert simulate._run_name(compose_cfg(["+experiment=online_large_catalog"])).endswith("head_var0.1")
+    assert simulate._run_name(compose_cfg(["+experiment=online_large_catalog"])).endswith("head_var1.0-head_interaction4.0")
 
 
 def test_test_scale_multiplies_the_test_streams_only():
