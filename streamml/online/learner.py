@@ -104,7 +104,7 @@ class ResidualLearner:
         score is ``(1 + v) z + r₁ · P x̃ + c z r₂ · P x̃``, with the state still D numbers.
         The projection keeps all of a query's catalog with fewer than D/2 items (the residual
         only ever moves in its span) and the catalog's main directions otherwise.
-        Needs ``head_scores``. ``0``: the residual acts on ``x̃``.
+        Needs ``head_scores`` and ``key="user_query"``. ``0``: the residual acts on ``x̃``.
     threads
         Threads over which :meth:`learn_many` splits a big batch on an in-memory store.
     chunk_size
@@ -161,6 +161,9 @@ class ResidualLearner:
             raise ValueError(f"head_interaction must be finite and >= 0, got {head_interaction}")
         if head_interaction > 0 and head_scores is None:
             raise ValueError("head_interaction > 0 needs head_scores: the interaction is with the head's score")
+        if head_interaction > 0 and key == "user":
+            raise ValueError("head_interaction > 0 projects each query on its own principal directions, so a residual "
+                             "shared across queries (key='user') would mix their coordinates: use key='user_query'")
         self.rule = PairwiseSGD() if rule is None else rule
         self.key, self.standardize, self.features = key, standardize, features
         self.threads, self.chunk_size = int(threads), int(chunk_size)

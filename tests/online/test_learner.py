@@ -383,6 +383,8 @@ def test_head_interaction_acts_on_the_features_and_their_product_with_the_head()
     assert not np.allclose(a.score(1, 0, np.arange(6)), plain.score(1, 0, np.arange(6)), atol=1e-3)  # it changes what is learned
     with pytest.raises(ValueError, match="head_interaction > 0 needs head_scores"):
         ResidualLearner(X, item_query, head_interaction=1.0)
+    with pytest.raises(ValueError, match="would mix their coordinates: use key='user_query'"):
+        ResidualLearner(X, item_query, head_scores=head, head_interaction=1.0, key="user")
     with pytest.raises(ValueError, match="head_interaction must be finite and >= 0"):
         ResidualLearner(X, item_query, head_scores=head, head_interaction=-1.0)
 
