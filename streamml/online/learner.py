@@ -104,6 +104,7 @@ class ResidualLearner:
         score is ``(1 + v) z + r₁ · P x̃ + c z r₂ · P x̃``, with the state still D numbers.
         The projection keeps all of a query's catalog with fewer than D/2 items (the residual
         only ever moves in its span) and the catalog's main directions otherwise.
+        The learner keeps each query's projection, D²/2 floats (295 KB at D=384).
         Needs ``head_scores`` and ``key="user_query"``. ``0``: the residual acts on ``x̃``.
     threads
         Threads over which :meth:`learn_many` splits a big batch on an in-memory store.
