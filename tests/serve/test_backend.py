@@ -11,6 +11,12 @@ from streamml.stores import Field
 
 @pytest.fixture(params=["memory", "sqlite", "redis", pytest.param("cluster", marks=pytest.mark.slow)])
 def backend(request, tmp_path):
+    b = _open(request, tmp_path)
+    yield b
+    b.close()  # stops the SQLite checkpointer thread, which a later fork must not inherit
+
+
+def _open(request, tmp_path):
     if request.param == "memory":
         return MemoryBackend()
     if request.param == "sqlite":

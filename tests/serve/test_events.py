@@ -56,12 +56,22 @@ def _opener(kind: str, request, tmp_path):
 
 @pytest.fixture(params=["memory", *DURABLE])
 def backend(request, tmp_path):
-    return MemoryBackend() if request.param == "memory" else _opener(request.param, request, tmp_path)()
+    b = MemoryBackend() if request.param == "memory" else _opener(request.param, request, tmp_path)()
+    yield b
+    b.close()  # stops the SQLite checkpointer thread, which a later fork must not inherit
 
 
 @pytest.fixture(params=DURABLE)
 def open_backend(request, tmp_path):
-    return _opener(request.param, request, tmp_path)
+    opener, opened = _opener(request.param, request, tmp_path), []
+
+    def open_():
+        opened.append(opener())
+        return opened[-1]
+
+    yield open_
+    for b in opened:
+        b.close()
 
 
 def test_claim_and_apply_applies_once_and_not_at_all_when_the_update_fails(backend):

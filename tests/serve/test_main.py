@@ -18,7 +18,7 @@ def test_default_config_serves_sqlite_and_load_items_fills_its_catalog(served_mo
         cfg.backend.path = str(tmp_path / "serve.db")
     assert load_items(cfg) == 120
     assert "loaded 120 items of 3 queries" in capsys.readouterr().out
-    assert SQLiteBackend(tmp_path / "serve.db").catalog.queries() == ["topic_0", "topic_1", "topic_2"]
+    assert SQLiteBackend(tmp_path / "serve.db", checkpoint_interval_s=0).catalog.queries() == ["topic_0", "topic_1", "topic_2"]
 
 
 def test_redis_config_swaps_only_the_backend(served_models):

@@ -94,9 +94,12 @@ def setup(request, served_models, tmp_path):
 def replay_check(cfg, user, events):
     """The stored residual of (user, QUERY) against a one-process replay of ``events`` [(item, label)]."""
     backend = instantiate(cfg.backend)
-    lifecycle = Lifecycle(backend, instantiate(cfg.online), cfg.tracking_uri)
-    prepared = lifecycle.prepare(backend.control.get()["uri"])
-    stored = lifecycle.activate(prepared).learner.store.get_many([(user, QUERY)])["residual"][0]
+    try:
+        lifecycle = Lifecycle(backend, instantiate(cfg.online), cfg.tracking_uri)
+        prepared = lifecycle.prepare(backend.control.get()["uri"])
+        stored = lifecycle.activate(prepared).learner.store.get_many([(user, QUERY)])["residual"][0]
+    finally:
+        backend.close()  # stops the SQLite checkpointer thread, which a later fork must not inherit
     local = instantiate(cfg.online)(items=prepared.X, item_query=prepared.item_query, head_scores=prepared.head_scores)
     steps = []
     for item, label in events:
