@@ -6,7 +6,7 @@ one readable numpy :meth:`reference` of what an event does to that state. Each r
 one compiled twin in :mod:`streamml.online.kernels`, which the learner runs;
 ``tests/online/test_kernels.py`` checks that the two agree on random event streams.
 
-Notation: ``x`` is the event's item in the learner's features (centered and scaled per query),
+Notation: ``x`` is the event's item in the learner's features (see ``ResidualLearner``),
 ``z`` its standardised head score, ``r`` the key's residual, ``s = z + r·x`` its score
 and ``y`` the label (1 accepted, 0 rejected).
 """
