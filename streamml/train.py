@@ -20,7 +20,7 @@ import logging
 import hydra
 import pandas as pd
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
+from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig
 
 log = logging.getLogger("streamml.train")  # not __main__ under python -m
@@ -89,10 +89,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from streamml import tracking
     from streamml.data import load_queries
     from streamml.offline.evaluate import evaluate, summarize
-    from streamml.online import simulate
 
-    if "scenario" in cfg:
-        return simulate.run(cfg)
+    if "scenario" in cfg:  # an online scenario names its runner (the simulator unless it says otherwise)
+        return get_method(cfg.scenario.get("run", "streamml.online.simulate.run"))(cfg)
     data = load_queries(cfg.data.dir, cfg.data.embedding_dim, cfg.data.min_per_class)
     log.info(f"{len(data.query_ids)} queries, {len(data.frame)} unique texts ({data.n_duplicates} duplicates merged) from {cfg.data.dir}")
     tags = {"data_fingerprint": data.fingerprint, "data_dir": str(cfg.data.dir)}

@@ -1,0 +1,327 @@
+"""Per-user random effects over a population model, gated by their own evidence: the mixed learner.
+
+GLMix (linkedin/gdmix) personalises with a global model plus a small regularised model per
+entity, each trained with the others' scores as an offset. The mixed learner is that model
+made online, with the global part and the random effects' prior learned from a population
+(:mod:`streamml.online.population`) rather than tuned on simulated users::
+
+    logit P(user u accepts item i of query q) = o_i + b_k + w_k · v_i,      k = (u, q)
+    o_i = slope * z_i + intercept + beta_i        (global: head, then per-item effects)
+    (b_k, w_k) ~ N(0, Sigma)                      (Sigma: EM over the population's keys)
+
+**Evidence accumulates.** Each key keeps a Gaussian posterior over ``(b_k, w_k)``: its mean
+and full covariance in ``d = 1 + k`` numbers and ``d (d + 1) / 2`` more (the covariance is
+stored as its difference from ``Sigma``, so a new key's state is all zeros). Every event takes
+one assumed-density-filtering step (the online Laplace update of Bayesian logistic
+regression, Chapelle and Li 2011, with the full covariance since ``d`` is small): the
+posterior precision only grows, nothing is frozen, and the mean moves to what the key's
+events say. Unlike a window of recent events, no departed event keeps a pull of its own.
+
+**No harm by construction.** The key also runs the bias-only model ``o_i + b_k`` (two
+numbers), and both models predict each event before learning it. ``gain``, the sum of the
+log predictive probabilities of the full model minus the bias-only one, is the log Bayes
+factor of "this user departs from the population along the factors" against "this user
+only accepts more or less often" (a bias does not change a ranking). Scores are::
+
+    score_i = o_i + sigmoid(gain) * (w_k · v_i)
+
+so a key whose departures do not predict its own answers better keeps the population's
+ranking, and one whose departures do gets them in full, in proportion to the evidence.
+With no population fit yet the global model is the head alone, the factors are the
+catalog's top ``k`` principal directions, and ``Sigma`` is ``prior_var * I``.
+
+The update exists twice: :func:`adf_step`, the readable reference, and ``_events``, the
+compiled kernel that :meth:`MixedLearner.learn_many` runs; ``tests/online/test_mixed.py``
+checks that they agree.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Hashable
+
+import numpy as np
+import pandas as pd
+from numba import njit
+
+from streamml.online.population import Population, fit_population, standardized_head
+from streamml.stores import Field, InMemoryStore, Schema, Store, as_key_list
+
+__all__ = ["MixedLearner", "adf_step"]
+
+_PROBIT = math.pi / 8  # the probit approximation of the logistic-Gaussian integral
+
+
+def _plain(v):
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def adf_step(mean, cov, bias, gain, f, o, label, prior, prior_b) -> float:
+    """One event on one key's state, in place (reference). Returns the new gain.
+
+    ``mean`` (d,), ``cov`` (d, d) the *difference* from ``prior`` (d, d); ``bias`` (2,) the
+    bias-only model's mean and variance difference from ``prior_b``; ``f`` (d,) the item's
+    ``[1, v_i]``; ``o`` its global log-odds; ``label`` 1 or 0.
+    """
+    S = prior + cov
+    mu, s = o + f @ mean, f @ S @ f
+    mu_b, s_b = o + bias[0], prior_b + bias[1]
+    y = float(label)
+    p_full = 1 / (1 + math.exp(-mu / math.sqrt(1 + _PROBIT * s)))
+    p_bias = 1 / (1 + math.exp(-mu_b / math.sqrt(1 + _PROBIT * s_b)))
+    gain += math.log(p_full if y else 1 - p_full) - math.log(p_bias if y else 1 - p_bias)
+    p = 1 / (1 + math.exp(-mu))
+    lam = p * (1 - p)
+    Sf = S @ f
+    denom = 1 + lam * s
+    mean += Sf * (y - p) / denom
+    cov -= np.outer(Sf, Sf) * (lam / denom)
+    p_b = 1 / (1 + math.exp(-mu_b))
+    lam_b = p_b * (1 - p_b)
+    bias[0] += s_b * (y - p_b) / (1 + lam_b * s_b)
+    bias[1] -= s_b * s_b * lam_b / (1 + lam_b * s_b)
+    return gain
+
+
+@njit(cache=True, nogil=True)
+def _events(mean, cov, bias, gain, rows, items, labels, F, o, prior, prior_b):
+    """The kernel of :func:`adf_step` over events ``(rows[e], items[e], labels[e])`` in order;
+    ``cov`` rows hold the packed lower triangle (row-major) of each key's covariance difference."""
+    d = F.shape[1]
+    S = np.empty((d, d))
+    Sf = np.empty(d)
+    for e in range(rows.shape[0]):
+        r, i = rows[e], items[e]
+        y = 1.0 if labels[e] else 0.0
+        t = 0
+        for a in range(d):
+            for b in range(a + 1):
+                S[a, b] = prior[a, b] + cov[r, t]
+                S[b, a] = S[a, b]
+                t += 1
+        mu = o[i]
+        for a in range(d):
+            mu += F[i, a] * mean[r, a]
+        s = 0.0
+        for a in range(d):
+            acc = 0.0
+            for b in range(d):
+                acc += S[a, b] * F[i, b]
+            Sf[a] = acc
+            s += F[i, a] * acc
+        mu_b = o[i] + bias[r, 0]
+        s_b = prior_b + bias[r, 1]
+        p_full = 1.0 / (1.0 + math.exp(-mu / math.sqrt(1.0 + _PROBIT * s)))
+        p_bias = 1.0 / (1.0 + math.exp(-mu_b / math.sqrt(1.0 + _PROBIT * s_b)))
+        if y > 0:
+            gain[r] += math.log(p_full) - math.log(p_bias)
+        else:
+            gain[r] += math.log(1.0 - p_full) - math.log(1.0 - p_bias)
+        p = 1.0 / (1.0 + math.exp(-mu))
+        lam = p * (1.0 - p)
+        denom = 1.0 + lam * s
+        step = (y - p) / denom
+        shrink = lam / denom
+        t = 0
+        for a in range(d):
+            mean[r, a] += Sf[a] * step
+            for b in range(a + 1):
+                cov[r, t] -= Sf[a] * Sf[b] * shrink
+                t += 1
+        p_b = 1.0 / (1.0 + math.exp(-mu_b))
+        lam_b = p_b * (1.0 - p_b)
+        bias[r, 0] += s_b * (y - p_b) / (1.0 + lam_b * s_b)
+        bias[r, 1] -= s_b * s_b * lam_b / (1.0 + lam_b * s_b)
+
+
+def _principal_factors(X: np.ndarray, k: int) -> np.ndarray:
+    """(n, k) coordinates of the centered catalog on its top ``k`` principal directions, unit mean norm."""
+    Xc = X - X.mean(0)
+    _, _, vt = np.linalg.svd(Xc, full_matrices=False)
+    V = Xc @ vt[:k].T
+    return (V / max(np.linalg.norm(V, axis=1).mean(), 1e-12)).astype(np.float32)
+
+
+class MixedLearner:
+    """Per-(user, query) random effects over a population model, with a no-harm gate.
+
+    Parameters
+    ----------
+    items, item_query, head_scores
+        The catalog, as for :class:`~streamml.online.ResidualLearner`: embeddings (n, D), each
+        item's query, the frozen head's raw scores (``None``: no head).
+    k
+        Number of collaborative factors (the random effect has ``1 + k`` numbers).
+    prior_var
+        The prior variance used until :meth:`fit_population` estimates the prior.
+    gate
+        ``True``: the factor term is weighted by ``sigmoid(gain)`` (module doc); ``False``: in full.
+    store
+        A :class:`~streamml.stores.Store` whose schema is :attr:`schema`, a callable
+        ``schema -> Store``, or ``None`` for an in-memory one.
+    seed
+        Seed of the population fit's SVD.
+
+    Examples
+    --------
+    >>> X = np.eye(4, dtype=np.float32)[[0, 1, 2, 3, 0, 1]]
+    >>> learner = MixedLearner(X, item_query=[0, 0, 0, 0, 1, 1], head_scores=[3., 2., 1., 0., 1., 0.], k=3)
+    >>> learner.rank("ann", 0, [0, 1, 2, 3])            # no feedback: the global model (the head)
+    array([0, 1, 2, 3])
+    >>> for _ in range(6):
+    ...     learner.learn_one("ann", 0, item=0, label=0)
+    ...     learner.learn_one("ann", 0, item=3, label=1)
+    >>> learner.rank("ann", 0, [0, 1, 2, 3])            # item 0 leaves the top once her answers predict better
+    array([1, 0, 3, 2])
+    >>> learner.rank("bob", 0, [0, 1, 2, 3])            # no one else changes
+    array([0, 1, 2, 3])
+    """
+
+    def __init__(self, items, item_query, head_scores=None, k: int = 8, prior_var: float = 0.3,
+                 gate: bool = True, store: Store | Callable[[Schema], Store] | None = None, seed: int = 0):
+        X = np.ascontiguousarray(items, np.float32)
+        if X.ndim != 2:
+            raise ValueError(f"items must be (n_items, D), got shape {X.shape}")
+        self.item_query = np.asarray(item_query)
+        if self.item_query.shape != (len(X),):
+            raise ValueError(f"item_query must have shape ({len(X)},), got {self.item_query.shape}")
+        if int(k) < 1 or not prior_var > 0:
+            raise ValueError(f"k must be >= 1 and prior_var > 0, got k={k}, prior_var={prior_var}")
+        self.X, self.k, self.gate, self.seed = X, int(k), bool(gate), int(seed)
+        self.queries, self._q_code = np.unique(self.item_query, return_inverse=True)
+        self._query_index = {q: i for i, q in enumerate(self.queries.tolist())}
+        self._item_query_list = self.item_query.tolist()
+        self.z = np.zeros(len(X)) if head_scores is None else standardized_head(np.asarray(head_scores), self._q_code)
+        if head_scores is not None and np.shape(head_scores) != (len(X),):
+            raise ValueError(f"head_scores must have shape ({len(X)},), got {np.shape(head_scores)}")
+        k = min(self.k, X.shape[1], max(len(X) - 1, 1))
+        self.population = Population(1.0, 0.0, np.zeros(len(X)), _principal_factors(X, k),
+                                     np.eye(1 + k) * prior_var, 0, "none")
+        self._set_population(self.population)
+        d = 1 + self.population.k
+        self.schema: dict[str, Field] = {"mean": Field((d,), np.float32), "cov": Field((d * (d + 1) // 2,), np.float32),
+                                         "bias": Field((2,), np.float32), "gain": Field((), np.float32)}
+        if store is None:
+            store = InMemoryStore(self.schema)
+        elif not isinstance(store, Store) and callable(store):
+            store = store(self.schema)
+        if dict(store.schema) != self.schema:
+            raise ValueError(f"store schema {dict(store.schema)} does not match the learner's {self.schema}")
+        self.store = store
+
+    def __repr__(self) -> str:
+        return (f"MixedLearner(k={self.population.k}, gate={self.gate}, population={self.population.fingerprint!r}, "
+                f"n_items={len(self.X)}, store={type(self.store).__name__})")
+
+    def _set_population(self, pop: Population) -> None:
+        self.population = pop
+        self._offset = pop.offset(self.z).astype(np.float64)
+        self._F = np.ascontiguousarray(np.hstack([np.ones((len(self.X), 1)), pop.factors]), np.float64)
+        self._prior = np.ascontiguousarray(pop.prior_cov, np.float64)
+
+    def fit_population(self, events: pd.DataFrame) -> MixedLearner:
+        """Fit the global model, the factors and the prior from ``events`` (columns ``user,
+        query, item, label, time``; ``item`` a catalog row of that query) and return ``self``.
+        Call it before learning: a key's state is a posterior under the prior it was learned with."""
+        missing = {"user", "query", "item", "label"} - set(events.columns)
+        if missing:
+            raise ValueError(f"events lack column(s) {sorted(missing)}; expected user, query, item, label, time")
+        ids = events["item"].to_numpy()
+        self._check_items(ids, events["query"].to_numpy())
+        self._check_labels(events["label"].to_numpy())
+        old_k = self.population.k
+        pop = fit_population(events, self.X, self._q_code, self.z, k=self.k, seed=self.seed)
+        if pop.k != old_k:
+            raise ValueError(f"the population gives {pop.k} factors where the store holds {old_k}: more factors than the "
+                             "population's users or texts; lower k")
+        self._set_population(pop)
+        return self
+
+    # ---- checks
+    def _query(self, query) -> int:
+        q = self._query_index.get(_plain(query))
+        if q is None:
+            raise ValueError(f"query {_plain(query)!r} is unknown; known queries: {self.queries.tolist()}")
+        return q
+
+    def _check_items(self, items: np.ndarray, queries) -> np.ndarray:
+        items = np.asarray(items)
+        if items.size == 0:
+            return items.astype(np.int64).reshape(-1)
+        if items.dtype.kind not in "iu":
+            raise TypeError(f"item ids must be integers, got dtype {items.dtype}")
+        bad = items[(items < 0) | (items >= len(self.X))]
+        if len(bad):
+            raise IndexError(f"item {int(bad[0])} is not a catalog id: ids are in [0, {len(self.X)})")
+        wrong = self.item_query[items] != queries
+        if np.any(wrong):
+            i = int(np.flatnonzero(wrong)[0])
+            q = queries if np.ndim(queries) == 0 else np.asarray(queries)[i]
+            self._query(q)
+            raise ValueError(f"item {int(items[i])} belongs to query {self._item_query_list[int(items[i])]!r}, not {_plain(q)!r}")
+        return items.astype(np.int64)
+
+    @staticmethod
+    def _check_labels(labels) -> np.ndarray:
+        y = np.asarray(labels)
+        if not np.isin(y, (0, 1)).all():
+            raise ValueError(f"labels must be 1 (accepted) or 0 (rejected), got {_plain(y[~np.isin(y, (0, 1))].ravel()[0])!r}")
+        return y.astype(bool)
+
+    # ---- scoring
+    def _state(self, user, query) -> dict[str, np.ndarray]:
+        got = self.store.get_many([(_plain(user), _plain(query))])
+        return {name: v[0] for name, v in got.items()}
+
+    def score(self, user: Hashable, query: Hashable, X) -> np.ndarray:
+        """(n,) scores of catalog item ids ``X`` of ``query`` for ``user``, higher is better."""
+        self._query(query)
+        ids = self._check_items(np.asarray(X), _plain(query))
+        state = self._state(user, query)
+        w = state["mean"][1:].astype(np.float64)
+        weight = 1 / (1 + math.exp(-float(state["gain"]))) if self.gate else 1.0
+        return (self._offset[ids] + weight * (self._F[ids, 1:] @ w)).astype(np.float32)
+
+    def rank(self, user: Hashable, query: Hashable, item_ids) -> np.ndarray:
+        """Catalog item ids ordered best first (ties keep the given order)."""
+        item_ids = np.asarray(item_ids)
+        return item_ids[np.argsort(-self.score(user, query, item_ids), kind="stable")]
+
+    # ---- learning
+    def _apply(self, cols, rows, items, labels):
+        _events(cols["mean"], cols["cov"], cols["bias"], cols["gain"], rows, items, labels,
+                self._F, self._offset, self._prior, float(self._prior[0, 0]))
+        return cols
+
+    def learn_one(self, user: Hashable, query: Hashable, item: int, label: int) -> None:
+        """``user`` accepted (1) or rejected (0) catalog ``item`` shown for ``query``."""
+        if not isinstance(item, (int, np.integer)) or isinstance(item, bool):
+            raise TypeError(f"item must be a catalog id (int), got {item!r}")
+        self.learn_many([user], [query], [int(item)], [label])
+
+    def learn_many(self, users, queries, items, labels) -> None:
+        """Many events, as :meth:`learn_one` on each in order."""
+        users, queries, items = np.asarray(users), np.asarray(queries), np.asarray(items)
+        if not (users.shape == queries.shape == items.shape == np.shape(labels)) or users.ndim != 1:
+            raise ValueError("users, queries, items and labels must be 1-D and of equal length, got shapes "
+                             f"{users.shape}, {queries.shape}, {items.shape}, {np.shape(labels)}")
+        for q in np.unique(queries).tolist() if len(queries) else []:
+            self._query(q)
+        items = self._check_items(items, queries)
+        labels = self._check_labels(labels)
+        keys = list(zip(users.tolist(), queries.tolist()))
+        if isinstance(self.store, InMemoryStore):
+            self._apply(self.store.columns, self.store.rows_for(keys), items, labels)
+            return
+        index: dict = {}
+        rows = np.fromiter((index.setdefault(k, len(index)) for k in as_key_list(keys)), np.int64, len(keys))
+        self.store.update_many(list(index), lambda state: self._apply(
+            {n: np.array(state[n], dtype=f.dtype, order="C") for n, f in self.schema.items()}, rows, items, labels))
+
+    def forget(self, user: Hashable, query: Hashable | None = None) -> None:
+        """Drop a user's state for one query, or for all (``query=None``)."""
+        if query is None:
+            self.store.delete_many([(_plain(user), q) for q in self.queries.tolist()])
+        else:
+            self._query(query)
+            self.store.delete_many([(_plain(user), _plain(query))])
