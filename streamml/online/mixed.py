@@ -178,7 +178,8 @@ class MixedLearner:
     """
 
     def __init__(self, items, item_query, head_scores=None, k: int = 8, prior_var: float = 0.3,
-                 gate: bool = True, store: Store | Callable[[Schema], Store] | None = None, seed: int = 0):
+                 gate: bool = True, store: Store | Callable[[Schema], Store] | None = None, seed: int = 0,
+                 factors: str = "svd", trust: bool = False, adapt: bool = True):
         X = np.ascontiguousarray(items, np.float32)
         if X.ndim != 2:
             raise ValueError(f"items must be (n_items, D), got shape {X.shape}")
@@ -188,15 +189,17 @@ class MixedLearner:
         if int(k) < 1 or not prior_var > 0:
             raise ValueError(f"k must be >= 1 and prior_var > 0, got k={k}, prior_var={prior_var}")
         self.X, self.k, self.gate, self.seed = X, int(k), bool(gate), int(seed)
+        self.factors, self.trust, self.adapt = factors, bool(trust), bool(adapt)
         self.queries, self._q_code = np.unique(self.item_query, return_inverse=True)
         self._query_index = {q: i for i, q in enumerate(self.queries.tolist())}
         self._item_query_list = self.item_query.tolist()
         self.z = np.zeros(len(X)) if head_scores is None else standardized_head(np.asarray(head_scores), self._q_code)
         if head_scores is not None and np.shape(head_scores) != (len(X),):
             raise ValueError(f"head_scores must have shape ({len(X)},), got {np.shape(head_scores)}")
-        k = min(self.k, X.shape[1], max(len(X) - 1, 1))
-        self.population = Population(1.0, 0.0, np.zeros(len(X)), _principal_factors(X, k),
-                                     np.eye(1 + k) * prior_var, 0, "none")
+        V = _principal_factors(X, min(self.k, X.shape[1], max(len(X) - 1, 1)))
+        if self.trust:  # the head's log-odds as the first factor, as fit_population puts the global model's
+            V = np.hstack([((self.z - self.z.mean()) / max(self.z.std(), 1e-12))[:, None], V]).astype(np.float32)
+        self.population = Population(1.0, 0.0, np.zeros(len(X)), V, np.eye(1 + V.shape[1]) * prior_var, 0, "none")
         self._set_population(self.population)
         d = 1 + self.population.k
         self.schema: dict[str, Field] = {"mean": Field((d,), np.float32), "cov": Field((d * (d + 1) // 2,), np.float32),
@@ -230,7 +233,8 @@ class MixedLearner:
         self._check_items(ids, events["query"].to_numpy())
         self._check_labels(events["label"].to_numpy())
         old_k = self.population.k
-        pop = fit_population(events, self.X, self._q_code, self.z, k=self.k, seed=self.seed)
+        pop = fit_population(events, self.X, self._q_code, self.z, k=self.k, seed=self.seed, factors=self.factors,
+                             trust=self.trust)
         if pop.k != old_k:
             raise ValueError(f"the population gives {pop.k} factors where the store holds {old_k}: more factors than the "
                              "population's users or texts; lower k")
@@ -289,6 +293,8 @@ class MixedLearner:
 
     # ---- learning
     def _apply(self, cols, rows, items, labels):
+        if not self.adapt:
+            return cols
         _events(cols["mean"], cols["cov"], cols["bias"], cols["gain"], rows, items, labels,
                 self._F, self._offset, self._prior, float(self._prior[0, 0]))
         return cols

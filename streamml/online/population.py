@@ -99,7 +99,28 @@ def _item_effects(ids: np.ndarray, labels: np.ndarray, offset: np.ndarray, n_ite
     return beta, var, trace
 
 
-def _factors(users: np.ndarray, text: np.ndarray, labels: np.ndarray, n_texts: int, k: int, seed: int):
+def _als_factors(users: np.ndarray, text: np.ndarray, labels: np.ndarray, n_texts: int, k: int, seed: int):
+    """(n_texts, k) item factors of ``implicit``'s ALS on which texts each user answered (accept or
+    reject: choosing to read an item says something of taste too); unseen texts get NaN."""
+    import scipy.sparse as sps
+    from implicit.cpu.als import AlternatingLeastSquares
+    from threadpoolctl import threadpool_limits
+
+    frame = pd.DataFrame({"u": users, "t": text}).drop_duplicates()
+    u_code, _ = pd.factorize(frame.u)
+    M = sps.csr_matrix((np.ones(len(frame), np.float32), (u_code, frame.t.to_numpy())), shape=(u_code.max() + 1, n_texts))
+    with threadpool_limits(1, "blas"):  # implicit runs its own threads, and says so if BLAS does too
+        model = AlternatingLeastSquares(factors=k, regularization=0.1, iterations=30, random_state=seed,
+                                        calculate_training_loss=False)
+        model.fit(M, show_progress=False)
+    V = np.asarray(model.item_factors, np.float64)[:, :k]
+    seen = np.bincount(frame.t.to_numpy(), minlength=n_texts) > 0
+    V /= np.linalg.norm(V[seen], axis=1).mean()
+    V[~seen] = np.nan
+    return V
+
+
+def _svd_factors(users: np.ndarray, text: np.ndarray, labels: np.ndarray, n_texts: int, k: int, seed: int):
     """(n_texts, k) factors from the SVD of the user x text label matrix; unseen texts get NaN."""
     from scipy.sparse import csr_matrix
     from sklearn.decomposition import TruncatedSVD
@@ -115,6 +136,9 @@ def _factors(users: np.ndarray, text: np.ndarray, labels: np.ndarray, n_texts: i
     V /= np.linalg.norm(V[seen], axis=1).mean()
     V[~seen] = np.nan
     return V
+
+
+FACTORS = {"svd": _svd_factors, "als": _als_factors}
 
 
 def _key_posteriors(F: np.ndarray, y: np.ndarray, offset: np.ndarray, starts: np.ndarray, prior: np.ndarray,
@@ -133,11 +157,14 @@ def _key_posteriors(F: np.ndarray, y: np.ndarray, offset: np.ndarray, starts: np
 
 
 def fit_population(events: pd.DataFrame, items: np.ndarray, item_query_code: np.ndarray, z: np.ndarray,
-                   k: int = 8, seed: int = 0, em_iters: int = 200) -> Population:
+                   k: int = 8, seed: int = 0, em_iters: int = 200, factors: str = "svd", trust: bool = False) -> Population:
     """Fit the global model, the item factors and the random effects' prior (module doc).
 
     ``events`` has columns ``user, query, item, label`` (``item`` a row of ``items``, whose
-    query is ``item_query_code``); ``z`` is the standardised head of every item.
+    query is ``item_query_code``); ``z`` is the standardised head of every item. ``factors``:
+    ``"svd"`` (of the labels) or ``"als"`` (``implicit``'s ALS on who answered what).
+    ``trust``: the global model's log-odds, standardised, becomes the first factor, so each
+    key also learns how far it follows the population.
     """
     from sklearn.linear_model import LogisticRegression, RidgeCV
 
@@ -152,7 +179,9 @@ def fit_population(events: pd.DataFrame, items: np.ndarray, item_query_code: np.
     beta, beta_var, beta_trace = _item_effects(ids, y, slope * z[ids] + intercept, len(items))
 
     text = text_ids(items)
-    V_text = _factors(events["user"].astype(str).to_numpy(), text[ids], y, text.max() + 1, k, seed)
+    if factors not in FACTORS:
+        raise ValueError(f"factors must be one of {sorted(FACTORS)}, got {factors!r}")
+    V_text = FACTORS[factors](events["user"].astype(str).to_numpy(), text[ids], y, text.max() + 1, k, seed)
     V = V_text[text]
     seen_item = np.bincount(ids, minlength=len(items)) > 0
     seen_text = ~np.isnan(V[:, 0])
@@ -160,6 +189,9 @@ def fit_population(events: pd.DataFrame, items: np.ndarray, item_query_code: np.
         V[~seen_text] = RidgeCV(alphas=np.logspace(-2, 3, 11)).fit(items[seen_text], V[seen_text]).predict(items[~seen_text])
     if (~seen_item).any():  # unseen items: effect from the embedding (about zero when the head already says it)
         beta[~seen_item] = RidgeCV(alphas=np.logspace(-2, 3, 11)).fit(items[seen_item], beta[seen_item]).predict(items[~seen_item])
+    if trust:
+        o = slope * z + intercept + beta
+        V = np.hstack([((o - o.mean()) / max(o.std(), 1e-12))[:, None], V])
     V = V.astype(np.float32)
 
     key = pd.factorize(pd.Series(list(zip(events["user"].astype(str), item_query_code[ids]))))[0]

@@ -101,7 +101,7 @@ def check_log(frame: pd.DataFrame, where: str = "events") -> pd.DataFrame:
     out["label"] = _labels(out["label"], where)
     time = pd.to_numeric(out["time"], errors="coerce")
     if time.isna().any():
-        parsed = pd.to_datetime(out["time"], errors="coerce", utc=True)
+        parsed = pd.to_datetime(out["time"], errors="coerce", utc=True, format="ISO8601")
         bad = parsed.isna()
         if bad.any():
             row = int(np.flatnonzero(bad.to_numpy())[0])

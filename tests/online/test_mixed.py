@@ -1,0 +1,147 @@
+"""The mixed learner: its kernel against the reference step, evidence that accumulates, the gate,
+the budget of its state, and its store round trips."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from streamml.online.mixed import MixedLearner, _events, adf_step
+from streamml.stores import Field, SQLiteStore
+
+
+def world(n_items=60, dim=8, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n_items, dim)).astype(np.float32)
+    return X, np.repeat([0, 1], n_items // 2), rng.standard_normal(n_items)
+
+
+def unpack(packed: np.ndarray, d: int) -> np.ndarray:
+    S = np.zeros((d, d))
+    S[np.tril_indices(d)] = packed  # row-major lower triangle, as the kernel stores it
+    return S + np.tril(S, -1).T
+
+
+def test_kernel_agrees_with_the_reference_step():
+    rng = np.random.default_rng(1)
+    d, n_items, n_keys, n_events = 5, 30, 4, 300
+    F = np.hstack([np.ones((n_items, 1)), rng.standard_normal((n_items, d - 1))])
+    o = rng.standard_normal(n_items)
+    A = rng.standard_normal((d, d))
+    prior = A @ A.T / d + 0.1 * np.eye(d)
+    rows, items = rng.integers(0, n_keys, n_events), rng.integers(0, n_items, n_events)
+    labels = rng.random(n_events) < 0.5
+    mean, cov = np.zeros((n_keys, d), np.float32), np.zeros((n_keys, d * (d + 1) // 2), np.float32)
+    bias, gain = np.zeros((n_keys, 2), np.float32), np.zeros(n_keys, np.float32)
+    _events(mean, cov, bias, gain, rows, items, labels, F, o, prior, float(prior[0, 0]))
+    ref = [dict(mean=np.zeros(d), cov=np.zeros((d, d)), bias=np.zeros(2), gain=0.0) for _ in range(n_keys)]
+    for r, i, y in zip(rows, items, labels):
+        s = ref[r]
+        s["gain"] = adf_step(s["mean"], s["cov"], s["bias"], s["gain"], F[i], o[i], y, prior, prior[0, 0])
+    for r in range(n_keys):
+        np.testing.assert_allclose(mean[r], ref[r]["mean"], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(unpack(cov[r], d), ref[r]["cov"], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(bias[r], ref[r]["bias"], rtol=1e-4, atol=1e-5)
+        assert gain[r] == pytest.approx(ref[r]["gain"], rel=1e-4, abs=1e-4)
+
+
+def map_estimate(F, y, o, prior):
+    """The exact posterior maximum of Bayesian logistic regression (Newton), for comparison."""
+    P, w = np.linalg.inv(prior), np.zeros(F.shape[1])
+    for _ in range(50):
+        p = 1 / (1 + np.exp(-(o + F @ w)))
+        w += np.linalg.solve(F.T @ (F * (p * (1 - p))[:, None]) + P, F.T @ (y - p) - P @ w)
+    return w
+
+
+def test_evidence_accumulates_to_the_exact_posterior():
+    """Many events of one key: the filtered mean approaches the batch MAP (and the truth), and the
+    posterior variance only shrinks: no event's pull is frozen or lost."""
+    rng = np.random.default_rng(2)
+    d, n = 4, 2000
+    F = np.hstack([np.ones((n, 1)), rng.standard_normal((n, d - 1))])
+    truth = np.array([0.3, 1.0, -0.8, 0.5])
+    y = (rng.random(n) < 1 / (1 + np.exp(-(F @ truth)))).astype(float)
+    prior = np.eye(d)
+    state = dict(mean=np.zeros(d), cov=np.zeros((d, d)), bias=np.zeros(2), gain=0.0)
+    traces = []
+    for t in range(n):
+        state["gain"] = adf_step(state["mean"], state["cov"], state["bias"], state["gain"], F[t], 0.0, y[t], prior, 1.0)
+        traces.append(np.trace(prior + state["cov"]))
+    assert np.all(np.diff(traces) <= 1e-12)
+    exact = map_estimate(F, y, np.zeros(n), prior)
+    np.testing.assert_allclose(state["mean"], exact, atol=0.05)
+    np.testing.assert_allclose(state["mean"], truth, atol=0.15)
+    assert state["gain"] > 50  # these answers depart from a bias-only model by far
+
+
+def test_a_user_who_follows_the_population_keeps_its_ranking_and_one_who_departs_gets_theirs():
+    X, q, head = world(n_items=80, seed=3)
+    learner = MixedLearner(X, q, head, k=4)
+    F = learner._F[:, 1:]
+    ids = np.flatnonzero(q == 0)
+    from sklearn.metrics import roc_auc_score
+
+    cold = roc_auc_score(F[ids, 0] > 0, learner.score("bob", 0, ids))
+    rng = np.random.default_rng(4)
+    # "ann" answers as the head says (with noise): her factor term stays damped
+    for i in rng.choice(ids, 40):
+        learner.learn_one("ann", 0, int(i), int(rng.random() < 1 / (1 + math.exp(-learner._offset[i]))))
+    # "bob" likes what the first factor says, whatever the head
+    for i in rng.choice(ids, 40):
+        learner.learn_one("bob", 0, int(i), int(F[i, 0] > 0))
+    gain = {u: float(learner._state(u, 0)["gain"]) for u in ("ann", "bob")}
+    assert gain["bob"] > 5 > gain["ann"]
+    bob = roc_auc_score(F[ids, 0] > 0, learner.score("bob", 0, ids))
+    ann_corr = np.corrcoef(learner.score("ann", 0, ids), learner._offset[ids])[0, 1]
+    assert bob > cold + 0.25 and ann_corr > 0.9
+
+
+def test_the_state_fits_the_budget():
+    X, q, head = world(dim=32)
+    learner = MixedLearner(X, q, head, k=16, trust=True)
+    per_key = sum(f.nbytes for f in learner.schema.values())
+    assert per_key == 4 * (18 + 18 * 19 // 2 + 2 + 1) <= 1024
+
+
+@pytest.mark.parametrize("kw", [dict(k=0), dict(prior_var=0)])
+def test_bad_settings_are_named(kw):
+    X, q, head = world()
+    with pytest.raises(ValueError, match="k must be >= 1 and prior_var > 0"):
+        MixedLearner(X, q, head, **kw)
+
+
+def test_fit_population_refuses_bad_events_and_changes_nothing():
+    X, q, head = world()
+    learner = MixedLearner(X, q, head, k=2)
+    before = learner.score("ann", 0, np.arange(30))
+    with pytest.raises(ValueError, match=r"lack column\(s\) \['label'\]"):
+        learner.fit_population(pd.DataFrame({"user": [1], "query": [0], "item": [0]}))
+    with pytest.raises(ValueError, match="item 40 belongs to query 1, not 0"):
+        learner.fit_population(pd.DataFrame({"user": [1], "query": [0], "item": [40], "label": [1]}))
+    with pytest.raises(ValueError, match="labels must be 1"):
+        learner.fit_population(pd.DataFrame({"user": [1], "query": [0], "item": [4], "label": [2]}))
+    np.testing.assert_array_equal(learner.score("ann", 0, np.arange(30)), before)
+
+
+def test_adapt_false_is_the_population_model_alone():
+    X, q, head = world()
+    learner = MixedLearner(X, q, head, k=2, adapt=False)
+    before = learner.score("ann", 0, np.arange(30))
+    learner.learn_many(["ann"] * 10, [0] * 10, np.arange(10), [1, 0] * 5)
+    np.testing.assert_array_equal(learner.score("ann", 0, np.arange(30)), before)
+
+
+def test_a_sqlite_store_gives_the_in_memory_scores(tmp_path):
+    X, q, head = world()
+    memory = MixedLearner(X, q, head, k=3)
+    on_disk = MixedLearner(X, q, head, k=3, store=lambda schema: SQLiteStore(schema, tmp_path / "state.db"))
+    rng = np.random.default_rng(5)
+    users, items = rng.choice(["a", "b/c", "d"], 50), rng.integers(0, 30, 50)
+    labels = rng.integers(0, 2, 50)
+    for learner in (memory, on_disk):
+        learner.learn_many(users, np.zeros(50, int), items, labels)
+    for u in ("a", "b/c", "d"):
+        np.testing.assert_allclose(on_disk.score(u, 0, np.arange(30)), memory.score(u, 0, np.arange(30)), rtol=1e-6)
+    assert isinstance(on_disk.schema["cov"], Field)
