@@ -43,7 +43,8 @@ def experiment_setting(name: str):
 
 RULES = {"pointwise": PointwiseSGD, "pairwise": PairwiseSGD, "laplace": DiagonalLaplace, "laplace_iso": IsotropicLaplace,
          "window": WindowMAP, "window_head": lambda: WindowMAP(head_var=0.1),
-         **{f"window@{e}": lambda e=e: experiment_setting(f"online_{e}") for e in ("personalize", "large_catalog", "coldstart")}}
+         **{f"window@{e}": lambda e=e: experiment_setting(f"online_{e}") for e in ("personalize", "large_catalog", "coldstart")},
+         "mixed@replay": None}
 N_QUERIES, PER_QUERY, DIM = 100, 100, 384
 
 
@@ -61,16 +62,31 @@ def events(rng, n: int, n_keys: int):
     return u, q, q * PER_QUERY + rng.integers(0, PER_QUERY, n), rng.integers(0, 2, n)
 
 
+def mixed_as_configured(X, item_query, head, capacity: int):
+    """The mixed learner exactly as ``+experiment=online_replay`` configures it (its factors and
+    trust factor set the state's size and the kernel's cost; a population fit changes only values)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=["+experiment=online_replay"])
+    return instantiate(cfg.online)(items=X, item_query=item_query, head_scores=head,
+                                   store=lambda schema: InMemoryStore(schema, capacity=capacity))
+
+
 def bench_rule(name: str, args, progress) -> dict:
     X, item_query, head = catalog()
-    rule = RULES[name]()
-    rule, options = rule if isinstance(rule, tuple) else (rule, {})
-    learner = ResidualLearner(X, item_query, rule=rule, head_scores=head, threads=max(args.threads),
-                              store=lambda schema: InMemoryStore(schema, capacity=args.keys), **options)
+    if name == "mixed@replay":
+        learner = mixed_as_configured(X, item_query, head, args.keys)
+    else:
+        rule = RULES[name]()
+        rule, options = rule if isinstance(rule, tuple) else (rule, {})
+        learner = ResidualLearner(X, item_query, rule=rule, head_scores=head, threads=max(args.threads),
+                                  store=lambda schema: InMemoryStore(schema, capacity=args.keys), **options)
     users = np.arange(args.keys)
     q = users % N_QUERIES
     rng = np.random.default_rng(1)
-    for _ in range(getattr(learner.rule, "window", 1)):  # a full window: the solve at its largest
+    for _ in range(getattr(getattr(learner, "rule", None), "window", 1)):  # a full window: the solve at its largest
         learner.learn_many(users, q, q * PER_QUERY + rng.integers(0, PER_QUERY, args.keys), rng.integers(0, 2, args.keys))
     progress.update(1)
     out = {"rule": name, "keys": len(learner.store),
@@ -90,7 +106,7 @@ def bench_rule(name: str, args, progress) -> dict:
     progress.update(1)
 
     for threads in args.threads:
-        learner.threads = threads
+        learner.threads = threads  # the mixed learner's kernel is single-threaded: its rows say so
         rates = []
         for _ in range(args.repeats):
             batch = events(rng, args.batch, args.keys)
@@ -144,7 +160,9 @@ window of events, so that every timed event solves the largest system); 100 quer
 plus the pairwise buffer, the Laplace evidence (D floats or one), or WindowMAP's window, coefficients, packed
 Gram matrix and head weight); store bytes/key adds the store's spare rows
 and its hash table. `window` is WindowMAP's defaults ({WindowMAP().newton_steps} joint Newton step(s), no head weight), `window_head` the same with a head weight, and
-`window@<experiment>` the rule and the features (`features`, `head_interaction`) as `+experiment=online_<experiment>` configures them. Budget (issue 6): <= 1 KB per key (2 KB with a posterior whose gain is
+`window@<experiment>` the rule and the features (`features`, `head_interaction`) as `+experiment=online_<experiment>` configures them;
+`mixed@replay` is the mixed learner as `+experiment=online_replay` configures it (its state: mean, packed covariance,
+the bias-only model and the gain, float32; its kernel runs on one thread, so both thread columns show one). Budget (issue 6): <= 1 KB per key (2 KB with a posterior whose gain is
 shown), `learn_one` <= 20 µs, `learn_many` >= 1M events/s on 2 cores.
 
 {chr(10).join(lines)}

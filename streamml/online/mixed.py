@@ -27,8 +27,8 @@ only accepts more or less often" (a bias does not change a ranking). Scores are:
 
 so a key whose departures do not predict its own answers better keeps the population's
 ranking, and one whose departures do gets them in full, in proportion to the evidence.
-With no population fit yet the global model is the head alone, the factors are the
-catalog's top ``k`` principal directions, and ``Sigma`` is ``prior_var * I``.
+With no population fit yet the global model is the head alone, the factors are each query's
+top ``k`` principal directions of its items' embeddings, and ``Sigma`` is ``prior_var * I``.
 
 The update exists twice: :func:`adf_step`, the readable reference, and ``_events``, the
 compiled kernel that :meth:`MixedLearner.learn_many` runs; ``tests/online/test_mixed.py``
@@ -44,6 +44,7 @@ import numpy as np
 import pandas as pd
 from numba import njit
 
+from streamml.online.kernels import _FASTMATH, _in_parts, _my_events
 from streamml.online.population import Population, fit_population, standardized_head
 from streamml.stores import Field, InMemoryStore, Schema, Store, as_key_list
 
@@ -54,6 +55,12 @@ _PROBIT = math.pi / 8  # the probit approximation of the logistic-Gaussian integ
 
 def _plain(v):
     return v.item() if isinstance(v, np.generic) else v
+
+
+@njit(cache=True, nogil=True)
+def _log_sigmoid(x):
+    """log(1 / (1 + exp(-x))) without overflow: a confident wrong prediction costs a finite, large amount."""
+    return -math.log1p(math.exp(-x)) if x > 0 else x - math.log1p(math.exp(x))
 
 
 def adf_step(mean, cov, bias, gain, f, o, label, prior, prior_b) -> float:
@@ -67,9 +74,8 @@ def adf_step(mean, cov, bias, gain, f, o, label, prior, prior_b) -> float:
     mu, s = o + f @ mean, f @ S @ f
     mu_b, s_b = o + bias[0], prior_b + bias[1]
     y = float(label)
-    p_full = 1 / (1 + math.exp(-mu / math.sqrt(1 + _PROBIT * s)))
-    p_bias = 1 / (1 + math.exp(-mu_b / math.sqrt(1 + _PROBIT * s_b)))
-    gain += math.log(p_full if y else 1 - p_full) - math.log(p_bias if y else 1 - p_bias)
+    sign = 1.0 if y else -1.0  # predictive log-likelihoods, the probit-moderated logits
+    gain += _log_sigmoid(sign * mu / math.sqrt(1 + _PROBIT * s)) - _log_sigmoid(sign * mu_b / math.sqrt(1 + _PROBIT * s_b))
     p = 1 / (1 + math.exp(-mu))
     lam = p * (1 - p)
     Sf = S @ f
@@ -83,40 +89,40 @@ def adf_step(mean, cov, bias, gain, f, o, label, prior, prior_b) -> float:
     return gain
 
 
-@njit(cache=True, nogil=True)
-def _events(mean, cov, bias, gain, rows, items, labels, F, o, prior, prior_b):
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def _events(mean, cov, bias, gain, rows, items, labels, F, PF, o, prior_b, part, parts):
     """The kernel of :func:`adf_step` over events ``(rows[e], items[e], labels[e])`` in order;
-    ``cov`` rows hold the packed lower triangle (row-major) of each key's covariance difference."""
+    ``cov`` rows hold the packed lower triangle (row-major) of each key's covariance difference
+    and ``PF`` is ``F @ prior``, so that ``S f = PF[i] + cov f`` reads the packed rows directly.
+    Events whose row falls in part ``part`` of ``parts`` only (a key's events stay in one part)."""
     d = F.shape[1]
-    S = np.empty((d, d))
     Sf = np.empty(d)
-    for e in range(rows.shape[0]):
+    for e in _my_events(rows, part, parts):
         r, i = rows[e], items[e]
         y = 1.0 if labels[e] else 0.0
+        for a in range(d):
+            Sf[a] = PF[i, a]
         t = 0
-        for a in range(d):
-            for b in range(a + 1):
-                S[a, b] = prior[a, b] + cov[r, t]
-                S[b, a] = S[a, b]
+        for a in range(d):  # S f with S = prior + cov, cov packed: each entry (a, b), b <= a, once
+            fa = F[i, a]
+            acc = 0.0
+            for b in range(a):
+                c = cov[r, t]
+                acc += c * F[i, b]
+                Sf[b] += c * fa
                 t += 1
+            Sf[a] += acc + cov[r, t] * fa
+            t += 1
         mu = o[i]
-        for a in range(d):
-            mu += F[i, a] * mean[r, a]
         s = 0.0
         for a in range(d):
-            acc = 0.0
-            for b in range(d):
-                acc += S[a, b] * F[i, b]
-            Sf[a] = acc
-            s += F[i, a] * acc
+            mu += F[i, a] * mean[r, a]
+            s += F[i, a] * Sf[a]
         mu_b = o[i] + bias[r, 0]
         s_b = prior_b + bias[r, 1]
-        p_full = 1.0 / (1.0 + math.exp(-mu / math.sqrt(1.0 + _PROBIT * s)))
-        p_bias = 1.0 / (1.0 + math.exp(-mu_b / math.sqrt(1.0 + _PROBIT * s_b)))
-        if y > 0:
-            gain[r] += math.log(p_full) - math.log(p_bias)
-        else:
-            gain[r] += math.log(1.0 - p_full) - math.log(1.0 - p_bias)
+        sign = 1.0 if y > 0 else -1.0
+        gain[r] += (_log_sigmoid(sign * mu / math.sqrt(1.0 + _PROBIT * s))
+                    - _log_sigmoid(sign * mu_b / math.sqrt(1.0 + _PROBIT * s_b)))
         p = 1.0 / (1.0 + math.exp(-mu))
         lam = p * (1.0 - p)
         denom = 1.0 + lam * s
@@ -125,8 +131,9 @@ def _events(mean, cov, bias, gain, rows, items, labels, F, o, prior, prior_b):
         t = 0
         for a in range(d):
             mean[r, a] += Sf[a] * step
+            sa = Sf[a] * shrink
             for b in range(a + 1):
-                cov[r, t] -= Sf[a] * Sf[b] * shrink
+                cov[r, t] -= sa * Sf[b]
                 t += 1
         p_b = 1.0 / (1.0 + math.exp(-mu_b))
         lam_b = p_b * (1.0 - p_b)
@@ -134,12 +141,18 @@ def _events(mean, cov, bias, gain, rows, items, labels, F, o, prior, prior_b):
         bias[r, 1] -= s_b * s_b * lam_b / (1.0 + lam_b * s_b)
 
 
-def _principal_factors(X: np.ndarray, k: int) -> np.ndarray:
-    """(n, k) coordinates of the centered catalog on its top ``k`` principal directions, unit mean norm."""
-    Xc = X - X.mean(0)
-    _, _, vt = np.linalg.svd(Xc, full_matrices=False)
-    V = Xc @ vt[:k].T
-    return (V / max(np.linalg.norm(V, axis=1).mean(), 1e-12)).astype(np.float32)
+def _principal_factors(X: np.ndarray, q_code: np.ndarray, k: int) -> np.ndarray:
+    """(n, k) each item's coordinates on its query's top ``k`` principal directions (centered per
+    query), scaled to unit root mean square norm per query: the factors before any population.
+    Keys are per (user, query), so each query may have directions of its own."""
+    V = np.zeros((len(X), k), np.float32)
+    for q in np.unique(q_code):
+        rows = q_code == q
+        Xc = X[rows].astype(np.float64) - X[rows].mean(0)
+        _, _, vt = np.linalg.svd(Xc, full_matrices=False)
+        P = Xc @ vt[:k].T
+        V[rows, : P.shape[1]] = P / max(np.sqrt((P**2).sum(1).mean()), 1e-12)
+    return V
 
 
 class MixedLearner:
@@ -160,7 +173,15 @@ class MixedLearner:
         A :class:`~streamml.stores.Store` whose schema is :attr:`schema`, a callable
         ``schema -> Store``, or ``None`` for an in-memory one.
     seed
-        Seed of the population fit's SVD.
+        Seed of the population fit's factorisation.
+    factors
+        ``"svd"`` or ``"als"``: how :meth:`fit_population` learns the factors (:mod:`~streamml.online.population`).
+    trust
+        Also a factor for the global model's own log-odds: how far each key follows the population.
+    adapt
+        ``False``: never learn (the population model alone, an ablation).
+    threads
+        Threads over which :meth:`learn_many` splits a big batch on an in-memory store (by key).
 
     Examples
     --------
@@ -179,7 +200,7 @@ class MixedLearner:
 
     def __init__(self, items, item_query, head_scores=None, k: int = 8, prior_var: float = 0.3,
                  gate: bool = True, store: Store | Callable[[Schema], Store] | None = None, seed: int = 0,
-                 factors: str = "svd", trust: bool = False, adapt: bool = True):
+                 factors: str = "svd", trust: bool = False, adapt: bool = True, threads: int = 1):
         X = np.ascontiguousarray(items, np.float32)
         if X.ndim != 2:
             raise ValueError(f"items must be (n_items, D), got shape {X.shape}")
@@ -190,13 +211,16 @@ class MixedLearner:
             raise ValueError(f"k must be >= 1 and prior_var > 0, got k={k}, prior_var={prior_var}")
         self.X, self.k, self.gate, self.seed = X, int(k), bool(gate), int(seed)
         self.factors, self.trust, self.adapt = factors, bool(trust), bool(adapt)
+        if int(threads) < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        self.threads = int(threads)
         self.queries, self._q_code = np.unique(self.item_query, return_inverse=True)
         self._query_index = {q: i for i, q in enumerate(self.queries.tolist())}
         self._item_query_list = self.item_query.tolist()
         self.z = np.zeros(len(X)) if head_scores is None else standardized_head(np.asarray(head_scores), self._q_code)
         if head_scores is not None and np.shape(head_scores) != (len(X),):
             raise ValueError(f"head_scores must have shape ({len(X)},), got {np.shape(head_scores)}")
-        V = _principal_factors(X, min(self.k, X.shape[1], max(len(X) - 1, 1)))
+        V = _principal_factors(X, self._q_code, min(self.k, X.shape[1]))
         if self.trust:  # the head's log-odds as the first factor, as fit_population puts the global model's
             V = np.hstack([((self.z - self.z.mean()) / max(self.z.std(), 1e-12))[:, None], V]).astype(np.float32)
         self.population = Population(1.0, 0.0, np.zeros(len(X)), V, np.eye(1 + V.shape[1]) * prior_var, 0, "none")
@@ -221,6 +245,7 @@ class MixedLearner:
         self._offset = pop.offset(self.z).astype(np.float64)
         self._F = np.ascontiguousarray(np.hstack([np.ones((len(self.X), 1)), pop.factors]), np.float64)
         self._prior = np.ascontiguousarray(pop.prior_cov, np.float64)
+        self._PF = np.ascontiguousarray(self._F @ self._prior)
 
     def fit_population(self, events: pd.DataFrame) -> MixedLearner:
         """Fit the global model, the factors and the prior from ``events`` (columns ``user,
@@ -295,15 +320,32 @@ class MixedLearner:
     def _apply(self, cols, rows, items, labels):
         if not self.adapt:
             return cols
-        _events(cols["mean"], cols["cov"], cols["bias"], cols["gain"], rows, items, labels,
-                self._F, self._offset, self._prior, float(self._prior[0, 0]))
+        _in_parts(_events, len(rows), self.threads, cols["mean"], cols["cov"], cols["bias"], cols["gain"], rows, items,
+                  labels, self._F, self._PF, self._offset, float(self._prior[0, 0]))
         return cols
 
     def learn_one(self, user: Hashable, query: Hashable, item: int, label: int) -> None:
         """``user`` accepted (1) or rejected (0) catalog ``item`` shown for ``query``."""
         if not isinstance(item, (int, np.integer)) or isinstance(item, bool):
             raise TypeError(f"item must be a catalog id (int), got {item!r}")
-        self.learn_many([user], [query], [int(item)], [label])
+        item = int(item)
+        if not 0 <= item < len(self._item_query_list):
+            raise IndexError(f"item {item} is not a catalog id: ids are in [0, {len(self._item_query_list)})")
+        if self._item_query_list[item] != _plain(query):
+            self._query(query)
+            raise ValueError(f"item {item} belongs to query {self._item_query_list[item]!r}, not {_plain(query)!r}")
+        if label not in (0, 1):
+            raise ValueError(f"labels must be 1 (accepted) or 0 (rejected), got {_plain(label)!r}")
+        key = (_plain(user), _plain(query))
+        items, labels = np.array([item], np.int64), np.array([bool(label)])
+        if isinstance(self.store, InMemoryStore):  # one event: no batching, the kernel on the store's row
+            self._apply(self.store.columns, np.array([self.store.row_for(key)], np.int64), items, labels)
+        else:
+            self._update([key], np.zeros(1, np.int64), items, labels)
+
+    def _update(self, keys: list, rows: np.ndarray, items: np.ndarray, labels: np.ndarray) -> None:
+        self.store.update_many(keys, lambda state: self._apply(
+            {n: np.array(state[n], dtype=f.dtype, order="C") for n, f in self.schema.items()}, rows, items, labels))
 
     def learn_many(self, users, queries, items, labels) -> None:
         """Many events, as :meth:`learn_one` on each in order."""
@@ -315,14 +357,16 @@ class MixedLearner:
             self._query(q)
         items = self._check_items(items, queries)
         labels = self._check_labels(labels)
-        keys = list(zip(users.tolist(), queries.tolist()))
+        if users.dtype.kind in "iu" and queries.dtype.kind in "iu":  # integer keys: no Python tuple per event
+            keys = np.stack([users, queries], 1).astype(np.int64)
+        else:
+            keys = list(zip(users.tolist(), queries.tolist()))
         if isinstance(self.store, InMemoryStore):
             self._apply(self.store.columns, self.store.rows_for(keys), items, labels)
             return
         index: dict = {}
         rows = np.fromiter((index.setdefault(k, len(index)) for k in as_key_list(keys)), np.int64, len(keys))
-        self.store.update_many(list(index), lambda state: self._apply(
-            {n: np.array(state[n], dtype=f.dtype, order="C") for n, f in self.schema.items()}, rows, items, labels))
+        self._update(list(index), rows, items, labels)
 
     def forget(self, user: Hashable, query: Hashable | None = None) -> None:
         """Drop a user's state for one query, or for all (``query=None``)."""

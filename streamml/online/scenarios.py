@@ -21,8 +21,10 @@ Two worlds with a head, and one without:
 
 Users deviate from the population in one of three ways (``USER_MODELS``): a k-means cluster
 of their candidates with the population labels flipped (``flip_cluster``), a preference
-shifted along a random direction (``shift``, large catalog only: it needs a population
-score, not only labels), or not at all (``none``: there the residual must do no harm).
+shifted along a random direction (``shift``), or not at all (``none``: there adaptation must
+do no harm). On the real items a user's answers may also be noisy (``label_noise``), and a
+population of other users answers part of the catalog (``n_population``): the events a
+learner's ``fit_population`` learns from, as on a real platform.
 
 **Tuning and test streams** (``streams="tune"`` or ``"test"``) draw every random choice from
 disjoint seed sequences: the half splits, the users' clusters and directions, pool and probe,
@@ -36,6 +38,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 from sklearn.cluster import KMeans
 from sklearn.mixture import GaussianMixture
 
@@ -90,6 +93,7 @@ class World:
     head_scores: np.ndarray | None  # (N,) raw head scores
     users: list[User] = field(default_factory=list)
     query_ids: list[str] = field(default_factory=list)
+    population: "pd.DataFrame | None" = None  # other users' events on the catalog, for learners' fit_population
 
 
 def split_probe(truth: np.ndarray, probe_fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -140,16 +144,45 @@ def _check_user_models(users: dict, allowed=USER_MODELS) -> dict[str, int]:
     return users
 
 
+def _truth(model: str, X: np.ndarray, population: np.ndarray, rng: np.random.Generator, n_clusters: int,
+           shift: float, label_noise: float) -> np.ndarray:
+    """A user's answers to candidates ``X`` whose population labels are ``population``.
+
+    ``none`` agrees with the population, ``flip_cluster`` flips one k-means cluster, ``shift``
+    thresholds ``(2 y - 1) + shift * (a standardised random direction)`` at the population's
+    accept rate. Then each answer is flipped with probability ``label_noise``: real users are
+    not consistent, and a learner must not chase their noise.
+    """
+    if model == "none":
+        truth = population.copy()
+    elif model == "flip_cluster":
+        truth = flip_cluster(X, population, rng, n_clusters)
+    else:
+        t = X @ rng.standard_normal(X.shape[1])
+        u = (2.0 * population - 1) + shift * (t - t.mean()) / (t.std() or 1.0)
+        truth = (u > np.quantile(u, 1 - population.mean())).astype(np.int64)
+    if label_noise == 0:  # no draw: the worlds of noiseless users stay as they were
+        return truth
+    out = np.where(rng.random(len(truth)) < label_noise, 1 - truth, truth)
+    return out if 0 < out.sum() < len(out) else truth  # a user keeps both classes
+
+
 def real_users(data: QueryData, head, streams: str = "test", seed: int = 0, users: dict | None = None,
-               n_clusters: int = 3, probe_fraction: float = 0.4) -> World:
+               n_clusters: int = 3, probe_fraction: float = 0.4, label_noise: float = 0.0, shift: float = 1.0,
+               n_population: int = 0, population_answers: float = 0.3) -> World:
     """Users over the real items, scored by a head fit on the other half of their query.
 
     ``head`` is an offline learner (``fit(X, y, groups)`` / ``score_rows(X, groups)``); ``users``
-    maps a user model (``flip_cluster`` or ``none``) to the number of users per query half.
+    maps a user model (``none``, ``flip_cluster`` or ``shift``, see :func:`_truth`) to the number
+    of users per query half. ``n_population`` more users per query half, of the same mix and
+    drawn from other seeds, each answer a random ``population_answers`` of the half's items:
+    their events are the world's ``population``, for learners that fit one.
     """
     from sklearn.model_selection import StratifiedKFold
 
-    users = _check_user_models(users or {"flip_cluster": 4, "none": 1}, ("flip_cluster", "none"))
+    users = _check_user_models(users or {"flip_cluster": 4, "none": 1})
+    if not 0 <= label_noise < 0.5:
+        raise ValueError(f"label_noise is a flip probability in [0, 0.5), got {label_noise}")
     root = stream_seed(streams, seed)
     y, query = data.y, data.query
     half = np.full(len(y), -1)
@@ -162,17 +195,23 @@ def real_users(data: QueryData, head, streams: str = "test", seed: int = 0, user
     head_scores = np.asarray(head.score_rows(data.X, query * 2 + (1 - half)), np.float64)
 
     world = World(data.X, query, head_scores, query_ids=list(data.query_ids))
+    kinds = [model for model, count in users.items() for _ in range(count)]
+    events = []
     for q in range(len(data.query_ids)):
         for h in (0, 1):
             cand = np.flatnonzero((query == q) & (half == h))
-            index = 0
-            for model, count in users.items():
-                for _ in range(count):
-                    rng = np.random.default_rng([*root, q, h, index])
-                    population = y[cand]
-                    truth = population if model == "none" else flip_cluster(data.X[cand], population, rng, n_clusters)
-                    world.users.append(_make_user(f"q{q}h{h}u{index}", q, model, cand, truth, probe_fraction, rng))
-                    index += 1
+            for index, model in enumerate(kinds):
+                rng = np.random.default_rng([*root, q, h, index])
+                truth = _truth(model, data.X[cand], y[cand], rng, n_clusters, shift, label_noise)
+                world.users.append(_make_user(f"q{q}h{h}u{index}", q, model, cand, truth, probe_fraction, rng))
+            for index in range(n_population):
+                rng = np.random.default_rng([*root, q, h, 100_000 + index])
+                truth = _truth(kinds[index % len(kinds)], data.X[cand], y[cand], rng, n_clusters, shift, label_noise)
+                seen = rng.random(len(cand)) < population_answers
+                events.append(pd.DataFrame({"user": f"pop-q{q}h{h}u{index}", "query": q, "item": cand[seen],
+                                            "label": truth[seen], "time": float(len(events))}))
+    if events:
+        world.population = pd.concat(events, ignore_index=True)
     return world
 
 

@@ -53,6 +53,8 @@ def interact(world: World, learners: dict, policy, k: int = 5, n_rounds: int = 8
     root = stream_seed(streams, seed)
     for name, make in learners.items():
         model = make(world.items, world.item_query, world.head_scores)
+        if world.population is not None and hasattr(model, "fit_population"):
+            model = model.fit_population(world.population)
         for index, u in enumerate(tqdm(world.users, desc=f"{name}", unit="user", leave=False, disable=not progress)):
             rng = np.random.default_rng([*root, index])
             shown_yet = np.zeros(len(u.pool), bool)
@@ -181,10 +183,15 @@ ONLINE_PARAMS = ("name", "seed", "objective", "data", "scenario", "online", "rul
 HEAD_PARAMS = ("learner", "loss", "trainer")
 
 
+def ours_name(cfg) -> str:
+    """What results call ``cfg.online``: ``mixed`` for the mixed learner, ``residual`` otherwise."""
+    return "mixed" if cfg.online._target_.endswith("MixedLearner") else "residual"
+
+
 def _factories(cfg, with_head: bool) -> dict:
     from hydra.utils import instantiate
 
-    learners = {"residual": lambda items, item_query, head: instantiate(cfg.online)(
+    learners = {ours_name(cfg): lambda items, item_query, head: instantiate(cfg.online)(
         items=items, item_query=item_query, head_scores=head)}
     for name, spec in (cfg.get("baselines") or {}).items():
         if name == "head_only" and not with_head:
@@ -217,8 +224,9 @@ def _world(cfg, data) -> World:
     if key in _WORLDS:
         return _WORLDS[key]
     if sc.kind == "personalize":
-        world = real_users(data, instantiate(cfg.learner), sc.streams, cfg.seed, users,
-                           sc.n_clusters, sc.probe_fraction)
+        world = real_users(data, instantiate(cfg.learner), sc.streams, cfg.seed, users, sc.n_clusters, sc.probe_fraction,
+                           sc.get("label_noise", 0.0), sc.get("shift", 1.0), sc.get("n_population", 0),
+                           sc.get("population_answers", 0.3))
     elif sc.kind == "large_catalog":
         world = large_catalog(data, instantiate(cfg.learner), sc.streams, cfg.seed, users,
                               tuple(sc.n_candidates), sc.n_population, sc.n_components, sc.label_noise,
@@ -233,12 +241,17 @@ def _world(cfg, data) -> World:
 def _run_name(cfg) -> str:
     """``<scenario>-<streams>-<rule>-<its settings>[-<features>][-head_interaction<c>][-<policy>]``, e.g.
     ``personalize-tune-DiagonalLaplace-prior_var3.0``; the features are named when they are not
-    ``standardized``, the head interaction when it is on, the slate policy when it is not ``Greedy``."""
-    rule = cfg.rule._target_.rsplit(".", 1)[-1]
-    settings = "-".join(f"{k}{v}" for k, v in cfg.rule.items() if k in ("lr", "prior_var", "decay", "window", "newton_steps", "head_var") and v)
+    ``standardized``, the head interaction when it is on, the slate policy when it is not ``Greedy``.
+    A learner without a rule (``MixedLearner``) is named with its own settings instead."""
     policy = cfg.explore._target_.rsplit(".", 1)[-1]
     if policy == "Greedy" or cfg.scenario.kind == "coldstart":  # cold start shows no slates
         policy = ""
+    learner = cfg.online._target_.rsplit(".", 1)[-1]
+    if learner != "ResidualLearner":  # a learner without a rule: its own settings
+        settings = "-".join(f"{k}{v}" for k, v in cfg.online.items() if k in ("k", "factors", "trust", "gate", "prior_var"))
+        return "-".join(p for p in (cfg.scenario.kind, cfg.scenario.streams, learner, settings, policy) if p)
+    rule = cfg.rule._target_.rsplit(".", 1)[-1]
+    settings = "-".join(f"{k}{v}" for k, v in cfg.rule.items() if k in ("lr", "prior_var", "decay", "window", "newton_steps", "head_var") and v)
     features = "" if cfg.online.features == "standardized" else cfg.online.features
     interaction = f"head_interaction{cfg.online.head_interaction}" if cfg.online.get("head_interaction") else ""
     return "-".join(p for p in (cfg.scenario.kind, cfg.scenario.streams, rule, settings, features, interaction, policy) if p)
@@ -263,17 +276,18 @@ def run(cfg) -> dict[str, float]:
     with tracking.start_run(cfg, tags=tags, run_name=_run_name(cfg), params=params) as active:
         if sc.kind == "coldstart":
             streams = coldstart_streams(data, sc.streams, cfg.seed, sc.n_orders * _scale(sc))
-            curve_table, per_learner = coldstart(streams, learners, data.X, data.query, data.y)
+            curve_table, per_learner = coldstart(streams, learners, data.X, data.query, data.y, ours=ours_name(cfg))
         else:
             world = _world(cfg, data)
             print(f"{sc.kind} ({sc.streams} streams): {len(world.users)} users, {len(world.items)} catalog items")
             rounds, impressions = interact(world, learners, instantiate(cfg.explore), sc.k, sc.n_rounds, cfg.seed, sc.streams)
             tracking.log_table(rounds, "results/rounds.csv")
             tracking.log_table(impressions, "results/impressions.csv")
-            per_learner = summarize(rounds, sc.k)
+            per_learner = summarize(rounds, sc.k, ours=ours_name(cfg))
             curve_table = curves(rounds)
-        metrics = dict(per_learner["residual"])
-        metrics.update({f"{key}.{name}": v for name, vals in per_learner.items() if name != "residual" for key, v in vals.items()})
+        ours = ours_name(cfg)
+        metrics = dict(per_learner[ours])
+        metrics.update({f"{key}.{name}": v for name, vals in per_learner.items() if name != ours for key, v in vals.items()})
         tracking.log_curves(curve_table, title=f"{cfg.name}: {sc.kind}, {sc.streams} streams")
         tracking.log_metrics(metrics)
     summary = pd.DataFrame(per_learner).T

@@ -34,7 +34,7 @@ def test_kernel_agrees_with_the_reference_step():
     labels = rng.random(n_events) < 0.5
     mean, cov = np.zeros((n_keys, d), np.float32), np.zeros((n_keys, d * (d + 1) // 2), np.float32)
     bias, gain = np.zeros((n_keys, 2), np.float32), np.zeros(n_keys, np.float32)
-    _events(mean, cov, bias, gain, rows, items, labels, F, o, prior, float(prior[0, 0]))
+    _events(mean, cov, bias, gain, rows, items, labels, F, F @ prior, o, float(prior[0, 0]), 0, 1)
     ref = [dict(mean=np.zeros(d), cov=np.zeros((d, d)), bias=np.zeros(2), gain=0.0) for _ in range(n_keys)]
     for r, i, y in zip(rows, items, labels):
         s = ref[r]
