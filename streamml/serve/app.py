@@ -233,12 +233,24 @@ def create_app(cfg: DictConfig, backend=None) -> FastAPI:
         return {"queries": sorted(served().queries)}
 
     # ---- users
-    @app.get("/v1/users/{user}", response_model=schemas.UserState, tags=["users"], dependencies=guarded)
-    async def get_user(user: str):
+    # The id travels as a query parameter: a path segment cannot carry every accepted id
+    # (``a/b``, ``..``, ``%2F`` decoded by the server before routing). The path routes stay
+    # for the ids they can carry (``{user:path}`` also takes ids with ``/``).
+    @app.get("/v1/users", response_model=schemas.UserState, tags=["users"], dependencies=guarded)
+    async def get_user_by_query(user: schemas.UserQuery):
         return events.user_state(served(), user, events.bucket_of(user, shares, salt))
 
-    @app.delete("/v1/users/{user}", tags=["users"], dependencies=guarded)
-    async def delete_user(user: str):
+    @app.delete("/v1/users", tags=["users"], dependencies=guarded)
+    async def delete_user_by_query(user: schemas.UserQuery):
+        events.forget(served(), user)
+        return {"user": user, "deleted": True}
+
+    @app.get("/v1/users/{user:path}", response_model=schemas.UserState, tags=["users"], dependencies=guarded)
+    async def get_user(user: schemas.UserPath):
+        return events.user_state(served(), user, events.bucket_of(user, shares, salt))
+
+    @app.delete("/v1/users/{user:path}", tags=["users"], dependencies=guarded)
+    async def delete_user(user: schemas.UserPath):
         events.forget(served(), user)
         return {"user": user, "deleted": True}
 

@@ -9,10 +9,15 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
+from fastapi import Path, Query
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints, model_validator
 
-UserId = Annotated[str, StringConstraints(min_length=1, max_length=256)] | StrictInt
-QueryId = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+MAX_ID = 256  # characters of a user, query or client event id
+UserId = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID)] | StrictInt
+# GET/DELETE of a user: the same ids as a string (an integer id 42 is the user "42")
+UserQuery = Annotated[str, Query(min_length=1, max_length=MAX_ID, description="the user id, any accepted string")]
+UserPath = Annotated[str, Path(min_length=1, max_length=MAX_ID, description="the user id; prefer ?user= for ids with '/'")]
+QueryId = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID)]
 Label = Literal["accepted", "rejected"]
 # NaN and inf are refused here: JSON parsers accept the literals NaN and Infinity
 Vector = list[Annotated[float, Field(allow_inf_nan=False)]]
@@ -86,7 +91,7 @@ class FeedbackRequest(_Body):
     user: UserId
     query: QueryId
     label: Label
-    event_id: Annotated[str, StringConstraints(min_length=1, max_length=256)] = Field(
+    event_id: Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID)] = Field(
         description="the caller's own event id; a repeat is acknowledged and not applied again"
     )
     item: StrictInt | None = Field(None, description="catalog item id")

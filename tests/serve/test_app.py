@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import json
 import uuid
+from urllib.parse import quote
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from omegaconf import open_dict
 
 from tests.serve.serve_helpers import serve_cfg, vec
 from streamml.serve import events as events_mod
 from streamml.serve.app import create_app
+from streamml.serve.schemas import MAX_ID
 
 QUERY = "topic_0"
 
@@ -424,3 +428,39 @@ def test_rank_raw_texts_through_the_embedder(client, user, monkeypatch):
     assert seen == ["a wildfire", "an election"]
     assert sorted(s["item"] for s in out["items"]) == [0, 1]
     assert {s["text"] for s in out["items"]} == {"a wildfire", "an election"}
+
+
+# ---------------------------------------------------------------- any accepted user id can be seen and forgotten
+ID_CHARS = st.characters(codec="utf-8")  # every character JSON and UTF-8 can carry (no lone surrogates)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(user=st.one_of(
+    st.text(ID_CHARS, min_size=1, max_size=MAX_ID),
+    st.sampled_from(["a/b", "/", "//x/", ".", "..", "../x", "a%2Fb", "?x=1#y", "ü/ß/ℤ", "x" * MAX_ID, " ", "\x00"]),
+))
+def test_any_accepted_user_id_round_trips_through_get_and_delete(client, user):
+    """A user id that rank and feedback accept can be read and forgotten: ``?user=`` carries
+    any of them, where a path segment cannot (``/``, ``..``, ``%2F`` are rewritten before routing)."""
+    body = {"user": user, "query": QUERY, "item": 3, "label": "accepted", "event_id": uuid.uuid4().hex}
+    assert client.post("/v1/feedback", json=body).json()["status"] == "applied"
+    got = client.get("/v1/users", params={"user": user})
+    assert got.status_code == 200, got.text
+    assert got.json()["user"] == user and [q["query"] for q in got.json()["queries"]] == [QUERY]
+    gone = client.delete("/v1/users", params={"user": user})
+    assert gone.status_code == 200 and gone.json() == {"user": user, "deleted": True}
+    assert client.get("/v1/users", params={"user": user}).json()["queries"] == []
+
+
+def test_the_user_path_route_carries_slashes_and_refuses_what_it_cannot(client):
+    user = f"team/{uuid.uuid4().hex}/ü"
+    body = {"user": user, "query": QUERY, "item": 3, "label": "accepted", "event_id": user}
+    assert client.post("/v1/feedback", json=body).json()["status"] == "applied"
+    path = "/v1/users/" + quote(user, safe="")  # a%2Fb: the server decodes it to a/b before routing
+    assert client.get(path).json()["user"] == user and client.get(path).json()["queries"] != []
+    assert client.delete(path).json() == {"user": user, "deleted": True}
+    assert client.get("/v1/users", params={"user": user}).json()["queries"] == []
+    too_long = client.get("/v1/users", params={"user": "x" * (MAX_ID + 1)})
+    assert too_long.status_code == 422 and "256" in too_long.text
+    assert client.get("/v1/users", params={"user": ""}).status_code == 422
+    assert client.get("/v1/users").status_code == 422  # no id: refused, not "every user"
