@@ -21,52 +21,20 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-import time
 from pathlib import Path
 
-import numpy as np
-
 from streamml.stores import InMemoryStore, Schema, Store
+from streamml.stores.events import Claim, MemoryCatalog, MemoryEventLog
 
-__all__ = ["MemoryBackend", "MemoryCatalog", "MemoryEventLog", "SQLiteBackend", "RedisBackend", "read_folder"]
-
-
-def read_folder(path: str | Path, embedding_dim: int = 384) -> list[tuple[str, list[str], np.ndarray]]:
-    """``[(query, texts, X)]`` of a folder of query files (validated, duplicates merged)."""
-    from streamml.data import load_queries
-
-    data = load_queries(path, embedding_dim, min_per_class=0)
-    out = []
-    for q, query in enumerate(data.query_ids):
-        rows = np.flatnonzero(data.query == q)
-        out.append((query, data.frame["text"].iloc[rows].tolist(), data.X[rows]))
-    return out
+__all__ = ["MemoryBackend", "MemoryCatalog", "MemoryEventLog", "SQLiteBackend", "RedisBackend"]
 
 
 # ---------------------------------------------------------------- claims
-# ``claim`` is ("event", event_id, item, None) for a reward, ("client", client_event_id, None, ttl_s)
-# for plain feedback. ``claim_and_apply(claim, apply)`` runs ``apply`` (the learner's update)
-# only if the claim is won, and returns whether it was. SQLite and Redis write the claim in the
-# transaction of the update (the store's ``update_many`` takes the thread's pending claim), so a
-# process killed between the two cannot leave a claim without its update.
-
-
-def _claim_then_apply(events, claim: tuple, apply) -> bool:
-    """The memory backend's two steps: the claim, then the update; a failed update releases
-    its claim (a killed process takes both with it)."""
-    kind, ident, item, ttl_s = claim
-    won = events.claim(ident, item) if kind == "event" else events.claim_client_event(ident, ttl_s)
-    if not won:
-        return False
-    try:
-        apply()
-    except BaseException:
-        try:
-            events.release(ident, item) if kind == "event" else events.release_client_event(ident)
-        except Exception:  # the backend is still away: the claim stays (see above)
-            pass
-        raise
-    return True
+# ``claim_and_apply(claim, apply)`` runs ``apply`` (the learner's update) only if the
+# :class:`~streamml.stores.events.Claim` is won, and returns whether it was. SQLite and Redis
+# write the claim in the transaction of the update (the store's ``update_many`` takes the
+# thread's pending claim), so a process killed between the two cannot leave a claim without
+# its update.
 
 
 class _AlreadyClaimed(Exception):
@@ -88,23 +56,6 @@ def _apply_claimed(pending, apply) -> bool:
     finally:
         _PENDING.claim = None
     return True
-
-
-def _sqlite_claim(conn, now: float, kind: str, ident: str, item, ttl_s) -> bool:
-    """The SQLite event log's claim (tables of :class:`~streamml.stores.SQLiteEventLog`) on ``conn``."""
-    from streamml.stores.codec import encode_key
-
-    if kind == "event":
-        row = conn.execute("SELECT expires FROM events WHERE event_id = ?", (ident,)).fetchone()
-        if row is None or row[0] <= now:
-            raise KeyError(f"unknown or expired event {ident!r}")
-        return conn.execute("INSERT OR IGNORE INTO claims(event_id, item) VALUES (?, ?)",
-                            (ident, encode_key(item, "claim item"))).rowcount == 1
-    return conn.execute(
-        "INSERT INTO client_events(id, expires) VALUES (?, ?) "
-        "ON CONFLICT(id) DO UPDATE SET expires = excluded.expires WHERE client_events.expires <= ?",
-        (str(ident), now + ttl_s, now),
-    ).rowcount == 1
 
 
 def _sqlite_claiming_store():
@@ -148,71 +99,6 @@ def _redis_claiming_store():
     return ClaimingRedisStore
 
 
-class MemoryEventLog:
-    """The event log in a dict (one process)."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._events: dict[str, tuple[dict, float]] = {}
-        self._claims: set[tuple[str, int]] = set()
-        self._client: dict[str, float] = {}
-
-    def create(self, event_id: str, record: dict, ttl_s: float) -> None:
-        with self._lock:
-            self._events[event_id] = (record, time.time() + ttl_s)
-
-    def get(self, event_id: str) -> dict | None:
-        hit = self._events.get(event_id)
-        return hit[0] if hit and hit[1] > time.time() else None
-
-    def claim(self, event_id: str, item_id: int) -> bool:
-        with self._lock:
-            key = (event_id, int(item_id))
-            if key in self._claims:
-                return False
-            self._claims.add(key)
-            return True
-
-    def release(self, event_id: str, item_id: int) -> None:
-        with self._lock:
-            self._claims.discard((event_id, int(item_id)))
-
-    def claim_client_event(self, client_event_id: str, ttl_s: float) -> bool:
-        with self._lock:
-            now = time.time()
-            if self._client.get(client_event_id, 0.0) > now:
-                return False
-            self._client[client_event_id] = now + ttl_s
-            return True
-
-    def release_client_event(self, client_event_id: str) -> None:
-        with self._lock:
-            self._client.pop(client_event_id, None)
-
-
-class MemoryCatalog:
-    """The item catalog in memory: global item ids in load order."""
-
-    def __init__(self):
-        self._queries: dict[str, tuple[np.ndarray, list[str], np.ndarray]] = {}
-        self._next = 0
-
-    def load_folder(self, path: str | Path, embedding_dim: int = 384) -> int:
-        n = 0
-        for query, texts, X in read_folder(path, embedding_dim):
-            ids = np.arange(self._next, self._next + len(texts))
-            self._next += len(texts)
-            self._queries[query] = (ids, texts, X.astype(np.float32))
-            n += len(texts)
-        return n
-
-    def queries(self) -> list[str]:
-        return sorted(self._queries)
-
-    def items(self, query: str):
-        return self._queries[query]
-
-
 class MemoryControl:
     def __init__(self):
         self._value: dict | None = None
@@ -233,8 +119,17 @@ class MemoryBackend:
         self.events, self.catalog, self.control = MemoryEventLog(), MemoryCatalog(), MemoryControl()
         self._stores: dict[str, Store] = {}
 
-    def claim_and_apply(self, claim: tuple, apply) -> bool:
-        return _claim_then_apply(self.events, claim, apply)
+    def claim_and_apply(self, claim: Claim, apply) -> bool:
+        """The claim, then the update; a failed update releases its claim (a killed
+        process takes both with it: there is nothing durable here)."""
+        if not self.events.claim_of(claim):
+            return False
+        try:
+            apply()
+        except BaseException:
+            self.events.release_of(claim)
+            raise
+        return True
 
     def state(self, schema: Schema, namespace: str) -> Store:
         if namespace not in self._stores:
@@ -283,9 +178,9 @@ class SQLiteBackend:
         store.bind_head(namespace, on_mismatch="error")
         return store
 
-    def claim_and_apply(self, claim: tuple, apply) -> bool:
+    def claim_and_apply(self, claim: Claim, apply) -> bool:
         """Claim and update in one SQLite transaction: a killed process leaves both or neither."""
-        return _apply_claimed(lambda conn: _sqlite_claim(conn, self.events.clock(), *claim), apply)
+        return _apply_claimed(lambda conn: self.events.claim_in(conn, claim), apply)
 
     def ping(self) -> None:
         self.db.conn.execute("SELECT 1").fetchone()
@@ -362,15 +257,23 @@ class RedisBackend:
         store.bind_head(namespace, on_mismatch="error")
         return store
 
-    def claim_and_apply(self, claim: tuple, apply) -> bool:
+    def claim_and_apply(self, claim: Claim, apply) -> bool:
         """Claim and update in one MULTI/EXEC (one script in a cluster): the claim's key carries the
         user's hash tag, so it shares the slot of the user's state. A killed process leaves both or
-        neither. A client event id is therefore first-wins per user here."""
+        neither."""
         from streamml.stores.redis import _ms
 
-        kind, ident, item, ttl_s = claim
-        ttl_ms = self.events.ttl_ms(ident) if kind == "event" else _ms(ttl_s)
-        return _apply_claimed(lambda tag: (self.events.claim_key(kind, ident, item, tag), ttl_ms), apply)
+        from streamml.stores.redis import user_tag
+
+        ttl_ms = self.events.ttl_ms(claim.ident) if claim.kind == "event" else _ms(claim.ttl_s)
+        key = self.events.claim_key(claim, user_tag(claim.user))
+
+        def pending(tag: str) -> tuple[str, int]:
+            if tag != user_tag(claim.user):  # the claim would land in another slot, or mean another user's id
+                raise ValueError(f"claim of user {claim.user!r} on the state of another user (hash tag {tag})")
+            return key, ttl_ms
+
+        return _apply_claimed(pending, apply)
 
     def ping(self) -> None:
         from streamml.stores.redis import _guard

@@ -7,7 +7,7 @@ item is applied: the backend's ``claim(event_id, item)`` succeeds once across al
 workers, so a duplicate is acknowledged and not applied again. After the window a reward
 is refused (410): the user's state has moved on, and the logged propensities no longer
 describe what would be shown. Plain feedback (a caller that ranked elsewhere) is
-idempotent on the caller's own event id the same way.
+idempotent on the caller's own event id the same way, per user on every backend.
 
 Every check runs before anything is written, so bad input changes nothing. The claim and the
 update go through ``backend.claim_and_apply``: on SQLite and on Redis both commit in one
@@ -28,6 +28,7 @@ import numpy as np
 
 from streamml.serve import metrics, schemas
 from streamml.serve.lifecycle import Served
+from streamml.stores.events import Claim
 
 __all__ = ["ServeError", "Limits", "bucket_of", "rank", "reward", "feedback", "user_state", "forget"]
 
@@ -209,7 +210,7 @@ def reward(served: Served, event_id: str, req: schemas.RewardRequest, limits: Li
             j = shown[r.item]
             apply = partial(_apply_vector, served, user, query, vectors[j], record["head"][j], _label(r.label))
         try:
-            won = backend.claim_and_apply(("event", event_id, r.item, None), apply)
+            won = backend.claim_and_apply(Claim("event", user, event_id, r.item), apply)
         except KeyError:  # expired since the get above
             raise ServeError(404, f"unknown or expired event {event_id!r}") from None
         if not won:
@@ -236,7 +237,7 @@ def feedback(served: Served, req: schemas.FeedbackRequest, limits: Limits, backe
             raise ServeError(501, "this online learner cannot learn from raw embeddings (no learn_vector)")
         head = float(served.head.score(req.query, x[None])[0])
         apply = partial(_apply_vector, served, user, req.query, x, head, _label(req.label))
-    if not backend.claim_and_apply(("client", req.event_id, None, limits.client_event_ttl_s), apply):
+    if not backend.claim_and_apply(Claim("client", user, req.event_id, ttl_s=limits.client_event_ttl_s), apply):
         metrics.DUPLICATES.labels("feedback").inc()
         return schemas.FeedbackResponse(event_id=req.event_id, status="duplicate")
     metrics.UPDATES.labels("feedback").inc()

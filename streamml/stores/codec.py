@@ -25,7 +25,25 @@ import numpy as np
 
 from streamml.stores.base import Field, Keys, as_key_list
 
-__all__ = ["plain_key", "encode_key", "encode_keys", "RecordCodec", "check_unique"]
+__all__ = ["plain_key", "encode_key", "encode_keys", "RecordCodec", "check_unique", "to_json"]
+
+
+def _jsonable(v):
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    raise TypeError(f"event record value {v!r} of type {type(v).__name__} is not JSON serialisable")
+
+
+def to_json(record) -> str:
+    """Compact JSON of an event record; numpy scalars and arrays become numbers and lists,
+    anything else JSON cannot hold is a ``TypeError`` (the same on every event log).
+
+    >>> to_json({"k": np.int64(3), "x": np.array([0.5])})
+    '{"k":3,"x":[0.5]}'
+    """
+    return json.dumps(record, default=_jsonable, separators=(",", ":"))
 
 
 def plain_key(key: Hashable, where: str = "key"):

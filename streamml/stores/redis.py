@@ -54,11 +54,11 @@ from redis.cluster import RedisCluster
 from redis.retry import Retry
 
 from streamml.stores.base import Field, Store, as_key_list
-from streamml.stores.codec import Keys, RecordCodec, check_unique, encode_key, encode_keys, plain_key
+from streamml.stores.codec import Keys, RecordCodec, check_unique, encode_key, encode_keys, plain_key, to_json
 from streamml.stores.errors import HeadMismatch, StoreUnavailable
-from streamml.stores.sqlite import _jsonable
+from streamml.stores.events import Claim, read_catalog
 
-__all__ = ["connect", "RedisStore", "RedisEventLog", "RedisItems"]
+__all__ = ["connect", "RedisStore", "RedisEventLog", "RedisItems", "user_tag"]
 
 _UNAVAILABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.ClusterError)
 _CHUNK = 1000
@@ -94,6 +94,12 @@ def _client(client_or_url) -> redis.Redis | RedisCluster:
 def _tag(plain) -> str:
     """The hash tag of a plain key: its user (first part), so a user's keys share a slot."""
     return _dumps(plain[0] if type(plain) is list and len(plain) >= 2 else plain)
+
+
+def user_tag(user: str) -> str:
+    """The hash tag of a user's keys: what :class:`RedisStore` puts in braces for the keys
+    ``user`` and ``(user, query)``."""
+    return _dumps(str(user))
 
 
 def _check_prefix(prefix: str) -> str:
@@ -435,16 +441,16 @@ class RedisEventLog:
     def _key(self, event_id: str) -> str:
         return f"{self.prefix}:ev:{{{_dumps(str(event_id))}}}"
 
-    def claim_key(self, kind: str, ident: str, item: Hashable = None, tag: str | None = None) -> str:
-        """The key of a claim: ``kind`` ``"event"`` (``ident`` an event id, ``item`` shown in it)
-        or ``"client"`` (``ident`` a client event id), under the hash tag ``tag``."""
-        ident = _dumps(str(ident))
-        tag = ident if tag is None else tag
-        if kind == "event":
-            return f"{self.prefix}:claim:{{{tag}}}:e:{ident}:{encode_key(item, 'claim item')}"
-        if kind == "client":
-            return f"{self.prefix}:claim:{{{tag}}}:c:{ident}"
-        raise ValueError(f"claim kind must be 'event' or 'client', got {kind!r}")
+    def claim_key(self, claim: Claim, tag: str | None = None) -> str:
+        """The key of ``claim`` under the hash tag ``tag``; by default a reward's claim is
+        tagged with its event id and a client claim with its user (:func:`user_tag`), so
+        client event ids are per user on Redis as on every backend."""
+        ident = _dumps(str(claim.ident))
+        if claim.kind == "event":
+            tag = ident if tag is None else tag
+            return f"{self.prefix}:claim:{{{tag}}}:e:{ident}:{encode_key(claim.item, 'claim item')}"
+        tag = user_tag(claim.user) if tag is None else tag
+        return f"{self.prefix}:claim:{{{tag}}}:c:{ident}"
 
     def ttl_ms(self, event_id: str) -> int:
         """The event's remaining lifetime (ms), which its claims get; KeyError if unknown or expired."""
@@ -459,7 +465,7 @@ class RedisEventLog:
         with _guard("event create"):
             rec = dict(record)
             rec.setdefault("created", time.time())
-            text = json.dumps(rec, default=_jsonable, separators=(",", ":"))
+            text = to_json(rec)
             if not self.client.set(self._key(event_id), text, nx=True, px=ttl_ms):
                 raise ValueError(f"event {event_id!r} already exists")
 
@@ -469,23 +475,23 @@ class RedisEventLog:
         return None if text is None else json.loads(text)
 
     def claim(self, event_id: str, item: Hashable, tag: str | None = None) -> bool:
-        key = self.claim_key("event", event_id, item, tag)
+        key = self.claim_key(Claim("event", "", event_id, item), tag)
         ttl_ms = self.ttl_ms(event_id)
         with _guard("claim"):
             return bool(self.client.set(key, 1, nx=True, px=ttl_ms))
 
     def release(self, event_id: str, item: Hashable, tag: str | None = None) -> None:
         with _guard("release"):
-            self.client.delete(self.claim_key("event", event_id, item, tag))
+            self.client.delete(self.claim_key(Claim("event", "", event_id, item), tag))
 
-    def claim_client_event(self, client_event_id: str, ttl_s: float, tag: str | None = None) -> bool:
-        ttl_ms = _ms(ttl_s)
+    def claim_client_event(self, user: str, client_event_id: str, ttl_s: float) -> bool:
+        claim = Claim("client", str(user), str(client_event_id), ttl_s=ttl_s)
         with _guard("claim_client_event"):
-            return bool(self.client.set(self.claim_key("client", client_event_id, tag=tag), 1, nx=True, px=ttl_ms))
+            return bool(self.client.set(self.claim_key(claim), 1, nx=True, px=_ms(ttl_s)))
 
-    def release_client_event(self, client_event_id: str, tag: str | None = None) -> None:
+    def release_client_event(self, user: str, client_event_id: str) -> None:
         with _guard("release_client_event"):
-            self.client.delete(self.claim_key("client", client_event_id, tag=tag))
+            self.client.delete(self.claim_key(Claim("client", str(user), str(client_event_id), ttl_s=1.0)))
 
 
 class RedisItems:
@@ -503,28 +509,23 @@ class RedisItems:
 
     def load_folder(self, folder: str | Path, embedding_dim: int = 384) -> int:
         """Replace the catalog with the query files of ``folder`` (one MULTI/EXEC)."""
-        from streamml.data import load_queries
-
-        data = load_queries(folder, embedding_dim=embedding_dim, min_per_class=0)
-        X = np.ascontiguousarray(data.X, np.float32)
-        qcol = data.frame["query_id"].to_numpy()
-        texts = data.frame["text"].tolist()
+        c = read_catalog(folder, embedding_dim)
         with _guard("items load_folder"):
             old = self.queries()
             pipe = self._node.pipeline(transaction=True)
             for q in old:
                 pipe.delete(self._qkey(q))
-            for q in data.query_ids:
-                rows = np.flatnonzero(qcol == q)
+            for q in c.query_ids:
+                rows = c.of(q)
                 pipe.hset(self._qkey(q), mapping={
-                    "ids": rows.astype(np.int64).tobytes(),
-                    "texts": json.dumps([texts[i] for i in rows]),
-                    "X": X[rows].tobytes(),
+                    "ids": c.ids[rows].tobytes(),
+                    "texts": json.dumps([c.texts[i] for i in rows]),
+                    "X": c.X[rows].tobytes(),
                 })
-            pipe.hset(self._meta, mapping={"queries": json.dumps(list(data.query_ids)),
-                                           "fingerprint": data.fingerprint, "embedding_dim": X.shape[1]})
+            pipe.hset(self._meta, mapping={"queries": json.dumps(c.query_ids),
+                                           "fingerprint": c.fingerprint, "embedding_dim": c.X.shape[1]})
             pipe.execute()
-        return len(X)
+        return len(c.ids)
 
     @property
     def fingerprint(self) -> str | None:

@@ -59,8 +59,9 @@ from pathlib import Path
 import numpy as np
 
 from streamml.stores.base import Field, Store
-from streamml.stores.codec import Keys, RecordCodec, check_unique, encode_key, encode_keys
+from streamml.stores.codec import Keys, RecordCodec, check_unique, encode_key, encode_keys, to_json
 from streamml.stores.errors import HeadMismatch, StoreUnavailable
+from streamml.stores.events import Claim, read_catalog
 
 __all__ = ["SQLiteDB", "Checkpointer", "SQLiteStore", "SQLiteEventLog", "SQLiteItems", "load_items", "main"]
 
@@ -240,6 +241,11 @@ class Checkpointer:
             self._thread.join(10)
 
 
+def _client_id(user: str, client_event_id: str) -> str:
+    """The ``client_events`` key: ids are per user (``["alice","c1"]``)."""
+    return encode_key((str(user), str(client_event_id)))
+
+
 def _db(db: SQLiteDB | str | Path, **kwargs) -> SQLiteDB:
     return db if isinstance(db, SQLiteDB) else SQLiteDB(db, **kwargs)
 
@@ -401,14 +407,6 @@ class SQLiteStore(Store):
             return "bound" if old is None else ("reset" if on_mismatch == "reset" else "kept")
 
 
-def _jsonable(v):
-    if isinstance(v, np.generic):
-        return v.item()
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    raise TypeError(f"event record value {v!r} of type {type(v).__name__} is not JSON serialisable")
-
-
 class SQLiteEventLog:
     """Served events, the rewards claimed on them, and client event ids, with expiry.
 
@@ -454,7 +452,7 @@ class SQLiteEventLog:
         now = self.clock()
         rec = dict(record)
         rec.setdefault("created", now)
-        text = json.dumps(rec, default=_jsonable, separators=(",", ":"))
+        text = to_json(rec)
         self._creates += 1
         if self._creates % 1000 == 0:
             self.purge()
@@ -476,41 +474,47 @@ class SQLiteEventLog:
             return None
         return json.loads(row[1])
 
+    def claim_in(self, conn: sqlite3.Connection, claim: Claim) -> bool:
+        """Win ``claim`` inside the caller's write transaction on ``conn``: the one place of
+        the claim SQL (the service runs it in the transaction of the state update it guards).
+        Raises ``KeyError`` if a reward's event is unknown or expired."""
+        now = self.clock()
+        if claim.kind == "event":
+            row = conn.execute("SELECT expires FROM events WHERE event_id = ?", (claim.ident,)).fetchone()
+            if row is None or row[0] <= now:
+                raise KeyError(f"unknown or expired event {claim.ident!r}")
+            return conn.execute("INSERT OR IGNORE INTO claims(event_id, item) VALUES (?, ?)",
+                                (claim.ident, encode_key(claim.item, "claim item"))).rowcount == 1
+        return conn.execute(
+            "INSERT INTO client_events(id, expires) VALUES (?, ?) "
+            "ON CONFLICT(id) DO UPDATE SET expires = excluded.expires WHERE client_events.expires <= ?",
+            (_client_id(claim.user, claim.ident), now + claim.ttl_s, now),
+        ).rowcount == 1
+
     def claim(self, event_id: str, item: Hashable) -> bool:
         """True exactly once per (event, item): for the first reward of that item.
 
         Raises ``KeyError`` if the event is unknown or expired."""
-        item_key = encode_key(item, "claim item")
         with self.db.transaction() as conn:
-            row = conn.execute("SELECT expires FROM events WHERE event_id = ?", (event_id,)).fetchone()
-            if row is None or row[0] <= self.clock():
-                raise KeyError(f"unknown or expired event {event_id!r}")
-            cur = conn.execute("INSERT OR IGNORE INTO claims(event_id, item) VALUES (?, ?)", (event_id, item_key))
-            return cur.rowcount == 1
+            return self.claim_in(conn, Claim("event", "", event_id, item))
 
     def release(self, event_id: str, item: Hashable) -> None:
         """Undo a claim whose update could not be applied, so a retried reward counts."""
         with self.db.transaction() as conn:
             conn.execute("DELETE FROM claims WHERE event_id = ? AND item = ?", (event_id, encode_key(item, "release item")))
 
-    def release_client_event(self, client_event_id: str) -> None:
+    def release_client_event(self, user: str, client_event_id: str) -> None:
         """Undo :meth:`claim_client_event` (its update could not be applied)."""
         with self.db.transaction() as conn:
-            conn.execute("DELETE FROM client_events WHERE id = ?", (str(client_event_id),))
+            conn.execute("DELETE FROM client_events WHERE id = ?", (_client_id(user, client_event_id),))
 
-    def claim_client_event(self, client_event_id: str, ttl_s: float) -> bool:
-        """True the first time ``client_event_id`` is seen within ``ttl_s`` seconds
-        (idempotent plain feedback); False for a repeat."""
+    def claim_client_event(self, user: str, client_event_id: str, ttl_s: float) -> bool:
+        """True the first time ``user`` sends ``client_event_id`` within ``ttl_s`` seconds
+        (idempotent plain feedback); False for a repeat. Ids are per user."""
         if ttl_s <= 0:
             raise ValueError(f"ttl_s must be positive, got {ttl_s}")
-        now = self.clock()
         with self.db.transaction() as conn:
-            cur = conn.execute(
-                "INSERT INTO client_events(id, expires) VALUES (?, ?) "
-                "ON CONFLICT(id) DO UPDATE SET expires = excluded.expires WHERE client_events.expires <= ?",
-                (str(client_event_id), now + ttl_s, now),
-            )
-            return cur.rowcount == 1
+            return self.claim_in(conn, Claim("client", str(user), str(client_event_id), ttl_s=ttl_s))
 
     def purge(self) -> int:
         """Delete expired events, their claims and expired client ids; returns events deleted."""
@@ -549,17 +553,15 @@ class SQLiteItems:
 
     def load_folder(self, folder: str | Path, embedding_dim: int = 384) -> int:
         """Replace the catalog with the query files of ``folder``; returns the item count."""
-        from streamml.data import load_queries  # pandas: only needed when loading
-
-        data = load_queries(folder, embedding_dim=embedding_dim, min_per_class=0)  # serving needs no minimum
-        X = np.ascontiguousarray(data.X, np.float32)
-        rows = zip(range(len(X)), data.frame["query_id"].tolist(), data.frame["text"].tolist(), (x.tobytes() for x in X))
+        c = read_catalog(folder, embedding_dim)
+        X = c.X
+        rows = zip(c.ids.tolist(), c.queries, c.texts, (x.tobytes() for x in X))
         with self.db.transaction() as conn:
             conn.execute("DELETE FROM items")
             conn.executemany("INSERT INTO items(item_id, query, text, embedding) VALUES (?, ?, ?, ?)", rows)
-            self.db.meta_set(conn, "items.fingerprint", data.fingerprint)
+            self.db.meta_set(conn, "items.fingerprint", c.fingerprint)
             self.db.meta_set(conn, "items.embedding_dim", str(X.shape[1]))
-            self.db.meta_set(conn, "items.queries", json.dumps(list(data.query_ids)))
+            self.db.meta_set(conn, "items.queries", json.dumps(c.query_ids))
         return len(X)
 
     @property

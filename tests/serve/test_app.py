@@ -284,6 +284,16 @@ def test_feedback_is_idempotent_on_the_client_event_id(client, user):
     assert client.post("/v1/feedback", json={**body, "event_id": user + "client-2"}).json()["status"] == "applied"
 
 
+def test_a_feedback_event_id_is_per_user_on_every_backend(client, user):
+    """User B reusing user A's event id is B's first feedback: applied, never dropped as A's duplicate."""
+    other = user + "-b"
+    body = {"user": user, "query": QUERY, "item": 3, "label": "accepted", "event_id": "shared-id"}
+    assert client.post("/v1/feedback", json=body).json()["status"] == "applied"
+    assert client.post("/v1/feedback", json={**body, "user": other}).json()["status"] == "applied"
+    assert residuals(client, other) == residuals(client, user) and residuals(client, other)[QUERY] > 0
+    assert client.post("/v1/feedback", json={**body, "user": other}).json()["status"] == "duplicate"
+
+
 @pytest.mark.parametrize("change, status, message", [
     ({"item": 999}, 404, "unknown item 999"),
     ({"query": "weather"}, 404, "unknown query"),

@@ -14,6 +14,7 @@ import pytest
 from streamml.serve import events
 from streamml.serve.backend import MemoryBackend, SQLiteBackend
 from streamml.stores import Field
+from streamml.stores.events import Claim
 
 
 def test_buckets_are_stable_salted_and_follow_the_shares():
@@ -83,13 +84,17 @@ def test_claim_and_apply_applies_once_and_not_at_all_when_the_update_fails(backe
         store.update_many(["u"], lambda s: (_ for _ in ()).throw(RuntimeError("backend gone")))
 
     with pytest.raises(RuntimeError, match="backend gone"):
-        backend.claim_and_apply(("event", "e1", 3, None), broken)
-    assert backend.claim_and_apply(("event", "e1", 3, None), bump) is True  # the failed attempt left no claim
-    assert backend.claim_and_apply(("event", "e1", 3, None), bump) is False
-    assert backend.claim_and_apply(("event", "e1", 4, None), bump) is True
-    assert backend.claim_and_apply(("client", "c1", None, 60.0), bump) is True
-    assert backend.claim_and_apply(("client", "c1", None, 60.0), bump) is False
+        backend.claim_and_apply(Claim("event", "u", "e1", 3), broken)
+    assert backend.claim_and_apply(Claim("event", "u", "e1", 3), bump) is True  # the failed attempt left no claim
+    assert backend.claim_and_apply(Claim("event", "u", "e1", 3), bump) is False
+    assert backend.claim_and_apply(Claim("event", "u", "e1", 4), bump) is True
+    assert backend.claim_and_apply(Claim("client", "u", "c1", ttl_s=60.0), bump) is True
+    assert backend.claim_and_apply(Claim("client", "u", "c1", ttl_s=60.0), bump) is False
     assert int(store.get_many(["u"])["n"][0]) == 3
+    bump_v = lambda: store.update_many(["v"], lambda s: {"n": s["n"] + 1})  # noqa: E731
+    assert backend.claim_and_apply(Claim("client", "v", "c1", ttl_s=60.0), bump_v) is True  # client ids are per user
+    assert backend.claim_and_apply(Claim("client", "v", "c1", ttl_s=60.0), bump_v) is False
+    assert store.get_many(["u", "v"])["n"].tolist() == [3, 1]
 
 
 def _killed_during_update(open_backend, claim) -> None:
@@ -100,7 +105,7 @@ def _killed_during_update(open_backend, claim) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("claim", [("event", "e1", 3, None), ("client", "c1", None, 60.0)], ids=["reward", "feedback"])
+@pytest.mark.parametrize("claim", [Claim("event", "u", "e1", 3), Claim("client", "u", "c1", ttl_s=60.0)], ids=["reward", "feedback"])
 def test_a_worker_killed_during_its_update_leaves_no_claim_so_the_retry_applies_once(open_backend, claim):
     backend = open_backend()
     backend.events.create("e1", {"user": "u"}, ttl_s=60)
@@ -137,7 +142,7 @@ def test_redis_going_away_during_an_update_leaves_no_claim_so_the_retry_applies_
         return {"n": state["n"] + 1}
 
     with pytest.raises(StoreUnavailable):
-        backend.claim_and_apply(("event", "e1", 3, None), lambda: store.update_many(["u"], stop_then_compute))
+        backend.claim_and_apply(Claim("event", "u", "e1", 3), lambda: store.update_many(["u"], stop_then_compute))
     server.start()  # same port, same append-only file (and nodes.conf)
     deadline = time.monotonic() + 30
     while True:
@@ -148,6 +153,6 @@ def test_redis_going_away_during_an_update_leaves_no_claim_so_the_retry_applies_
             assert time.monotonic() < deadline, "Redis did not come back within 30 s"
             time.sleep(0.2)
     bump = lambda: store.update_many(["u"], lambda s: {"n": s["n"] + 1})  # noqa: E731
-    assert backend.claim_and_apply(("event", "e1", 3, None), bump) is True  # nor a claim
-    assert backend.claim_and_apply(("event", "e1", 3, None), bump) is False
+    assert backend.claim_and_apply(Claim("event", "u", "e1", 3), bump) is True  # nor a claim
+    assert backend.claim_and_apply(Claim("event", "u", "e1", 3), bump) is False
     assert int(store.get_many(["u"])["n"][0]) == 1

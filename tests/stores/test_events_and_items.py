@@ -1,4 +1,4 @@
-"""Contract of the event log and the item catalog, for SQLite and Redis (plain and cluster)."""
+"""Contract of the event log and the item catalog, for memory, SQLite and Redis (plain and cluster)."""
 
 from __future__ import annotations
 
@@ -11,13 +11,16 @@ import pytest
 
 from streamml.data import load_queries
 from streamml.stores import SQLiteEventLog, SQLiteItems
+from streamml.stores.events import Catalog, EventLog, MemoryCatalog, MemoryEventLog
 
-KINDS = ["sqlite", "redis", "redis-cluster"]
+KINDS = ["memory", "sqlite", "redis", "redis-cluster"]
 
 
 @pytest.fixture(params=KINDS)
 def backend(request, tmp_path):
     """``(event log, item catalog)`` of one backend, empty."""
+    if request.param == "memory":
+        return MemoryEventLog(), MemoryCatalog()
     if request.param == "sqlite":
         path = tmp_path / "state.db"
         return SQLiteEventLog(path), SQLiteItems(path)
@@ -70,16 +73,25 @@ def test_events_and_claims_expire(backend):
     assert log.claim("e1", 3)
 
 
-def test_client_event_ids_are_idempotent_until_they_expire(backend):
+def test_is_an_event_log_and_a_catalog(backend):
+    log, items = backend
+    assert isinstance(log, EventLog) and isinstance(items, Catalog)
+
+
+def test_client_event_ids_are_idempotent_per_user_until_they_expire(backend):
     log, _ = backend
-    assert log.claim_client_event("c1", ttl_s=0.3)
-    assert not log.claim_client_event("c1", ttl_s=0.3)
-    log.release_client_event("c1")
-    assert log.claim_client_event("c1", ttl_s=0.3)
-    assert log.claim_client_event("c2", ttl_s=60)
+    assert log.claim_client_event("alice", "c1", ttl_s=0.3)
+    assert not log.claim_client_event("alice", "c1", ttl_s=0.3)
+    assert log.claim_client_event("bob", "c1", ttl_s=60)  # another user's id: bob's feedback counts
+    assert not log.claim_client_event("bob", "c1", ttl_s=60)
+    log.release_client_event("alice", "c1")
+    assert log.claim_client_event("alice", "c1", ttl_s=0.3)
+    assert not log.claim_client_event("bob", "c1", ttl_s=60)  # releasing alice's left bob's
+    assert log.claim_client_event("alice", "c2", ttl_s=60)
+    assert log.claim_client_event("a", "lice/c2", ttl_s=60)  # no spelling of (user, id) collides with another
     time.sleep(0.5)
-    assert log.claim_client_event("c1", ttl_s=60)
-    assert not log.claim_client_event("c2", ttl_s=60)
+    assert log.claim_client_event("alice", "c1", ttl_s=60)
+    assert not log.claim_client_event("alice", "c2", ttl_s=60)
 
 
 def _claim_all(log, n, barrier, out):

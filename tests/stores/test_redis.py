@@ -16,6 +16,7 @@ redis_mod = pytest.importorskip("redis", reason="the redis package is in the ser
 from redis.crc import key_slot  # noqa: E402
 
 from streamml.stores.codec import encode_key  # noqa: E402
+from streamml.stores.events import Claim  # noqa: E402
 from streamml.stores.redis import RedisEventLog, RedisStore, connect  # noqa: E402
 
 SCHEMA = {"r": Field((4,), "float16"), "n": Field((), "int64")}
@@ -139,13 +140,13 @@ def test_a_claimed_update_writes_the_claim_and_the_state_together_in_the_users_s
     log = RedisEventLog(client, prefix=store.prefix)
     log.create("e1", {"user": "bob"}, ttl_s=60)
     keys = [("bob", "q1"), ("bob", "q2")]
-    claim = lambda item: lambda tag: (log.claim_key("event", "e1", item, tag), log.ttl_ms("e1"))  # noqa: E731
+    claim = lambda item: lambda tag: (log.claim_key(Claim("event", "bob", "e1", item), tag), log.ttl_ms("e1"))  # noqa: E731
     bump = lambda s: {"n": s["n"] + 1}  # noqa: E731
 
     assert store.update_claimed(keys, bump, claim(3))
     assert not store.update_claimed(keys, bump, claim(3))  # already claimed: nothing written
     assert store.get_many(keys)["n"].tolist() == [1, 1]
-    key = log.claim_key("event", "e1", 3, tag='"bob"')
+    key = log.claim_key(Claim("event", "bob", "e1", 3), tag='"bob"')
     assert key == f'{store.prefix}:claim:{{"bob"}}:e:"e1":3'
     assert key_slot(key.encode()) == key_slot(store.rkey(encode_key(("bob", "q1"))).encode())
     assert 0 < client.pttl(key) <= client.pttl(f'{store.prefix}:ev:{{"e1"}}') + 50  # expires with its event
