@@ -26,6 +26,7 @@ from functools import partial
 
 import numpy as np
 
+from streamml.online.policies import Thompson, policy_scores
 from streamml.serve import metrics, schemas
 from streamml.serve.lifecycle import Served
 from streamml.stores.events import Claim
@@ -117,7 +118,8 @@ def rank(served: Served, req: schemas.RankRequest, limits: Limits, events, polic
         else:
             X = _vectors(served, req.embeddings, "embeddings")
         head = served.head.score(req.query, X)
-        scores = learner.score(user, req.query, X, head=head)
+        ranked = _vector_policy_scores(policy, learner, user, req.query, X, head, rng)
+        scores = ranked if ranked.ndim == 1 else learner.score(user, req.query, X, head=head)
         cand_ids, texts = np.arange(len(X)), req.texts
     else:
         if req.items is None:
@@ -134,10 +136,12 @@ def rank(served: Served, req: schemas.RankRequest, limits: Limits, events, polic
                     raise ServeError(422, f"item {item} is given twice (items[{i}])")
                 seen.add(item)
                 rows[i] = row
-        scores = learner.score(user, req.query, rows)
+        # what the policy ranks: the scores, or Thompson's posterior draws (as in the simulator)
+        ranked = policy_scores(policy, learner, user, req.query, rows, rng)
+        scores = ranked if ranked.ndim == 1 else learner.score(user, req.query, rows)
         X = head = None
         texts = None
-    slate = policy.select(scores, req.k, rng)
+    slate = policy.select(ranked, req.k, rng)
     shown = slate.items
     record["shown"] = cand_ids[shown].tolist()
     record["propensities"] = slate.propensities.tolist()
@@ -158,6 +162,16 @@ def rank(served: Served, req: schemas.RankRequest, limits: Limits, events, polic
         out.append(schemas.Shown(item=item, position=pos, score=float(scores[c]), propensity=float(p), text=text))
     return schemas.RankResponse(event_id=event_id, user=user, query=req.query, items=out, policy=policy_name,
                                 bucket=bucket, model_version=served.version)
+
+
+def _vector_policy_scores(policy, learner, user: str, query: str, X: np.ndarray, head: np.ndarray, rng) -> np.ndarray:
+    """:func:`~streamml.online.policies.policy_scores` for raw candidate embeddings, which also
+    need their head scores (``policy_scores`` takes catalog ids, whose head scores the learner has)."""
+    if not isinstance(policy, Thompson):
+        return learner.score(user, query, X, head=head)
+    if getattr(learner, "has_posterior", False):
+        return learner.sample_scores(user, query, X, policy.n_samples, rng, head=head)
+    return np.asarray(learner.score(user, query, X, head=head))[None, :]  # no posterior: one draw, the greedy slate
 
 
 def _embed(texts: list[str]) -> np.ndarray:

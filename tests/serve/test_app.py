@@ -215,6 +215,37 @@ def test_bad_rewards_are_4xx_and_apply_nothing(client, user, body, status, messa
     assert residuals(client, user) == {}
 
 
+def test_out_of_range_integers_in_rewards_and_feedback_are_422(client, user):
+    ev = rank(client, user, k=2)
+    r = client.post(f"/v1/events/{ev['event_id']}/reward", json={"rewards": [{"item": 2**63, "label": "accepted"}]})
+    assert r.status_code == 422 and "less than or equal to 9223372036854775807" in r.text
+    body = {"user": user, "query": QUERY, "item": -(2**63) - 1, "label": "accepted", "event_id": user}
+    r = client.post("/v1/feedback", json=body)
+    assert r.status_code == 422 and "greater than or equal to" in r.text
+    assert residuals(client, user) == {}
+
+
+@pytest.mark.parametrize("rule", ["pointwise", "laplace"])
+def test_thompson_serves_through_policy_scores(served_models, rule, user):
+    """``explore=thompson`` ranks posterior draws (``policy_scores``, as the simulator does): with
+    a rule that keeps a posterior the propensities are Monte Carlo estimates; without one, Thompson
+    gets the scores as its one draw and shows the greedy slate."""
+    cfg = serve_cfg(*served_models[:2], overrides=["explore=thompson", f"rule={rule}"])
+    with TestClient(create_app(cfg)) as c:
+        out = rank(c, user, k=5)
+        assert out["policy"] == "Thompson(n_samples=100)" and len(out["items"]) == 5
+        props = [s["propensity"] for s in out["items"]]
+        assert all(0.01 <= p <= 1 for p in props)
+        if rule == "pointwise":
+            assert props == [1.0] * 5 and [s["score"] for s in out["items"]] == sorted((s["score"] for s in out["items"]), reverse=True)
+        else:  # a cold user's posterior is wide: the draws disagree on some positions
+            assert min(props) < 1.0
+        raw = rank(c, user, k=2, embeddings=[vec(seed=1), vec(seed=2), vec(seed=3)])
+        assert len(raw["items"]) == 2 and all(0 < s["propensity"] <= 1 for s in raw["items"])
+        r = c.post(f"/v1/events/{out['event_id']}/reward", json={"rewards": [{"item": out["items"][0]["item"], "label": "accepted"}]})
+        assert r.status_code == 200 and r.json()["applied"] == 1
+
+
 def test_unknown_event_is_404(client, user):
     r = client.post("/v1/events/nope/reward", json={"rewards": [{"item": 0, "label": "accepted"}]})
     assert r.status_code == 404 and "unknown or expired event 'nope'" in r.json()["detail"]
@@ -241,6 +272,10 @@ def _rank_cases():
         ({"user": ""}, 422, "user"),
         ({"user": 1.5}, 422, "user"),
         ({"colour": "red"}, 422, "Extra inputs are not permitted"),
+        ({"items": [9223372036854775808]}, 422, "less than or equal to 9223372036854775807"),  # was an OverflowError, 500
+        ({"items": [-9223372036854775809]}, 422, "greater than or equal to -9223372036854775808"),
+        ({"user": 2**64}, 422, "user"),
+        ({"k": 10**30}, 422, "k"),
     ]
 
 
