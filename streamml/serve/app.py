@@ -242,7 +242,7 @@ def create_app(cfg: DictConfig, backend=None) -> FastAPI:
 
     @app.delete("/v1/users", tags=["users"], dependencies=guarded)
     async def delete_user_by_query(user: schemas.UserQuery):
-        events.forget(served(), user)
+        events.forget(served(), user, backend.events)
         return {"user": user, "deleted": True}
 
     @app.get("/v1/users/{user:path}", response_model=schemas.UserState, tags=["users"], dependencies=guarded)
@@ -251,7 +251,7 @@ def create_app(cfg: DictConfig, backend=None) -> FastAPI:
 
     @app.delete("/v1/users/{user:path}", tags=["users"], dependencies=guarded)
     async def delete_user(user: schemas.UserPath):
-        events.forget(served(), user)
+        events.forget(served(), user, backend.events)
         return {"user": user, "deleted": True}
 
     # ---- model lifecycle

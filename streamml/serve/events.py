@@ -141,17 +141,17 @@ def rank(served: Served, req: schemas.RankRequest, limits: Limits, events, polic
         scores = ranked if ranked.ndim == 1 else learner.score(user, req.query, rows)
         X = head = None
         texts = None
-    slate = policy.select(ranked, req.k, rng)
-    shown = slate.items
+    rejected = events.rejected(user, req.query) if X is None else set()
+    shown, propensities = _select_without(policy, ranked, scores, req.k, rng, np.isin(cand_ids, list(rejected)))
     record["shown"] = cand_ids[shown].tolist()
-    record["propensities"] = slate.propensities.tolist()
+    record["propensities"] = propensities.tolist()
     if X is not None:
         record["vectors"], record["head"] = _encode(X[shown]), head[shown].tolist()
     event_id = uuid.uuid4().hex
     events.create(event_id, record, limits.retention_s)
     metrics.EVENTS.labels(bucket).inc()
     out = []
-    for pos, (c, p) in enumerate(zip(shown.tolist(), slate.propensities.tolist())):
+    for pos, (c, p) in enumerate(zip(shown.tolist(), propensities.tolist())):
         item = int(cand_ids[c])
         if texts is not None:
             text = texts[c]
@@ -162,6 +162,28 @@ def rank(served: Served, req: schemas.RankRequest, limits: Limits, events, polic
         out.append(schemas.Shown(item=item, position=pos, score=float(scores[c]), propensity=float(p), text=text))
     return schemas.RankResponse(event_id=event_id, user=user, query=req.query, items=out, policy=policy_name,
                                 bucket=bucket, model_version=served.version)
+
+
+def _select_without(policy, ranked: np.ndarray, scores: np.ndarray, k: int, rng,
+                    rejected: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The policy's slate over the candidates the user did not just reject: ``(shown, propensities)``.
+
+    Items rejected within the reward window never fill a slot, exploration or greedy: a
+    user reads a rejected item coming back as "my reject was ignored". The policy runs on
+    the other candidates, so its propensities are exact for them (they are the policy's,
+    given that set). Only if fewer than ``k`` remain do rejected items fill the last slots,
+    best score first: deterministic given the set, so their propensity is 1.
+    """
+    if not rejected.any():
+        slate = policy.select(ranked, k, rng)
+        return slate.items, slate.propensities
+    keep, drop = np.flatnonzero(~rejected), np.flatnonzero(rejected)
+    shown, props = np.zeros(0, np.int64), np.zeros(0)
+    if len(keep):
+        slate = policy.select(ranked[..., keep], k, rng)  # (n,) scores or (S, n) draws
+        shown, props = keep[slate.items], slate.propensities
+    fill = drop[np.argsort(-scores[drop], kind="stable")][: max(0, min(k, len(scores)) - len(shown))]
+    return np.concatenate([shown, fill]).astype(np.int64), np.concatenate([props, np.ones(len(fill))])
 
 
 def _vector_policy_scores(policy, learner, user: str, query: str, X: np.ndarray, head: np.ndarray, rng) -> np.ndarray:
@@ -223,6 +245,8 @@ def reward(served: Served, event_id: str, req: schemas.RewardRequest, limits: Li
         else:
             j = shown[r.item]
             apply = partial(_apply_vector, served, user, query, vectors[j], record["head"][j], _label(r.label))
+        if vectors is None and r.label == "rejected":  # kept out of this user's slates for the window
+            backend.events.note_rejected(user, query, r.item, limits.window_s)
         try:
             won = backend.claim_and_apply(Claim("event", user, event_id, r.item), apply)
         except KeyError:  # expired since the get above
@@ -245,6 +269,8 @@ def feedback(served: Served, req: schemas.FeedbackRequest, limits: Limits, backe
         if row is None or row < items.rows[0] or row > items.rows[-1]:
             raise ServeError(404, f"unknown item {req.item} for query {req.query!r}")
         apply = partial(_apply_item, served, user, req.query, req.item, _label(req.label))
+        if req.label == "rejected":
+            backend.events.note_rejected(user, req.query, req.item, limits.window_s)
     else:
         x = _vectors(served, [req.embedding], "embedding")[0]
         if not hasattr(served.learner, "learn_vector"):
@@ -275,5 +301,7 @@ def user_state(served: Served, user: str, bucket: str) -> schemas.UserState:
     return schemas.UserState(user=user, model_version=served.version, bucket=bucket, queries=stored)
 
 
-def forget(served: Served, user: str) -> None:
+def forget(served: Served, user: str, events) -> None:
+    """Forget the user's residuals and recent rejects: a forgotten user is a cold start."""
     served.learner.forget(user)
+    events.forget_rejected(user)

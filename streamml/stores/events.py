@@ -63,6 +63,9 @@ class EventLog(Protocol):
     def release(self, event_id: str, item: Hashable) -> None: ...
     def claim_client_event(self, user: str, client_event_id: str, ttl_s: float) -> bool: ...
     def release_client_event(self, user: str, client_event_id: str) -> None: ...
+    def note_rejected(self, user: str, query: str, item: int, ttl_s: float) -> None: ...
+    def rejected(self, user: str, query: str) -> set[int]: ...
+    def forget_rejected(self, user: str) -> None: ...
 
 
 @runtime_checkable
@@ -110,6 +113,7 @@ class MemoryEventLog:
         self._events: dict[str, tuple[str, float]] = {}
         self._claims: set[tuple[str, str]] = set()
         self._client: dict[tuple[str, str], float] = {}
+        self._rejected: dict[str, dict[tuple[str, int], float]] = {}
 
     def create(self, event_id: str, record: Mapping, ttl_s: float) -> None:
         if ttl_s <= 0:
@@ -158,6 +162,22 @@ class MemoryEventLog:
     def release_client_event(self, user: str, client_event_id: str) -> None:
         with self._lock:
             self._client.pop((str(user), str(client_event_id)), None)
+
+    def note_rejected(self, user: str, query: str, item: int, ttl_s: float) -> None:
+        """``user`` rejected catalog ``item`` of ``query``: :meth:`rejected` lists it for ``ttl_s`` seconds."""
+        if ttl_s <= 0:
+            raise ValueError(f"ttl_s must be positive, got {ttl_s}")
+        with self._lock:
+            self._rejected.setdefault(str(user), {})[(str(query), int(item))] = self.clock() + ttl_s
+
+    def rejected(self, user: str, query: str) -> set[int]:
+        """The catalog items of ``query`` that ``user`` rejected within their ttl."""
+        now = self.clock()
+        return {i for (q, i), t in self._rejected.get(str(user), {}).copy().items() if q == str(query) and t > now}
+
+    def forget_rejected(self, user: str) -> None:
+        with self._lock:
+            self._rejected.pop(str(user), None)
 
     def claim_of(self, claim: Claim) -> bool:
         """Win ``claim`` (KeyError: its event is unknown or expired)."""

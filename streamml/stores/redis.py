@@ -494,6 +494,33 @@ class RedisEventLog:
             self.client.delete(self.claim_key(Claim("client", str(user), str(client_event_id), ttl_s=1.0)))
 
 
+    def _rejected_key(self, user: str) -> str:
+        return f"{self.prefix}:rej:{{{user_tag(user)}}}"  # in the user's slot: down with the user, not with others
+
+    def note_rejected(self, user: str, query: str, item: int, ttl_s: float) -> None:
+        """``user`` rejected catalog ``item`` of ``query``: :meth:`rejected` lists it for ``ttl_s``
+        seconds. One sorted set per user, scored by expiry (ms)."""
+        ttl_ms = _ms(ttl_s)
+        key, now_ms = self._rejected_key(user), int(time.time() * 1000)
+        with _guard("note_rejected"):
+            pipe = self.client.pipeline(transaction=False)
+            pipe.zadd(key, {_dumps([str(query), int(item)]): now_ms + ttl_ms})
+            pipe.zremrangebyscore(key, "-inf", now_ms)
+            pipe.pexpire(key, ttl_ms, gt=True)
+            pipe.pexpire(key, ttl_ms, nx=True)
+            pipe.execute()
+
+    def rejected(self, user: str, query: str) -> set[int]:
+        with _guard("rejected"):
+            members = self.client.zrangebyscore(self._rejected_key(user), f"({int(time.time() * 1000)}", "+inf")
+        pairs = (json.loads(m) for m in members)
+        return {item for q, item in pairs if q == str(query)}
+
+    def forget_rejected(self, user: str) -> None:
+        with _guard("forget_rejected"):
+            self.client.delete(self._rejected_key(user))
+
+
 class RedisItems:
     """The item catalog in Redis, one hash per query under one hash tag (one slot);
     the contract of :class:`streamml.stores.sqlite.SQLiteItems`."""

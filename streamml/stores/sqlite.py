@@ -444,6 +444,10 @@ class SQLiteEventLog:
                 "PRIMARY KEY (event_id, item)) WITHOUT ROWID"
             )
             conn.execute("CREATE TABLE IF NOT EXISTS client_events (id TEXT PRIMARY KEY, expires REAL NOT NULL) WITHOUT ROWID")
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS rejected (user TEXT NOT NULL, query TEXT NOT NULL, item INTEGER NOT NULL, "
+                "expires REAL NOT NULL, PRIMARY KEY (user, query, item)) WITHOUT ROWID"
+            )
 
     def create(self, event_id: str, record: Mapping, ttl_s: float) -> None:
         """Store a new event; an existing, unexpired ``event_id`` is a ``ValueError``."""
@@ -516,6 +520,25 @@ class SQLiteEventLog:
         with self.db.transaction() as conn:
             return self.claim_in(conn, Claim("client", str(user), str(client_event_id), ttl_s=ttl_s))
 
+    def note_rejected(self, user: str, query: str, item: int, ttl_s: float) -> None:
+        """``user`` rejected catalog ``item`` of ``query``: :meth:`rejected` lists it for ``ttl_s`` seconds."""
+        if ttl_s <= 0:
+            raise ValueError(f"ttl_s must be positive, got {ttl_s}")
+        with self.db.transaction() as conn:
+            conn.execute("INSERT INTO rejected(user, query, item, expires) VALUES (?, ?, ?, ?) "
+                         "ON CONFLICT(user, query, item) DO UPDATE SET expires = excluded.expires",
+                         (str(user), str(query), int(item), self.clock() + ttl_s))
+
+    def rejected(self, user: str, query: str) -> set[int]:
+        """The catalog items of ``query`` that ``user`` rejected within their ttl."""
+        rows = self.db.conn.execute("SELECT item FROM rejected WHERE user = ? AND query = ? AND expires > ?",
+                                    (str(user), str(query), self.clock())).fetchall()
+        return {r[0] for r in rows}
+
+    def forget_rejected(self, user: str) -> None:
+        with self.db.transaction() as conn:
+            conn.execute("DELETE FROM rejected WHERE user = ?", (str(user),))
+
     def purge(self) -> int:
         """Delete expired events, their claims and expired client ids; returns events deleted."""
         now = self.clock()
@@ -523,6 +546,7 @@ class SQLiteEventLog:
             conn.execute("DELETE FROM claims WHERE event_id IN (SELECT event_id FROM events WHERE expires <= ?)", (now,))
             n = conn.execute("DELETE FROM events WHERE expires <= ?", (now,)).rowcount
             conn.execute("DELETE FROM client_events WHERE expires <= ?", (now,))
+            conn.execute("DELETE FROM rejected WHERE expires <= ?", (now,))
         return n
 
 

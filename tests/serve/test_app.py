@@ -361,6 +361,28 @@ def test_get_and_delete_a_user(client, user):
     assert client.delete("/v1/users/never-seen").status_code == 200
 
 
+def test_an_item_the_user_just_rejected_is_not_shown_again_within_the_window(client, user):
+    """Neither an exploration slot nor a greedy one shows a reject of the reward window; another
+    user still sees the item, and forgetting the user forgets the rejects too."""
+    ev = rank(client, user, k=5)
+    by_reward = ev["items"][0]["item"]
+    r = client.post(f"/v1/events/{ev['event_id']}/reward", json={"rewards": [{"item": by_reward, "label": "rejected"}]})
+    assert r.status_code == 200 and r.json()["applied"] == 1
+    by_feedback = ev["items"][1]["item"]
+    body = {"user": user, "query": QUERY, "item": by_feedback, "label": "rejected", "event_id": user + "rej"}
+    assert client.post("/v1/feedback", json=body).json()["status"] == "applied"
+    for _ in range(15):  # 2 of 5 slots explore 35 candidates: 15 slates would show each item ~3 times
+        out = rank(client, user, k=5)
+        assert {by_reward, by_feedback}.isdisjoint(s["item"] for s in out["items"])
+        assert all(0 < s["propensity"] <= 1 for s in out["items"])
+    other = next(i for i in range(40) if i not in (by_reward, by_feedback))
+    shown = [s["item"] for s in rank(client, user, k=3, items=[by_reward, by_feedback, other])["items"]]
+    assert shown[0] == other and sorted(shown[1:]) == sorted([by_reward, by_feedback])  # only when nothing else is left
+    assert by_reward in {s["item"] for s in rank(client, user + "-other", k=40)["items"]}
+    assert client.delete("/v1/users", params={"user": user}).status_code == 200
+    assert {by_reward, by_feedback} <= {s["item"] for s in rank(client, user, k=40)["items"]}
+
+
 def test_integer_and_string_user_ids_are_one_user(client, user):
     client.post("/v1/feedback", json={"user": 42, "query": QUERY, "item": 1, "label": "accepted", "event_id": user + "i"})
     assert list(residuals(client, "42")) == [QUERY]

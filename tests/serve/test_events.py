@@ -156,3 +156,25 @@ def test_redis_going_away_during_an_update_leaves_no_claim_so_the_retry_applies_
     assert backend.claim_and_apply(Claim("event", "u", "e1", 3), bump) is True  # nor a claim
     assert backend.claim_and_apply(Claim("event", "u", "e1", 3), bump) is False
     assert int(store.get_many(["u"])["n"][0]) == 1
+
+
+def test_select_without_rejected_items_keeps_the_policys_exact_propensities():
+    from streamml.online.policies import EpsilonSlots
+
+    scores = np.array([5.0, 4.0, 3.0, 2.0, 1.0, 0.0])
+    rejected = np.array([True, False, False, True, False, False])  # the two best were rejected... one of them
+    policy = EpsilonSlots(n_explore=2, slots="random")
+    keep = np.flatnonzero(~rejected)
+    marginals = policy.marginals(scores[keep], 3)
+    for seed in range(50):
+        shown, props = events._select_without(policy, scores, scores, 3, np.random.default_rng(seed), rejected)
+        assert not rejected[shown].any() and len(shown) == 3
+        np.testing.assert_allclose(props, marginals[np.searchsorted(keep, shown), np.arange(3)])
+    # fewer candidates left than slots: the rejected fill the last ones, best first, deterministically
+    shown, props = events._select_without(policy, scores, scores, 5, np.random.default_rng(0), rejected)
+    assert sorted(shown[:4].tolist()) == keep.tolist() and shown[4:].tolist() == [0]
+    assert props[4:].tolist() == [1.0]
+    nothing = np.zeros(6, bool)  # no rejects: the policy's own slate
+    a = events._select_without(policy, scores, scores, 3, np.random.default_rng(1), nothing)
+    b = policy.select(scores, 3, np.random.default_rng(1))
+    assert a[0].tolist() == b.items.tolist() and a[1].tolist() == b.propensities.tolist()

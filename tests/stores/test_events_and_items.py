@@ -134,3 +134,17 @@ def test_item_catalog(backend, query_dir):
         items.items("topic_9")
     assert items.load_folder(query_dir) == 48  # reloading replaces, never duplicates
     assert len(items.all()[0]) == 48
+
+
+def test_rejected_items_are_listed_per_user_and_query_until_they_expire(backend):
+    log, _ = backend
+    assert log.rejected("alice", "q1") == set()
+    log.note_rejected("alice", "q1", 3, ttl_s=0.3)
+    log.note_rejected("alice", "q1", 5, ttl_s=60)
+    log.note_rejected("alice", "q2", 7, ttl_s=60)
+    log.note_rejected("bob", "q1", 9, ttl_s=60)
+    assert log.rejected("alice", "q1") == {3, 5} and log.rejected("alice", "q2") == {7} and log.rejected("bob", "q1") == {9}
+    time.sleep(0.5)
+    assert log.rejected("alice", "q1") == {5}
+    log.forget_rejected("alice")
+    assert log.rejected("alice", "q1") == set() and log.rejected("alice", "q2") == set() and log.rejected("bob", "q1") == {9}
