@@ -172,8 +172,6 @@ class SQLiteBackend:
         self.errors = (StoreUnavailable, sqlite3.OperationalError)
 
     def state(self, schema: Schema, namespace: str) -> Store:
-        from streamml.stores import SQLiteStore
-
         store = _sqlite_claiming_store()(schema, self.db, table=f"state_{namespace}")
         store.bind_head(namespace, on_mismatch="error")
         return store
@@ -261,9 +259,7 @@ class RedisBackend:
         """Claim and update in one MULTI/EXEC (one script in a cluster): the claim's key carries the
         user's hash tag, so it shares the slot of the user's state. A killed process leaves both or
         neither."""
-        from streamml.stores.redis import _ms
-
-        from streamml.stores.redis import user_tag
+        from streamml.stores.redis import _ms, user_tag
 
         ttl_ms = self.events.ttl_ms(claim.ident) if claim.kind == "event" else _ms(claim.ttl_s)
         key = self.events.claim_key(claim, user_tag(claim.user))

@@ -14,10 +14,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from omegaconf import open_dict
 
-from tests.serve.serve_helpers import serve_cfg, vec
 from streamml.serve import events as events_mod
 from streamml.serve.app import create_app
 from streamml.serve.schemas import MAX_ID
+from tests.serve.serve_helpers import serve_cfg, vec
 
 QUERY = "topic_0"
 

@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from tests.serve.serve_helpers import serve_cfg
 from streamml.serve.app import create_app
+from tests.serve.serve_helpers import serve_cfg
 
 pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from omegaconf import open_dict
 
-from tests.serve.serve_helpers import serve_cfg
 from streamml.serve.__main__ import load_items
 from streamml.serve.backend import SQLiteBackend
+from tests.serve.serve_helpers import serve_cfg
 
 
 def test_default_config_serves_sqlite_and_load_items_fills_its_catalog(served_models, tmp_path, capsys):

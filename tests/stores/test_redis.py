@@ -17,7 +17,7 @@ from redis.crc import key_slot  # noqa: E402
 
 from streamml.stores.codec import encode_key  # noqa: E402
 from streamml.stores.events import Claim  # noqa: E402
-from streamml.stores.redis import RedisEventLog, RedisStore, connect  # noqa: E402
+from streamml.stores.redis import RedisEventLog, RedisStore  # noqa: E402
 
 SCHEMA = {"r": Field((4,), "float16"), "n": Field((), "int64")}
 

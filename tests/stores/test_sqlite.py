@@ -10,8 +10,8 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
