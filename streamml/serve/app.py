@@ -198,10 +198,12 @@ def create_app(cfg: DictConfig, backend=None) -> FastAPI:
         if lifecycle.current is None:
             return JSONResponse({"status": "loading"}, 503)
         try:
-            backend.ping()
+            health = backend.health()
         except (backend.errors or ()) as err:
             return JSONResponse({"status": "backend unavailable", "detail": str(err)}, 503)
-        return {"status": "ready", "model_version": lifecycle.current.version}
+        # "degraded" (some cluster slots down) is still 200: every instance shares the store, so a
+        # load balancer draining them all would turn an outage of some users into one of everyone
+        return {**health, "model_version": lifecycle.current.version}
 
     @app.get("/metrics", tags=["ops"], dependencies=guarded)
     async def prometheus():

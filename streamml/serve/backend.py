@@ -136,8 +136,8 @@ class MemoryBackend:
             self._stores[namespace] = InMemoryStore(schema)
         return self._stores[namespace]
 
-    def ping(self) -> None:
-        pass
+    def health(self) -> dict:
+        return {"status": "ready"}
 
     def close(self) -> None:
         pass
@@ -180,8 +180,10 @@ class SQLiteBackend:
         """Claim and update in one SQLite transaction: a killed process leaves both or neither."""
         return _apply_claimed(lambda conn: self.events.claim_in(conn, claim), apply)
 
-    def ping(self) -> None:
-        self.db.conn.execute("SELECT 1").fetchone()
+    def health(self) -> dict:
+        """Ready if the file answers a read (a locked or missing file raises)."""
+        self.db.conn.execute("SELECT 1 FROM meta LIMIT 1").fetchall()
+        return {"status": "ready"}
 
     def close(self) -> None:
         if self._checkpointer is not None:
@@ -271,11 +273,11 @@ class RedisBackend:
 
         return _apply_claimed(pending, apply)
 
-    def ping(self) -> None:
-        from streamml.stores.redis import _guard
+    def health(self) -> dict:
+        """Every primary of a cluster, not only redis-py's default node (:func:`streamml.stores.redis.health`)."""
+        from streamml.stores.redis import health
 
-        with _guard("ping"):
-            self.client.ping()
+        return health(self.client)
 
     def close(self) -> None:
         self.client.close()

@@ -21,7 +21,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import time
-import uuid
 from functools import partial
 
 import numpy as np
@@ -147,7 +146,7 @@ def rank(served: Served, req: schemas.RankRequest, limits: Limits, events, polic
     record["propensities"] = propensities.tolist()
     if X is not None:
         record["vectors"], record["head"] = _encode(X[shown]), head[shown].tolist()
-    event_id = uuid.uuid4().hex
+    event_id = events.new_event_id(user)
     events.create(event_id, record, limits.retention_s)
     metrics.EVENTS.labels(bucket).inc()
     out = []

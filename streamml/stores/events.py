@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import uuid
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,7 @@ class Claim:
 class EventLog(Protocol):
     """Served events, first-wins reward claims and per-user client event ids, with expiry."""
 
+    def new_event_id(self, user: str) -> str: ...
     def create(self, event_id: str, record: Mapping, ttl_s: float) -> None: ...
     def get(self, event_id: str) -> dict | None: ...
     def claim(self, event_id: str, item: Hashable) -> bool: ...
@@ -114,6 +116,9 @@ class MemoryEventLog:
         self._claims: set[tuple[str, str]] = set()
         self._client: dict[tuple[str, str], float] = {}
         self._rejected: dict[str, dict[tuple[str, int], float]] = {}
+
+    def new_event_id(self, user: str) -> str:
+        return uuid.uuid4().hex
 
     def create(self, event_id: str, record: Mapping, ttl_s: float) -> None:
         if ttl_s <= 0:

@@ -44,6 +44,7 @@ import contextlib
 import json
 import re
 import time
+import uuid
 from collections.abc import Callable, Hashable, Iterator, Mapping
 from pathlib import Path
 
@@ -51,6 +52,7 @@ import numpy as np
 import redis
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
+from redis.crc import key_slot
 from redis.retry import Retry
 
 from streamml.stores.base import Field, Store, as_key_list
@@ -58,7 +60,7 @@ from streamml.stores.codec import Keys, RecordCodec, check_unique, encode_key, e
 from streamml.stores.errors import HeadMismatch, StoreUnavailable
 from streamml.stores.events import Claim, read_catalog
 
-__all__ = ["connect", "RedisStore", "RedisEventLog", "RedisItems", "user_tag"]
+__all__ = ["connect", "health", "RedisStore", "RedisEventLog", "RedisItems", "user_tag", "slot_tag"]
 
 _UNAVAILABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.ClusterError)
 _CHUNK = 1000
@@ -102,6 +104,27 @@ def user_tag(user: str) -> str:
     return _dumps(str(user))
 
 
+_EVENT_ID = re.compile(r"[0-9a-f]{32}([0-9a-f]{4})")
+_SLOT_TAGS: list[str] = []
+
+
+def slot_tag(slot: int) -> str:
+    """A short string whose hash slot is ``slot`` (the shortest hex number that hashes there):
+    the hash tag of an event whose id names ``slot``. The table of all 16384 is built once per
+    process (~0.3 s), on the first event."""
+    if not _SLOT_TAGS:
+        tags: list[str | None] = [None] * 16384
+        i, found = 0, 0
+        while found < 16384:
+            text = format(i, "x")
+            slot_ = key_slot(text.encode())
+            if tags[slot_] is None:
+                tags[slot_], found = text, found + 1
+            i += 1
+        _SLOT_TAGS[:] = tags
+    return _SLOT_TAGS[slot]
+
+
 def _check_prefix(prefix: str) -> str:
     """A namespace without hash-tag braces or glob characters; a trailing ``:`` is dropped."""
     if not re.fullmatch(r"[A-Za-z0-9_.:\-]*[A-Za-z0-9_.\-]:?", prefix):
@@ -109,19 +132,43 @@ def _check_prefix(prefix: str) -> str:
     return prefix.rstrip(":")
 
 
-class _Slots:
-    """Per-slot access to a plain or cluster client: a multi-key transaction goes to
-    a client of the node that owns the keys' slot."""
+def is_cluster(client) -> bool:
+    return isinstance(client, RedisCluster)
 
-    def __init__(self, client):
-        self.client = client
-        self.cluster = isinstance(client, RedisCluster)
 
-    def node(self, rkey: str) -> redis.Redis:
-        """A plain client on the node that owns ``rkey`` (the client itself if not a cluster)."""
-        if not self.cluster:
-            return self.client
-        return self.client.get_redis_connection(self.client.get_node_from_key(rkey))
+def health(client) -> dict:
+    """What a request would find: ``{"status": "ready"}``, or on a cluster with some slots
+    unserved ``{"status": "degraded", "unreachable": [...], "slots_down": n}``.
+
+    Raises :class:`StoreUnavailable` when no request could succeed: the server (every
+    primary of a cluster) is unreachable, or the cluster refuses every key (``cluster_state:fail``,
+    what ``cluster-require-full-coverage yes`` does when one slot is down). A cluster with full
+    coverage off keeps ``cluster_state:ok`` while some slots are down, so each primary is pinged
+    and ``cluster_slots_fail``/``pfail`` read as well.
+    """
+    if not is_cluster(client):
+        with _guard("ping"):
+            client.ping()
+        return {"status": "ready"}
+    unreachable, info = [], None
+    for node in client.get_primaries():
+        try:
+            conn = client.get_redis_connection(node)
+            conn.ping()
+            info = info or conn.execute_command("CLUSTER INFO")
+        except _UNAVAILABLE:
+            unreachable.append(node.name)
+    if info is None:
+        raise StoreUnavailable(f"Redis Cluster: no primary reachable ({', '.join(unreachable)})")
+    info = info if isinstance(info, dict) else dict(
+        line.split(":", 1) for line in (info.decode() if isinstance(info, bytes) else info).splitlines() if ":" in line)
+    if str(info.get("cluster_state")) != "ok":
+        raise StoreUnavailable("Redis Cluster refuses every key (cluster_state:fail); with one master down that is "
+                               "cluster-require-full-coverage yes, the service expects no")
+    down = 16384 - int(info.get("cluster_slots_ok", 16384))
+    if unreachable or down:
+        return {"status": "degraded", "unreachable": unreachable, "slots_down": down}
+    return {"status": "ready"}
 
 
 class RedisStore(Store):
@@ -150,7 +197,7 @@ class RedisStore(Store):
         self.client = _client(client)
         self.prefix = _check_prefix(prefix)
         self.max_attempts = int(max_attempts)
-        self._slots = _Slots(self.client)
+        self.cluster = is_cluster(self.client)
         self._meta = f"{self.prefix}:meta"
         self._claimed_cas = self.client.register_script(_CLAIMED_CAS)
         with _guard("opening the store"):
@@ -165,7 +212,7 @@ class RedisStore(Store):
             self.client.hset(self._meta, "schema", self.codec.signature)
 
     def __repr__(self) -> str:
-        return f"RedisStore(prefix={self.prefix!r}, fields={list(self.schema)}, cluster={self._slots.cluster})"
+        return f"RedisStore(prefix={self.prefix!r}, fields={list(self.schema)}, cluster={self.cluster})"
 
     def rkey(self, encoded: str) -> str:
         """The Redis key of an encoded key: ``prefix:{user}`` or ``prefix:{user}:[rest]``."""
@@ -203,7 +250,7 @@ class RedisStore(Store):
         rkeys = self._rkeys(keys, "get_many")
         blobs: list[bytes | None] = [None] * len(rkeys)
         with _guard("get_many"):
-            if self._slots.cluster:
+            if self.cluster:
                 for i in range(0, len(rkeys), _CHUNK):
                     blobs[i : i + _CHUNK] = self.client.mget_nonatomic(rkeys[i : i + _CHUNK])
             else:
@@ -237,7 +284,7 @@ class RedisStore(Store):
         written and False returned if it exists, else it is set in the same MULTI/EXEC
         (in a cluster, the same script) as the new blobs."""
         with _guard(op):
-            if self._slots.cluster:
+            if self.cluster:
                 return self._cas_claimed(rkeys, compute, op, *claim) if claim else self._cas(rkeys, compute, op)
             watched = rkeys + [claim[0]] if claim else rkeys
             for _ in range(self.max_attempts):
@@ -298,7 +345,7 @@ class RedisStore(Store):
         if len(vals) == len(self.schema):  # no stored field survives: blind writes
             blobs = self.codec.pack(vals, len(rkeys))
             with _guard("put_many"):
-                if self._slots.cluster:  # a SET per key, pipelined per node
+                if self.cluster:  # a SET per key, pipelined per node
                     pipe = self.client.pipeline()
                     for k, b in zip(rkeys, blobs):
                         pipe.set(k, b)
@@ -438,8 +485,21 @@ class RedisEventLog:
         self.client = _client(client)
         self.prefix = _check_prefix(prefix)
 
+    def new_event_id(self, user: str) -> str:
+        """A fresh event id that names the hash slot of ``user``'s keys (32 random hex digits, then the
+        slot in 4): the event, its claims and the user's state share a slot, so a reward reads and
+        writes one master, found from the id alone, without a scatter over the cluster."""
+        return uuid.uuid4().hex + format(key_slot(user_tag(user).encode()), "04x")
+
+    def _tag(self, event_id: str) -> str:
+        """The hash tag of an event: its slot's (:meth:`new_event_id`), or for any other id the id itself."""
+        m = _EVENT_ID.fullmatch(str(event_id))
+        if m and int(m.group(1), 16) < 16384:
+            return slot_tag(int(m.group(1), 16))
+        return _dumps(str(event_id))
+
     def _key(self, event_id: str) -> str:
-        return f"{self.prefix}:ev:{{{_dumps(str(event_id))}}}"
+        return f"{self.prefix}:ev:{{{self._tag(event_id)}}}:{_dumps(str(event_id))}"
 
     def claim_key(self, claim: Claim, tag: str | None = None) -> str:
         """The key of ``claim`` under the hash tag ``tag``; by default a reward's claim is
@@ -447,7 +507,7 @@ class RedisEventLog:
         client event ids are per user on Redis as on every backend."""
         ident = _dumps(str(claim.ident))
         if claim.kind == "event":
-            tag = ident if tag is None else tag
+            tag = self._tag(claim.ident) if tag is None else tag
             return f"{self.prefix}:claim:{{{tag}}}:e:{ident}:{encode_key(claim.item, 'claim item')}"
         tag = user_tag(claim.user) if tag is None else tag
         return f"{self.prefix}:claim:{{{tag}}}:c:{ident}"
@@ -529,7 +589,6 @@ class RedisItems:
         self.client = _client(client)
         self.prefix = _check_prefix(prefix)
         self._meta = f"{self.prefix}:items:{{catalog}}"
-        self._node = _Slots(self.client).node(self._meta)
 
     def _qkey(self, query: str) -> str:
         return f"{self._meta}:q:{json.dumps(str(query))}"
@@ -539,7 +598,7 @@ class RedisItems:
         c = read_catalog(folder, embedding_dim)
         with _guard("items load_folder"):
             old = self.queries()
-            pipe = self._node.pipeline(transaction=True)
+            pipe = self.client.pipeline(transaction=True)  # one slot ({catalog}): one MULTI/EXEC, routed by redis-py
             for q in old:
                 pipe.delete(self._qkey(q))
             for q in c.query_ids:
@@ -557,18 +616,18 @@ class RedisItems:
     @property
     def fingerprint(self) -> str | None:
         with _guard("items fingerprint"):
-            v = self._node.hget(self._meta, "fingerprint")
+            v = self.client.hget(self._meta, "fingerprint")
         return None if v is None else v.decode()
 
     def queries(self) -> list[str]:
         with _guard("items queries"):
-            v = self._node.hget(self._meta, "queries")
+            v = self.client.hget(self._meta, "queries")
         return [] if v is None else json.loads(v)
 
     def items(self, query: str) -> tuple[np.ndarray, list[str], np.ndarray]:
         with _guard("items"):
-            h = self._node.hgetall(self._qkey(query))
-            dim = self._node.hget(self._meta, "embedding_dim")
+            h = self.client.hgetall(self._qkey(query))
+            dim = self.client.hget(self._meta, "embedding_dim")
         if not h:
             raise KeyError(f"unknown query {query!r}; the catalog has {self.queries()}")
         ids = np.frombuffer(h[b"ids"], np.int64).copy()

@@ -53,6 +53,7 @@ import re
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Callable, Hashable, Iterator, Mapping
 from pathlib import Path
 
@@ -448,6 +449,10 @@ class SQLiteEventLog:
                 "CREATE TABLE IF NOT EXISTS rejected (user TEXT NOT NULL, query TEXT NOT NULL, item INTEGER NOT NULL, "
                 "expires REAL NOT NULL, PRIMARY KEY (user, query, item)) WITHOUT ROWID"
             )
+
+    def new_event_id(self, user: str) -> str:
+        """A fresh random event id (32 hex digits)."""
+        return uuid.uuid4().hex
 
     def create(self, event_id: str, record: Mapping, ttl_s: float) -> None:
         """Store a new event; an existing, unexpired ``event_id`` is a ``ValueError``."""

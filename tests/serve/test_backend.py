@@ -44,4 +44,4 @@ def test_catalog_state_namespaces_and_control(backend, served_models):
     assert backend.control.get() is None
     backend.control.set({"version": 1, "uri": "runs:/x/model", "previous": None})
     assert backend.control.get()["uri"] == "runs:/x/model"
-    backend.ping()
+    assert backend.health() == {"status": "ready"}

@@ -149,7 +149,7 @@ def test_a_claimed_update_writes_the_claim_and_the_state_together_in_the_users_s
     key = log.claim_key(Claim("event", "bob", "e1", 3), tag='"bob"')
     assert key == f'{store.prefix}:claim:{{"bob"}}:e:"e1":3'
     assert key_slot(key.encode()) == key_slot(store.rkey(encode_key(("bob", "q1"))).encode())
-    assert 0 < client.pttl(key) <= client.pttl(f'{store.prefix}:ev:{{"e1"}}') + 50  # expires with its event
+    assert 0 < client.pttl(key) <= client.pttl(log._key("e1")) + 50  # expires with its event
     assert not log.claim("e1", 3, tag='"bob"')  # the event log sees the same claim
 
     with pytest.raises(ZeroDivisionError):  # a failed update leaves no claim
@@ -166,3 +166,23 @@ def test_a_claimed_update_writes_the_claim_and_the_state_together_in_the_users_s
     with pytest.raises(ValueError, match="one user"):
         store.update_claimed([("bob", "q1"), ("ann", "q1")], bump, claim(6))
     assert log.claim("e1", 6, tag='"bob"')
+
+
+def test_an_event_its_claims_and_its_users_state_share_the_users_slot(redis_cluster):
+    """A reward touches one master: the one of its user's slot, found from the event id alone."""
+    from streamml.stores.redis import user_tag
+
+    client = redis_cluster.client()
+    prefix = _prefix()
+    store, log = RedisStore(SCHEMA, client, prefix=prefix), RedisEventLog(client, prefix=prefix)
+    for user in ["alice", "bob/ü", "7", "x" * 256]:
+        event_id = log.new_event_id(user)
+        slot = key_slot(store.rkey(encode_key((user, "q"))).encode())
+        assert int(event_id[32:], 16) == slot
+        log.create(event_id, {"user": user}, ttl_s=60)
+        assert key_slot(log._key(event_id).encode()) == slot
+        assert key_slot(log.claim_key(Claim("event", user, event_id, 3)).encode()) == slot
+        assert key_slot(log.claim_key(Claim("event", user, event_id, 3), user_tag(user)).encode()) == slot
+        assert key_slot(log.claim_key(Claim("client", user, "c1", ttl_s=1.0)).encode()) == slot
+        assert key_slot(log._rejected_key(user).encode()) == slot
+        assert log.claim(event_id, 3) and log.get(event_id) == {"user": user, "created": log.get(event_id)["created"]}
