@@ -89,7 +89,8 @@ def metric(client, name: str, labels: str = "") -> float:
 # ---------------------------------------------------------------- rank
 def test_rank_returns_event_scores_propensities_model_and_policy(client, user):
     out = rank(client, user, k=4)
-    assert len(out["event_id"]) in (32, 36) and int(out["event_id"], 16) >= 0 and out["user"] == user  # 36 on Redis: + the slot and out["query"] == QUERY
+    assert len(out["event_id"]) in (32, 36) and int(out["event_id"], 16) >= 0  # 36 on Redis: + the user's slot
+    assert out["user"] == user and out["query"] == QUERY
     assert [s["position"] for s in out["items"]] == [0, 1, 2, 3]
     assert all(0 < s["propensity"] <= 1 for s in out["items"])
     assert all(s["text"].startswith("topic 0 sentence") for s in out["items"])
