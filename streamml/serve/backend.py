@@ -20,83 +20,44 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
 
 from streamml.stores import InMemoryStore, Schema, Store
-from streamml.stores.events import Claim, MemoryCatalog, MemoryEventLog
+from streamml.stores.events import Catalog, Claim, EventLog, MemoryCatalog, MemoryEventLog
 
-__all__ = ["MemoryBackend", "MemoryCatalog", "MemoryEventLog", "SQLiteBackend", "RedisBackend"]
-
-
-# ---------------------------------------------------------------- claims
-# ``claim_and_apply(claim, apply)`` runs ``apply`` (the learner's update) only if the
-# :class:`~streamml.stores.events.Claim` is won, and returns whether it was. SQLite and Redis
-# write the claim in the transaction of the update (the store's ``update_many`` takes the
-# thread's pending claim), so a process killed between the two cannot leave a claim without
-# its update.
+__all__ = ["Backend", "Update", "MemoryBackend", "MemoryCatalog", "MemoryEventLog", "SQLiteBackend", "RedisBackend"]
 
 
-class _AlreadyClaimed(Exception):
-    pass
+@dataclass(frozen=True)
+class Update:
+    """One read-modify-write of a store, not yet run: ``store.update_many(keys, fn)``. The
+    service gets it from the online learner (:func:`streamml.serve.events.learner_update`) and
+    hands it, with the :class:`~streamml.stores.events.Claim` that guards it, to
+    ``backend.claim_and_apply``: SQLite and Redis then win the claim and write the update in
+    one transaction (``store.update_claimed``), so a process killed in between leaves both or neither."""
+
+    store: Store
+    keys: list
+    fn: Callable[[dict[str, np.ndarray]], Mapping[str, np.ndarray]]
 
 
-_PENDING = threading.local()  # the claim the next store update on this thread must win, inside its transaction
+@runtime_checkable
+class Backend(Protocol):
+    """What the service needs from where it keeps its state (see the module docstring)."""
 
+    events: EventLog
+    catalog: Catalog
+    errors: tuple[type[BaseException], ...]
 
-def _apply_claimed(pending, apply) -> bool:
-    """Run ``apply`` with ``pending`` as the thread's pending claim; False if it was already won."""
-    _PENDING.claim = pending
-    try:
-        apply()
-        if _PENDING.claim is not None:  # the learner wrote without update_many: the claim was never made
-            raise RuntimeError("the online learner's update did not go through the store's update_many")
-    except _AlreadyClaimed:
-        return False
-    finally:
-        _PENDING.claim = None
-    return True
-
-
-def _sqlite_claiming_store():
-    from streamml.stores import SQLiteStore
-
-    class ClaimingSQLiteStore(SQLiteStore):
-        """A SQLiteStore whose ``update_many`` first wins the thread's pending claim, in the
-        same transaction: the claim and the state update commit together or not at all."""
-
-        def update_many(self, keys, fn):
-            claim = getattr(_PENDING, "claim", None)
-            if claim is None:
-                return super().update_many(keys, fn)
-            _PENDING.claim = None  # one claim, one update
-
-            def claimed(state):
-                if not claim(self.db.conn):
-                    raise _AlreadyClaimed
-                return fn(state)
-
-            return super().update_many(keys, claimed)
-
-    return ClaimingSQLiteStore
-
-
-def _redis_claiming_store():
-    from streamml.stores.redis import RedisStore
-
-    class ClaimingRedisStore(RedisStore):
-        """A RedisStore whose ``update_many`` writes the thread's pending claim in the same
-        MULTI/EXEC or script (:meth:`~streamml.stores.redis.RedisStore.update_claimed`)."""
-
-        def update_many(self, keys, fn):
-            claim = getattr(_PENDING, "claim", None)
-            if claim is None:
-                return super().update_many(keys, fn)
-            _PENDING.claim = None  # one claim, one update
-            if not self.update_claimed(keys, fn, claim):
-                raise _AlreadyClaimed
-
-    return ClaimingRedisStore
+    def state(self, schema: Schema, namespace: str) -> Store: ...
+    def claim_and_apply(self, claim: Claim, update: Update) -> bool: ...
+    def health(self) -> dict: ...
+    def close(self) -> None: ...
 
 
 class MemoryControl:
@@ -119,13 +80,13 @@ class MemoryBackend:
         self.events, self.catalog, self.control = MemoryEventLog(), MemoryCatalog(), MemoryControl()
         self._stores: dict[str, Store] = {}
 
-    def claim_and_apply(self, claim: Claim, apply) -> bool:
+    def claim_and_apply(self, claim: Claim, update: Update) -> bool:
         """The claim, then the update; a failed update releases its claim (a killed
         process takes both with it: there is nothing durable here)."""
         if not self.events.claim_of(claim):
             return False
         try:
-            apply()
+            update.store.update_many(update.keys, update.fn)
         except BaseException:
             self.events.release_of(claim)
             raise
@@ -172,13 +133,15 @@ class SQLiteBackend:
         self.errors = (StoreUnavailable, sqlite3.OperationalError)
 
     def state(self, schema: Schema, namespace: str) -> Store:
-        store = _sqlite_claiming_store()(schema, self.db, table=f"state_{namespace}")
+        from streamml.stores import SQLiteStore
+
+        store = SQLiteStore(schema, self.db, table=f"state_{namespace}")
         store.bind_head(namespace, on_mismatch="error")
         return store
 
-    def claim_and_apply(self, claim: Claim, apply) -> bool:
+    def claim_and_apply(self, claim: Claim, update: Update) -> bool:
         """Claim and update in one SQLite transaction: a killed process leaves both or neither."""
-        return _apply_claimed(lambda conn: self.events.claim_in(conn, claim), apply)
+        return update.store.update_claimed(update.keys, update.fn, claim, self.events)
 
     def health(self) -> dict:
         """Ready if the file answers a read (a locked or missing file raises)."""
@@ -253,25 +216,17 @@ class RedisBackend:
         self.errors = (StoreUnavailable,)
 
     def state(self, schema: Schema, namespace: str) -> Store:
-        store = _redis_claiming_store()(schema, self.client, prefix=f"{self.prefix}:s{namespace}")
+        from streamml.stores.redis import RedisStore
+
+        store = RedisStore(schema, self.client, prefix=f"{self.prefix}:s{namespace}")
         store.bind_head(namespace, on_mismatch="error")
         return store
 
-    def claim_and_apply(self, claim: Claim, apply) -> bool:
+    def claim_and_apply(self, claim: Claim, update: Update) -> bool:
         """Claim and update in one MULTI/EXEC (one script in a cluster): the claim's key carries the
         user's hash tag, so it shares the slot of the user's state. A killed process leaves both or
         neither."""
-        from streamml.stores.redis import _ms, user_tag
-
-        ttl_ms = self.events.ttl_ms(claim.ident) if claim.kind == "event" else _ms(claim.ttl_s)
-        key = self.events.claim_key(claim, user_tag(claim.user))
-
-        def pending(tag: str) -> tuple[str, int]:
-            if tag != user_tag(claim.user):  # the claim would land in another slot, or mean another user's id
-                raise ValueError(f"claim of user {claim.user!r} on the state of another user (hash tag {tag})")
-            return key, ttl_ms
-
-        return _apply_claimed(pending, apply)
+        return update.store.update_claimed(update.keys, update.fn, claim, self.events)
 
     def health(self) -> dict:
         """Every primary of a cluster, not only redis-py's default node (:func:`streamml.stores.redis.health`)."""

@@ -9,24 +9,29 @@ is refused (410): the user's state has moved on, and the logged propensities no 
 describe what would be shown. Plain feedback (a caller that ranked elsewhere) is
 idempotent on the caller's own event id the same way, per user on every backend.
 
-Every check runs before anything is written, so bad input changes nothing. The claim and the
-update go through ``backend.claim_and_apply``: on SQLite and on Redis both commit in one
-transaction (on Redis the claim's key carries the user's hash tag, so it shares the slot of
-the user's state), so a failed update or a killed process leaves both or neither.
+Every check runs before anything is written, so bad input changes nothing. A reward then
+takes one path: :func:`learner_update` asks the online learner for its store update without
+running it (an :class:`~streamml.serve.backend.Update`), and ``backend.claim_and_apply(claim,
+update)`` hands it with its :class:`~streamml.stores.events.Claim` to the store's
+``update_claimed``: on SQLite and on Redis both commit in one transaction (on Redis the
+claim's key carries the user's hash tag, so it shares the slot of the user's state), so a
+failed update or a killed process leaves both or neither.
 Errors are :class:`ServeError` with the HTTP status to answer.
 """
 
 from __future__ import annotations
 
 import base64
+import copy
 import hashlib
 import time
-from functools import partial
+from collections.abc import Callable
 
 import numpy as np
 
 from streamml.online.policies import Thompson, policy_scores
 from streamml.serve import metrics, schemas
+from streamml.serve.backend import Update
 from streamml.serve.lifecycle import Served
 from streamml.stores.events import Claim
 
@@ -208,15 +213,41 @@ def _label(label: str) -> int:
     return 1 if label == "accepted" else 0
 
 
-def _apply_item(served: Served, user: str, query: str, item: int, label: int) -> None:
-    served.learner.learn_one(user, query, served.row_of[item], label)
+class _Recorder:
+    """A stand-in for the learner's store that records the one update the learner asks for
+    (``update_many(keys, fn)``) instead of running it; reads go to the real store."""
+
+    def __init__(self, store):
+        self.store, self.schema, self.update = store, store.schema, None
+
+    def update_many(self, keys, fn) -> None:
+        if self.update is not None:
+            raise RuntimeError("the online learner asked for two updates where one claim guards one")
+        self.update = Update(self.store, list(keys), fn)
+
+    def get_many(self, keys):
+        return self.store.get_many(keys)
 
 
-def _apply_vector(served: Served, user: str, query: str, x: np.ndarray, head: float, label: int) -> None:
-    learn_vector = getattr(served.learner, "learn_vector", None)
-    if learn_vector is None:
+def learner_update(served: Served, learn: Callable[[object], None]) -> Update:
+    """The store update that ``learn(learner)`` (``learn_one``, ``learn_vector``) would make, not run:
+    a shallow copy of the learner (sharing its catalog arrays) writes to a :class:`_Recorder`."""
+    learner = copy.copy(served.learner)
+    learner.store = recorder = _Recorder(served.learner.store)
+    learn(learner)
+    if recorder.update is None:
+        raise RuntimeError(f"{type(learner).__name__} did not update through its store's update_many")
+    return recorder.update
+
+
+def _item_update(served: Served, user: str, query: str, item: int, label: int) -> Update:
+    return learner_update(served, lambda learner: learner.learn_one(user, query, served.row_of[item], label))
+
+
+def _vector_update(served: Served, user: str, query: str, x: np.ndarray, head: float, label: int) -> Update:
+    if not hasattr(served.learner, "learn_vector"):
         raise ServeError(501, "this online learner cannot learn from raw embeddings (no learn_vector)")
-    learn_vector(user, query, x, head, label)
+    return learner_update(served, lambda learner: learner.learn_vector(user, query, x, head, label))
 
 
 def reward(served: Served, event_id: str, req: schemas.RewardRequest, limits: Limits, backend) -> schemas.RewardResponse:
@@ -240,14 +271,14 @@ def reward(served: Served, event_id: str, req: schemas.RewardRequest, limits: Li
     results, applied = [], 0
     for r in req.rewards:
         if vectors is None:
-            apply = partial(_apply_item, served, user, query, r.item, _label(r.label))
+            update = _item_update(served, user, query, r.item, _label(r.label))
         else:
             j = shown[r.item]
-            apply = partial(_apply_vector, served, user, query, vectors[j], record["head"][j], _label(r.label))
+            update = _vector_update(served, user, query, vectors[j], record["head"][j], _label(r.label))
         if vectors is None and r.label == "rejected":  # kept out of this user's slates for the window
             backend.events.note_rejected(user, query, r.item, limits.window_s)
         try:
-            won = backend.claim_and_apply(Claim("event", user, event_id, r.item), apply)
+            won = backend.claim_and_apply(Claim("event", user, event_id, r.item), update)
         except KeyError:  # expired since the get above
             raise ServeError(404, f"unknown or expired event {event_id!r}") from None
         if not won:
@@ -267,7 +298,7 @@ def feedback(served: Served, req: schemas.FeedbackRequest, limits: Limits, backe
         row = served.row_of.get(req.item)
         if row is None or row < items.rows[0] or row > items.rows[-1]:
             raise ServeError(404, f"unknown item {req.item} for query {req.query!r}")
-        apply = partial(_apply_item, served, user, req.query, req.item, _label(req.label))
+        update = _item_update(served, user, req.query, req.item, _label(req.label))
         if req.label == "rejected":
             backend.events.note_rejected(user, req.query, req.item, limits.window_s)
     else:
@@ -275,8 +306,8 @@ def feedback(served: Served, req: schemas.FeedbackRequest, limits: Limits, backe
         if not hasattr(served.learner, "learn_vector"):
             raise ServeError(501, "this online learner cannot learn from raw embeddings (no learn_vector)")
         head = float(served.head.score(req.query, x[None])[0])
-        apply = partial(_apply_vector, served, user, req.query, x, head, _label(req.label))
-    if not backend.claim_and_apply(Claim("client", user, req.event_id, ttl_s=limits.client_event_ttl_s), apply):
+        update = _vector_update(served, user, req.query, x, head, _label(req.label))
+    if not backend.claim_and_apply(Claim("client", user, req.event_id, ttl_s=limits.client_event_ttl_s), update):
         metrics.DUPLICATES.labels("feedback").inc()
         return schemas.FeedbackResponse(event_id=req.event_id, status="duplicate")
     metrics.UPDATES.labels("feedback").inc()

@@ -373,24 +373,24 @@ class RedisStore(Store):
         self._transact(rkeys, compute, "update_many")
 
     def update_claimed(self, keys: Keys, fn: Callable[[dict[str, np.ndarray]], Mapping[str, np.ndarray]],
-                       claim: Callable[[str], tuple[str, int]]) -> bool:
-        """:meth:`update_many` of one user's ``keys`` together with a claim: both commit or neither.
-
-        ``claim(tag)`` gives ``(claim key, ttl_ms)`` for the user's hash tag ``tag``, a key
-        that must carry ``{tag}`` so it shares the slot of ``keys``. Returns False and
-        writes nothing if that key already exists (the claim was won before)."""
+                       claim: Claim, events: RedisEventLog) -> bool:
+        """:meth:`update_many` of ``claim.user``'s ``keys`` together with ``claim`` in ``events``: one
+        MULTI/EXEC (one script in a cluster), so both commit or neither. The claim's key carries the
+        user's hash tag, so it shares the slot of the keys. False, and nothing written, if the claim
+        was won before; ``KeyError`` if a reward's event is unknown or expired."""
         plain = [plain_key(k, "update_claimed") for k in as_key_list(keys)]
         tags = {_tag(k) for k in plain}
-        if len(tags) != 1:
-            raise ValueError(f"update_claimed: the keys must belong to one user (one hash tag), got tags {sorted(tags)}")
+        if tags != {user_tag(claim.user)}:
+            raise ValueError(f"update_claimed: the keys must be those of the claim's user {claim.user!r} "
+                             f"(hash tag {user_tag(claim.user)}), got tags {sorted(tags)}")
         rkeys = [self._rkey_of(k) for k in plain]
         check_unique(rkeys, "update_claimed")
-        claim_key, ttl_ms = claim(tags.pop())
+        ttl_ms = events.ttl_ms(claim.ident) if claim.kind == "event" else _ms(claim.ttl_s)
 
         def compute(base):
             return self.codec.pack(fn(self.codec.unpack(base)), len(rkeys), base)
 
-        return self._transact(rkeys, compute, "update_claimed", (claim_key, ttl_ms))
+        return self._transact(rkeys, compute, "update_claimed", (events.claim_key(claim, tags.pop()), ttl_ms))
 
     def delete_many(self, keys: Keys) -> None:
         rkeys = list(dict.fromkeys(self._rkeys(keys, "delete_many")))

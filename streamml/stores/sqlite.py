@@ -361,6 +361,25 @@ class SQLiteStore(Store):
             if enc:
                 self._write(conn, enc, self.codec.pack(vals, len(enc), base))
 
+    def update_claimed(self, keys: Keys, fn: Callable[[dict[str, np.ndarray]], Mapping[str, np.ndarray]],
+                       claim: Claim, events: SQLiteEventLog) -> bool:
+        """:meth:`update_many` in the transaction that wins ``claim`` in ``events`` (a log of the
+        same file): both commit or neither, so a process killed in between leaves no claim
+        without its update. False, and nothing written, if the claim was won before; ``KeyError``
+        if a reward's event is unknown or expired."""
+        if events.db.path != self.db.path:
+            raise ValueError(f"the claim's event log ({events.db.path}) is not in the store's file ({self.db.path})")
+        enc = encode_keys(keys, "update_claimed")
+        check_unique(enc, "update_claimed")
+        with self.db.transaction() as conn:
+            if not events.claim_in(conn, claim):
+                return False
+            base = self._read(conn, enc)
+            vals = self.codec.check_values(fn(self.codec.unpack(base)), len(enc))
+            if enc:
+                self._write(conn, enc, self.codec.pack(vals, len(enc), base))
+        return True
+
     def delete_many(self, keys: Keys) -> None:
         enc = list(dict.fromkeys(encode_keys(keys, "delete_many")))
         if not enc:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from streamml.serve.backend import MemoryBackend, SQLiteBackend
+from streamml.serve.backend import Backend, MemoryBackend, SQLiteBackend
 from streamml.stores import Field
+from streamml.stores.events import Catalog, EventLog
 
 
 @pytest.fixture(params=["memory", "sqlite", "redis", pytest.param("cluster", marks=pytest.mark.slow)])
@@ -31,6 +32,7 @@ def _open(request, tmp_path):
 
 
 def test_catalog_state_namespaces_and_control(backend, served_models):
+    assert isinstance(backend, Backend) and isinstance(backend.events, EventLog) and isinstance(backend.catalog, Catalog)
     items_dir = served_models[0]
     assert backend.catalog.queries() == []
     assert backend.catalog.load_folder(items_dir) == 120

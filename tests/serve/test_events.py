@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from streamml.serve import events
-from streamml.serve.backend import MemoryBackend, SQLiteBackend
+from streamml.serve.backend import MemoryBackend, SQLiteBackend, Update
 from streamml.stores import Field
 from streamml.stores.events import Claim
 
@@ -78,10 +78,8 @@ def open_backend(request, tmp_path):
 def test_claim_and_apply_applies_once_and_not_at_all_when_the_update_fails(backend):
     store = backend.state(SCHEMA, "head0")
     backend.events.create("e1", {"user": "u"}, ttl_s=60)
-    bump = lambda: store.update_many(["u"], lambda s: {"n": s["n"] + 1})  # noqa: E731
-
-    def broken():
-        store.update_many(["u"], lambda s: (_ for _ in ()).throw(RuntimeError("backend gone")))
+    bump = Update(store, ["u"], lambda s: {"n": s["n"] + 1})
+    broken = Update(store, ["u"], lambda s: (_ for _ in ()).throw(RuntimeError("backend gone")))
 
     with pytest.raises(RuntimeError, match="backend gone"):
         backend.claim_and_apply(Claim("event", "u", "e1", 3), broken)
@@ -91,7 +89,7 @@ def test_claim_and_apply_applies_once_and_not_at_all_when_the_update_fails(backe
     assert backend.claim_and_apply(Claim("client", "u", "c1", ttl_s=60.0), bump) is True
     assert backend.claim_and_apply(Claim("client", "u", "c1", ttl_s=60.0), bump) is False
     assert int(store.get_many(["u"])["n"][0]) == 3
-    bump_v = lambda: store.update_many(["v"], lambda s: {"n": s["n"] + 1})  # noqa: E731
+    bump_v = Update(store, ["v"], lambda s: {"n": s["n"] + 1})
     assert backend.claim_and_apply(Claim("client", "v", "c1", ttl_s=60.0), bump_v) is True  # client ids are per user
     assert backend.claim_and_apply(Claim("client", "v", "c1", ttl_s=60.0), bump_v) is False
     assert store.get_many(["u", "v"])["n"].tolist() == [3, 1]
@@ -101,7 +99,7 @@ def _killed_during_update(open_backend, claim) -> None:
     """A worker that claims, then dies by SIGKILL while it computes the update."""
     backend = open_backend()
     store = backend.state(SCHEMA, "head0")
-    backend.claim_and_apply(claim, lambda: store.update_many(["u"], lambda s: os.kill(os.getpid(), signal.SIGKILL)))
+    backend.claim_and_apply(claim, Update(store, ["u"], lambda s: os.kill(os.getpid(), signal.SIGKILL)))
 
 
 @pytest.mark.slow
@@ -114,7 +112,7 @@ def test_a_worker_killed_during_its_update_leaves_no_claim_so_the_retry_applies_
     worker.start()
     worker.join(60)
     assert worker.exitcode == -signal.SIGKILL
-    bump = lambda: store.update_many(["u"], lambda s: {"n": s["n"] + 1})  # noqa: E731
+    bump = Update(store, ["u"], lambda s: {"n": s["n"] + 1})
     assert backend.claim_and_apply(claim, bump) is True  # the client's retry: the killed attempt left no claim
     assert backend.claim_and_apply(claim, bump) is False
     assert int(store.get_many(["u"])["n"][0]) == 1
@@ -142,7 +140,7 @@ def test_redis_going_away_during_an_update_leaves_no_claim_so_the_retry_applies_
         return {"n": state["n"] + 1}
 
     with pytest.raises(StoreUnavailable):
-        backend.claim_and_apply(Claim("event", "u", "e1", 3), lambda: store.update_many(["u"], stop_then_compute))
+        backend.claim_and_apply(Claim("event", "u", "e1", 3), Update(store, ["u"], stop_then_compute))
     server.start()  # same port, same append-only file (and nodes.conf)
     deadline = time.monotonic() + 30
     while True:
@@ -152,7 +150,7 @@ def test_redis_going_away_during_an_update_leaves_no_claim_so_the_retry_applies_
         except StoreUnavailable:
             assert time.monotonic() < deadline, "Redis did not come back within 30 s"
             time.sleep(0.2)
-    bump = lambda: store.update_many(["u"], lambda s: {"n": s["n"] + 1})  # noqa: E731
+    bump = Update(store, ["u"], lambda s: {"n": s["n"] + 1})
     assert backend.claim_and_apply(Claim("event", "u", "e1", 3), bump) is True  # nor a claim
     assert backend.claim_and_apply(Claim("event", "u", "e1", 3), bump) is False
     assert int(store.get_many(["u"])["n"][0]) == 1

@@ -140,11 +140,11 @@ def test_a_claimed_update_writes_the_claim_and_the_state_together_in_the_users_s
     log = RedisEventLog(client, prefix=store.prefix)
     log.create("e1", {"user": "bob"}, ttl_s=60)
     keys = [("bob", "q1"), ("bob", "q2")]
-    claim = lambda item: lambda tag: (log.claim_key(Claim("event", "bob", "e1", item), tag), log.ttl_ms("e1"))  # noqa: E731
+    claim = lambda item: Claim("event", "bob", "e1", item)  # noqa: E731
     bump = lambda s: {"n": s["n"] + 1}  # noqa: E731
 
-    assert store.update_claimed(keys, bump, claim(3))
-    assert not store.update_claimed(keys, bump, claim(3))  # already claimed: nothing written
+    assert store.update_claimed(keys, bump, claim(3), log)
+    assert not store.update_claimed(keys, bump, claim(3), log)  # already claimed: nothing written
     assert store.get_many(keys)["n"].tolist() == [1, 1]
     key = log.claim_key(Claim("event", "bob", "e1", 3), tag='"bob"')
     assert key == f'{store.prefix}:claim:{{"bob"}}:e:"e1":3'
@@ -153,18 +153,18 @@ def test_a_claimed_update_writes_the_claim_and_the_state_together_in_the_users_s
     assert not log.claim("e1", 3, tag='"bob"')  # the event log sees the same claim
 
     with pytest.raises(ZeroDivisionError):  # a failed update leaves no claim
-        store.update_claimed(keys, lambda s: 1 / 0, claim(4))
-    assert store.update_claimed(keys, bump, claim(4))
+        store.update_claimed(keys, lambda s: 1 / 0, claim(4), log)
+    assert store.update_claimed(keys, bump, claim(4), log)
 
     def raced(state, done=[]):  # another client writes a key between the read and the write
         if not done:
             done.append(store.put_many([("bob", "q1")], {"r": np.zeros((1, 4)), "n": np.array([10])}))
         return bump(state)
 
-    assert store.update_claimed(keys, raced, claim(5))  # the update is computed again on the fresh value
+    assert store.update_claimed(keys, raced, claim(5), log)  # the update is computed again on the fresh value
     assert store.get_many(keys)["n"].tolist() == [11, 3]
-    with pytest.raises(ValueError, match="one user"):
-        store.update_claimed([("bob", "q1"), ("ann", "q1")], bump, claim(6))
+    with pytest.raises(ValueError, match="the claim.s user .bob."):
+        store.update_claimed([("bob", "q1"), ("ann", "q1")], bump, claim(6), log)
     assert log.claim("e1", 6, tag='"bob"')
 
 
