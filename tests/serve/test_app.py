@@ -414,7 +414,7 @@ def test_bearer_token_guards_everything_but_health(cfg, monkeypatch):
         body = {"user": "a", "query": QUERY}
         for method, path, kw in [("post", "/v1/rank", {"json": body}), ("get", "/v1/users/a", {}),
                                  ("delete", "/v1/users/a", {}), ("get", "/metrics", {}),
-                                 ("post", "/v1/feedback", {"json": {}}), ("post", "/v1/admin/rollback", {}),
+                                 ("post", "/v1/feedback", {"json": {}}),
                                  ("post", "/v1/events/x/reward", {"json": {}}), ("get", "/v1/model", {})]:
             r = getattr(c, method)(path, **kw)
             assert r.status_code == 401, path
@@ -422,6 +422,21 @@ def test_bearer_token_guards_everything_but_health(cfg, monkeypatch):
             assert r.status_code == 401, path
         assert c.post("/v1/rank", json=body, headers={"Authorization": "Bearer s3cret"}).status_code == 200
         assert c.get("/healthz").status_code == 200 and c.get("/readyz").status_code == 200
+        r = c.post("/v1/admin/rollback", headers={"Authorization": "Bearer s3cret"})  # the user token is not an admin's
+        assert r.status_code == 403 and "STREAMML_ADMIN_TOKEN" in r.json()["detail"]
+
+
+def test_reload_and_rollback_need_the_admin_token(cfg, monkeypatch):
+    monkeypatch.setenv("STREAMML_TOKEN", "s3cret")
+    monkeypatch.setenv("STREAMML_ADMIN_TOKEN", "adm1n")
+    with TestClient(create_app(cfg)) as c:
+        for headers in ({}, {"Authorization": "Bearer s3cret"}, {"Authorization": "Bearer wrong"}):
+            for path in ("/v1/admin/rollback", "/v1/admin/reload"):
+                r = c.post(path, headers=headers)
+                assert r.status_code == 401 and "admin bearer token" in r.json()["detail"], (path, headers)
+        r = c.post("/v1/admin/rollback", headers={"Authorization": "Bearer adm1n"})
+        assert r.status_code == 409 and "no previous model" in r.json()["detail"]  # past the guard
+        assert c.get("/v1/model", headers={"Authorization": "Bearer s3cret"}).status_code == 200
 
 
 # ---------------------------------------------------------------- model lifecycle
