@@ -174,16 +174,16 @@ class RedisControl:
         self._client, self._key = client, key
 
     def get(self) -> dict | None:
-        from streamml.stores.redis import _guard
+        from streamml.stores.redis_conn import guard
 
-        with _guard("control get"):
+        with guard("control get"):
             raw = self._client.get(self._key)
         return json.loads(raw) if raw else None
 
     def set(self, value: dict) -> None:
-        from streamml.stores.redis import _guard
+        from streamml.stores.redis_conn import guard
 
-        with _guard("control set"):
+        with guard("control set"):
             self._client.set(self._key, json.dumps(value))
 
 

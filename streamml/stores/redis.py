@@ -36,139 +36,41 @@
   MULTI/EXEC (one Lua script in a cluster). A worker killed between the claim and
   the update would otherwise leave a claim without its update, and the client's
   retry would read as a duplicate: a lost update.
+
+Modules: :mod:`~streamml.stores.redis_conn` (clients, hash tags, readiness), this one (the
+state store), :mod:`~streamml.stores.redis_events` (the event log and the catalog).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
-import time
-import uuid
 from collections.abc import Callable, Hashable, Iterator, Mapping
-from pathlib import Path
 
 import numpy as np
 import redis
-from redis.backoff import NoBackoff
-from redis.cluster import RedisCluster
-from redis.crc import key_slot
-from redis.retry import Retry
 
 from streamml.stores.base import Field, Store, as_key_list
-from streamml.stores.codec import Keys, RecordCodec, check_unique, encode_key, encode_keys, plain_key, to_json
-from streamml.stores.errors import HeadMismatch, StoreUnavailable
-from streamml.stores.events import Claim, read_catalog
+from streamml.stores.codec import Keys, RecordCodec, check_unique, encode_key, encode_keys, plain_key
+from streamml.stores.errors import HeadMismatch
+from streamml.stores.events import Claim
+from streamml.stores.redis_conn import (
+    CHUNK,
+    check_prefix,
+    client_of,
+    connect,
+    dumps,
+    guard,
+    health,
+    is_cluster,
+    key_tag,
+    ms,
+    slot_tag,
+    user_tag,
+)
+from streamml.stores.redis_events import RedisEventLog, RedisItems
 
-__all__ = ["connect", "health", "RedisStore", "RedisEventLog", "RedisItems", "user_tag", "slot_tag"]
-
-_UNAVAILABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.ClusterError)
-_CHUNK = 1000
-
-
-def _dumps(v) -> str:
-    return json.dumps(v, separators=(",", ":"))
-
-
-def connect(url: str, timeout_s: float = 0.5) -> redis.Redis | RedisCluster:
-    """A client that fails fast: ``redis://host:port/db`` or ``redis-cluster://host:port``.
-
-    Socket timeouts of ``timeout_s`` and no automatic retries (a retried EXEC or claim
-    could apply twice): the caller sees :class:`StoreUnavailable` at once."""
-    opts = dict(socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
-    if url.startswith("redis-cluster://"):
-        return RedisCluster.from_url("redis://" + url[len("redis-cluster://") :], retry=Retry(NoBackoff(), 0), **opts)
-    return redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **opts)
-
-
-@contextlib.contextmanager
-def _guard(what: str) -> Iterator[None]:
-    try:
-        yield
-    except _UNAVAILABLE as e:
-        raise StoreUnavailable(f"Redis unavailable during {what}: {type(e).__name__}: {e}") from e
-
-
-def _client(client_or_url) -> redis.Redis | RedisCluster:
-    return connect(client_or_url) if isinstance(client_or_url, str) else client_or_url
-
-
-def _tag(plain) -> str:
-    """The hash tag of a plain key: its user (first part), so a user's keys share a slot."""
-    return _dumps(plain[0] if type(plain) is list and len(plain) >= 2 else plain)
-
-
-def user_tag(user: str) -> str:
-    """The hash tag of a user's keys: what :class:`RedisStore` puts in braces for the keys
-    ``user`` and ``(user, query)``."""
-    return _dumps(str(user))
-
-
-_EVENT_ID = re.compile(r"[0-9a-f]{32}([0-9a-f]{4})")
-_SLOT_TAGS: list[str] = []
-
-
-def slot_tag(slot: int) -> str:
-    """A short string whose hash slot is ``slot`` (the shortest hex number that hashes there):
-    the hash tag of an event whose id names ``slot``. The table of all 16384 is built once per
-    process (~0.3 s), on the first event."""
-    if not _SLOT_TAGS:
-        tags: list[str | None] = [None] * 16384
-        i, found = 0, 0
-        while found < 16384:
-            text = format(i, "x")
-            slot_ = key_slot(text.encode())
-            if tags[slot_] is None:
-                tags[slot_], found = text, found + 1
-            i += 1
-        _SLOT_TAGS[:] = tags
-    return _SLOT_TAGS[slot]
-
-
-def _check_prefix(prefix: str) -> str:
-    """A namespace without hash-tag braces or glob characters; a trailing ``:`` is dropped."""
-    if not re.fullmatch(r"[A-Za-z0-9_.:\-]*[A-Za-z0-9_.\-]:?", prefix):
-        raise ValueError(f"prefix must be letters, digits, '_', '.', '-' or ':', got {prefix!r}")
-    return prefix.rstrip(":")
-
-
-def is_cluster(client) -> bool:
-    return isinstance(client, RedisCluster)
-
-
-def health(client) -> dict:
-    """What a request would find: ``{"status": "ready"}``, or on a cluster with some slots
-    unserved ``{"status": "degraded", "unreachable": [...], "slots_down": n}``.
-
-    Raises :class:`StoreUnavailable` when no request could succeed: the server (every
-    primary of a cluster) is unreachable, or the cluster refuses every key (``cluster_state:fail``,
-    what ``cluster-require-full-coverage yes`` does when one slot is down). A cluster with full
-    coverage off keeps ``cluster_state:ok`` while some slots are down, so each primary is pinged
-    and ``cluster_slots_fail``/``pfail`` read as well.
-    """
-    if not is_cluster(client):
-        with _guard("ping"):
-            client.ping()
-        return {"status": "ready"}
-    unreachable, info = [], None
-    for node in client.get_primaries():
-        try:
-            conn = client.get_redis_connection(node)
-            conn.ping()
-            info = info or conn.execute_command("CLUSTER INFO")
-        except _UNAVAILABLE:
-            unreachable.append(node.name)
-    if info is None:
-        raise StoreUnavailable(f"Redis Cluster: no primary reachable ({', '.join(unreachable)})")
-    info = info if isinstance(info, dict) else dict(
-        line.split(":", 1) for line in (info.decode() if isinstance(info, bytes) else info).splitlines() if ":" in line)
-    if str(info.get("cluster_state")) != "ok":
-        raise StoreUnavailable("Redis Cluster refuses every key (cluster_state:fail); with one master down that is "
-                               "cluster-require-full-coverage yes, the service expects no")
-    down = 16384 - int(info.get("cluster_slots_ok", 16384))
-    if unreachable or down:
-        return {"status": "degraded", "unreachable": unreachable, "slots_down": down}
-    return {"status": "ready"}
+__all__ = ["connect", "health", "RedisStore", "RedisEventLog", "RedisItems", "user_tag", "slot_tag", "guard", "ms"]
 
 
 class RedisStore(Store):
@@ -194,13 +96,13 @@ class RedisStore(Store):
             raise ValueError(f"on_schema_mismatch must be 'error' or 'reset', got {on_schema_mismatch!r}")
         self.codec = RecordCodec(schema)
         self.schema: dict[str, Field] = self.codec.schema
-        self.client = _client(client)
-        self.prefix = _check_prefix(prefix)
+        self.client = client_of(client)
+        self.prefix = check_prefix(prefix)
         self.max_attempts = int(max_attempts)
         self.cluster = is_cluster(self.client)
         self._meta = f"{self.prefix}:meta"
         self._claimed_cas = self.client.register_script(_CLAIMED_CAS)
-        with _guard("opening the store"):
+        with guard("opening the store"):
             stored = self.client.hget(self._meta, "schema")
             if stored is not None and stored.decode() != self.codec.signature:
                 if on_schema_mismatch == "error":
@@ -222,8 +124,8 @@ class RedisStore(Store):
 
     def _rkey_of(self, plain) -> str:
         if type(plain) is list and len(plain) >= 2:
-            return f"{self.prefix}:{{{_tag(plain)}}}:{_dumps(plain[1:])}"
-        return f"{self.prefix}:{{{_tag(plain)}}}"
+            return f"{self.prefix}:{{{key_tag(plain)}}}:{dumps(plain[1:])}"
+        return f"{self.prefix}:{{{key_tag(plain)}}}"
 
     def _rkeys(self, keys: Keys, op: str, unique: bool = False) -> list[str]:
         p = self.prefix
@@ -242,23 +144,23 @@ class RedisStore(Store):
     # ---- reads
     def _mget(self, client, rkeys: list[str]) -> list[bytes | None]:
         out = []
-        for i in range(0, len(rkeys), _CHUNK):
-            out += client.mget(rkeys[i : i + _CHUNK])
+        for i in range(0, len(rkeys), CHUNK):
+            out += client.mget(rkeys[i : i + CHUNK])
         return out
 
     def get_many(self, keys: Keys) -> dict[str, np.ndarray]:
         rkeys = self._rkeys(keys, "get_many")
         blobs: list[bytes | None] = [None] * len(rkeys)
-        with _guard("get_many"):
+        with guard("get_many"):
             if self.cluster:
-                for i in range(0, len(rkeys), _CHUNK):
-                    blobs[i : i + _CHUNK] = self.client.mget_nonatomic(rkeys[i : i + _CHUNK])
+                for i in range(0, len(rkeys), CHUNK):
+                    blobs[i : i + CHUNK] = self.client.mget_nonatomic(rkeys[i : i + CHUNK])
             else:
                 blobs = self._mget(self.client, rkeys)
         return self.codec.unpack(blobs)
 
     def __contains__(self, key: Hashable) -> bool:
-        with _guard("__contains__"):
+        with guard("__contains__"):
             return bool(self.client.exists(self.rkey(encode_key(key))))
 
     def _scan(self) -> Iterator[bytes]:
@@ -267,7 +169,7 @@ class RedisStore(Store):
 
     def __len__(self) -> int:
         """Number of stored keys (a SCAN over the prefix: O(keys), for tests and tools)."""
-        with _guard("__len__"):
+        with guard("__len__"):
             return sum(1 for _ in self._scan())
 
     # ---- writes
@@ -283,7 +185,7 @@ class RedisStore(Store):
         ``claim`` is ``(key, ttl_ms)``, a key in the slot of ``rkeys``: then nothing is
         written and False returned if it exists, else it is set in the same MULTI/EXEC
         (in a cluster, the same script) as the new blobs."""
-        with _guard(op):
+        with guard(op):
             if self.cluster:
                 return self._cas_claimed(rkeys, compute, op, *claim) if claim else self._cas(rkeys, compute, op)
             watched = rkeys + [claim[0]] if claim else rkeys
@@ -295,8 +197,8 @@ class RedisStore(Store):
                         return False
                     blobs = compute(base)
                     pipe.multi()
-                    for j in range(0, len(rkeys), _CHUNK):
-                        pipe.mset(dict(zip(rkeys[j : j + _CHUNK], blobs[j : j + _CHUNK])))
+                    for j in range(0, len(rkeys), CHUNK):
+                        pipe.mset(dict(zip(rkeys[j : j + CHUNK], blobs[j : j + CHUNK])))
                     if claim:
                         pipe.set(claim[0], 1, px=claim[1])
                     try:
@@ -319,8 +221,8 @@ class RedisStore(Store):
 
     def _cas(self, rkeys, compute, op) -> None:
         base: list[bytes | None] = []
-        for i in range(0, len(rkeys), _CHUNK):
-            base += self.client.mget_nonatomic(rkeys[i : i + _CHUNK])
+        for i in range(0, len(rkeys), CHUNK):
+            base += self.client.mget_nonatomic(rkeys[i : i + CHUNK])
         pending = list(range(len(rkeys)))
         for _ in range(self.max_attempts):
             blobs = compute(base)
@@ -344,7 +246,7 @@ class RedisStore(Store):
             return
         if len(vals) == len(self.schema):  # no stored field survives: blind writes
             blobs = self.codec.pack(vals, len(rkeys))
-            with _guard("put_many"):
+            with guard("put_many"):
                 if self.cluster:  # a SET per key, pipelined per node
                     pipe = self.client.pipeline()
                     for k, b in zip(rkeys, blobs):
@@ -352,8 +254,8 @@ class RedisStore(Store):
                     pipe.execute()
                 else:  # one MULTI/EXEC: all or nothing
                     pipe = self.client.pipeline(transaction=True)
-                    for j in range(0, len(rkeys), _CHUNK):
-                        pipe.mset(dict(zip(rkeys[j : j + _CHUNK], blobs[j : j + _CHUNK])))
+                    for j in range(0, len(rkeys), CHUNK):
+                        pipe.mset(dict(zip(rkeys[j : j + CHUNK], blobs[j : j + CHUNK])))
                     pipe.execute()
             return
         self._transact(rkeys, lambda base: self.codec.pack(vals, len(rkeys), base), "put_many")
@@ -379,13 +281,13 @@ class RedisStore(Store):
         user's hash tag, so it shares the slot of the keys. False, and nothing written, if the claim
         was won before; ``KeyError`` if a reward's event is unknown or expired."""
         plain = [plain_key(k, "update_claimed") for k in as_key_list(keys)]
-        tags = {_tag(k) for k in plain}
+        tags = {key_tag(k) for k in plain}
         if tags != {user_tag(claim.user)}:
             raise ValueError(f"update_claimed: the keys must be those of the claim's user {claim.user!r} "
                              f"(hash tag {user_tag(claim.user)}), got tags {sorted(tags)}")
         rkeys = [self._rkey_of(k) for k in plain]
         check_unique(rkeys, "update_claimed")
-        ttl_ms = events.ttl_ms(claim.ident) if claim.kind == "event" else _ms(claim.ttl_s)
+        ttl_ms = events.ttl_ms(claim.ident) if claim.kind == "event" else ms(claim.ttl_s)
 
         def compute(base):
             return self.codec.pack(fn(self.codec.unpack(base)), len(rkeys), base)
@@ -394,17 +296,17 @@ class RedisStore(Store):
 
     def delete_many(self, keys: Keys) -> None:
         rkeys = list(dict.fromkeys(self._rkeys(keys, "delete_many")))
-        with _guard("delete_many"):
-            for i in range(0, len(rkeys), _CHUNK):
-                self.client.delete(*rkeys[i : i + _CHUNK])
+        with guard("delete_many"):
+            for i in range(0, len(rkeys), CHUNK):
+                self.client.delete(*rkeys[i : i + CHUNK])
 
     def clear(self) -> None:
         """Delete every key of this prefix's state (SCAN + DEL: not atomic with writers)."""
-        with _guard("clear"):
+        with guard("clear"):
             batch = []
             for k in self._scan():
                 batch.append(k)
-                if len(batch) == _CHUNK:
+                if len(batch) == CHUNK:
                     self.client.delete(*batch)
                     batch = []
             if batch:
@@ -413,7 +315,7 @@ class RedisStore(Store):
     # ---- head fingerprint
     @property
     def head_fingerprint(self) -> str | None:
-        with _guard("head_fingerprint"):
+        with guard("head_fingerprint"):
             v = self.client.hget(self._meta, "head_fingerprint")
         return None if v is None else v.decode()
 
@@ -434,7 +336,7 @@ class RedisStore(Store):
             )
         if old is not None and on_mismatch == "reset":
             self.clear()
-        with _guard("bind_head"):
+        with guard("bind_head"):
             self.client.hset(self._meta, "head_fingerprint", fingerprint)
         return "bound" if old is None else ("reset" if on_mismatch == "reset" else "kept")
 
@@ -465,181 +367,3 @@ for i = 1, n do redis.call('set', KEYS[i + 1], ARGV[n + 1 + i]) end
 redis.call('set', KEYS[1], '1', 'PX', ARGV[1])
 return 1
 """
-
-
-def _ms(ttl_s: float) -> int:
-    if ttl_s <= 0:
-        raise ValueError(f"ttl_s must be positive, got {ttl_s}")
-    return max(1, int(ttl_s * 1000))
-
-
-class RedisEventLog:
-    """Served events, reward claims and client event ids in Redis; the contract of
-    :class:`streamml.stores.sqlite.SQLiteEventLog` (expiry by Redis itself).
-
-    Every claim method takes a ``tag``: the hash tag of the claim's key (default: the
-    event or client event id's own). Claims are first-wins per tag; the service tags
-    them with the user, see :meth:`RedisStore.update_claimed`."""
-
-    def __init__(self, client, prefix: str = "streamml"):
-        self.client = _client(client)
-        self.prefix = _check_prefix(prefix)
-
-    def new_event_id(self, user: str) -> str:
-        """A fresh event id that names the hash slot of ``user``'s keys (32 random hex digits, then the
-        slot in 4): the event, its claims and the user's state share a slot, so a reward reads and
-        writes one master, found from the id alone, without a scatter over the cluster."""
-        return uuid.uuid4().hex + format(key_slot(user_tag(user).encode()), "04x")
-
-    def _tag(self, event_id: str) -> str:
-        """The hash tag of an event: its slot's (:meth:`new_event_id`), or for any other id the id itself."""
-        m = _EVENT_ID.fullmatch(str(event_id))
-        if m and int(m.group(1), 16) < 16384:
-            return slot_tag(int(m.group(1), 16))
-        return _dumps(str(event_id))
-
-    def _key(self, event_id: str) -> str:
-        return f"{self.prefix}:ev:{{{self._tag(event_id)}}}:{_dumps(str(event_id))}"
-
-    def claim_key(self, claim: Claim, tag: str | None = None) -> str:
-        """The key of ``claim`` under the hash tag ``tag``; by default a reward's claim is
-        tagged with its event id and a client claim with its user (:func:`user_tag`), so
-        client event ids are per user on Redis as on every backend."""
-        ident = _dumps(str(claim.ident))
-        if claim.kind == "event":
-            tag = self._tag(claim.ident) if tag is None else tag
-            return f"{self.prefix}:claim:{{{tag}}}:e:{ident}:{encode_key(claim.item, 'claim item')}"
-        tag = user_tag(claim.user) if tag is None else tag
-        return f"{self.prefix}:claim:{{{tag}}}:c:{ident}"
-
-    def ttl_ms(self, event_id: str) -> int:
-        """The event's remaining lifetime (ms), which its claims get; KeyError if unknown or expired."""
-        with _guard("event ttl"):
-            ttl = self.client.pttl(self._key(event_id))
-        if ttl < 0:
-            raise KeyError(f"unknown or expired event {event_id!r}")
-        return ttl
-
-    def create(self, event_id: str, record: Mapping, ttl_s: float) -> None:
-        ttl_ms = _ms(ttl_s)
-        with _guard("event create"):
-            rec = dict(record)
-            rec.setdefault("created", time.time())
-            text = to_json(rec)
-            if not self.client.set(self._key(event_id), text, nx=True, px=ttl_ms):
-                raise ValueError(f"event {event_id!r} already exists")
-
-    def get(self, event_id: str) -> dict | None:
-        with _guard("event get"):
-            text = self.client.get(self._key(event_id))
-        return None if text is None else json.loads(text)
-
-    def claim(self, event_id: str, item: Hashable, tag: str | None = None) -> bool:
-        key = self.claim_key(Claim("event", "", event_id, item), tag)
-        ttl_ms = self.ttl_ms(event_id)
-        with _guard("claim"):
-            return bool(self.client.set(key, 1, nx=True, px=ttl_ms))
-
-    def release(self, event_id: str, item: Hashable, tag: str | None = None) -> None:
-        with _guard("release"):
-            self.client.delete(self.claim_key(Claim("event", "", event_id, item), tag))
-
-    def claim_client_event(self, user: str, client_event_id: str, ttl_s: float) -> bool:
-        claim = Claim("client", str(user), str(client_event_id), ttl_s=ttl_s)
-        with _guard("claim_client_event"):
-            return bool(self.client.set(self.claim_key(claim), 1, nx=True, px=_ms(ttl_s)))
-
-    def release_client_event(self, user: str, client_event_id: str) -> None:
-        with _guard("release_client_event"):
-            self.client.delete(self.claim_key(Claim("client", str(user), str(client_event_id), ttl_s=1.0)))
-
-
-    def _rejected_key(self, user: str) -> str:
-        return f"{self.prefix}:rej:{{{user_tag(user)}}}"  # in the user's slot: down with the user, not with others
-
-    def note_rejected(self, user: str, query: str, item: int, ttl_s: float) -> None:
-        """``user`` rejected catalog ``item`` of ``query``: :meth:`rejected` lists it for ``ttl_s``
-        seconds. One sorted set per user, scored by expiry (ms)."""
-        ttl_ms = _ms(ttl_s)
-        key, now_ms = self._rejected_key(user), int(time.time() * 1000)
-        with _guard("note_rejected"):
-            pipe = self.client.pipeline(transaction=False)
-            pipe.zadd(key, {_dumps([str(query), int(item)]): now_ms + ttl_ms})
-            pipe.zremrangebyscore(key, "-inf", now_ms)
-            pipe.pexpire(key, ttl_ms, gt=True)
-            pipe.pexpire(key, ttl_ms, nx=True)
-            pipe.execute()
-
-    def rejected(self, user: str, query: str) -> set[int]:
-        with _guard("rejected"):
-            members = self.client.zrangebyscore(self._rejected_key(user), f"({int(time.time() * 1000)}", "+inf")
-        pairs = (json.loads(m) for m in members)
-        return {item for q, item in pairs if q == str(query)}
-
-    def forget_rejected(self, user: str) -> None:
-        with _guard("forget_rejected"):
-            self.client.delete(self._rejected_key(user))
-
-
-class RedisItems:
-    """The item catalog in Redis, one hash per query under one hash tag (one slot);
-    the contract of :class:`streamml.stores.sqlite.SQLiteItems`."""
-
-    def __init__(self, client, prefix: str = "streamml"):
-        self.client = _client(client)
-        self.prefix = _check_prefix(prefix)
-        self._meta = f"{self.prefix}:items:{{catalog}}"
-
-    def _qkey(self, query: str) -> str:
-        return f"{self._meta}:q:{json.dumps(str(query))}"
-
-    def load_folder(self, folder: str | Path, embedding_dim: int = 384) -> int:
-        """Replace the catalog with the query files of ``folder`` (one MULTI/EXEC)."""
-        c = read_catalog(folder, embedding_dim)
-        with _guard("items load_folder"):
-            old = self.queries()
-            pipe = self.client.pipeline(transaction=True)  # one slot ({catalog}): one MULTI/EXEC, routed by redis-py
-            for q in old:
-                pipe.delete(self._qkey(q))
-            for q in c.query_ids:
-                rows = c.of(q)
-                pipe.hset(self._qkey(q), mapping={
-                    "ids": c.ids[rows].tobytes(),
-                    "texts": json.dumps([c.texts[i] for i in rows]),
-                    "X": c.X[rows].tobytes(),
-                })
-            pipe.hset(self._meta, mapping={"queries": json.dumps(c.query_ids),
-                                           "fingerprint": c.fingerprint, "embedding_dim": c.X.shape[1]})
-            pipe.execute()
-        return len(c.ids)
-
-    @property
-    def fingerprint(self) -> str | None:
-        with _guard("items fingerprint"):
-            v = self.client.hget(self._meta, "fingerprint")
-        return None if v is None else v.decode()
-
-    def queries(self) -> list[str]:
-        with _guard("items queries"):
-            v = self.client.hget(self._meta, "queries")
-        return [] if v is None else json.loads(v)
-
-    def items(self, query: str) -> tuple[np.ndarray, list[str], np.ndarray]:
-        with _guard("items"):
-            h = self.client.hgetall(self._qkey(query))
-            dim = self.client.hget(self._meta, "embedding_dim")
-        if not h:
-            raise KeyError(f"unknown query {query!r}; the catalog has {self.queries()}")
-        ids = np.frombuffer(h[b"ids"], np.int64).copy()
-        return ids, json.loads(h[b"texts"]), np.frombuffer(h[b"X"], np.float32).reshape(len(ids), int(dim)).copy()
-
-    def all(self) -> tuple[np.ndarray, list[str], list[str], np.ndarray]:
-        parts = [(q, *self.items(q)) for q in self.queries()]
-        if not parts:
-            return np.zeros(0, np.int64), [], [], np.zeros((0, 0), np.float32)
-        ids = np.concatenate([p[1] for p in parts])
-        queries = [p[0] for p in parts for _ in p[1]]
-        texts = [t for p in parts for t in p[2]]
-        X = np.concatenate([p[3] for p in parts])
-        order = np.argsort(ids, kind="stable")
-        return ids[order], [queries[i] for i in order], [texts[i] for i in order], X[order]
