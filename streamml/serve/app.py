@@ -15,11 +15,11 @@ named by ``auth.token_env`` (default ``STREAMML_TOKEN``) to require
 the static pages (the demo page and the OpenAPI docs, which hold no data); reload and
 rollback take the admin token instead (``STREAMML_ADMIN_TOKEN``, :mod:`streamml.serve.deps`).
 
-With ``gc_freeze`` (default), every head load ends with :func:`gc.freeze`: the ~760,000
-objects a worker holds after importing torch and MLflow and loading a head move to the
-collector's permanent generation. Otherwise every full (generation 2) collection walks
-them all, stalling every request the worker holds for hundreds of milliseconds
-(``experiments/serve_benchmark.md``). Frozen objects are still freed by reference
+With ``gc_freeze`` (default), every head load ends with :func:`gc.freeze`: the objects a
+worker holds after importing torch and MLflow and loading a head (hundreds of thousands)
+move to the collector's permanent generation. Otherwise every full (generation 2)
+collection walks them all, stalling every request the worker holds
+(figures: ``experiments/serve_stores_figures.md``, ``experiments/serve_benchmark.md``). Frozen objects are still freed by reference
 counting; only reference cycles among them (left by a replaced head) are not collected.
 """
 

@@ -114,7 +114,7 @@ class SQLiteBackend:
 
     With ``checkpoint_interval_s > 0`` (default) no request checkpoints the WAL: a
     :class:`~streamml.stores.sqlite.Checkpointer` thread of each worker does, every that
-    many seconds, so no request waits for a 16 MB copy and fsync (:mod:`streamml.stores.sqlite`).
+    many seconds, so no request waits for the WAL's copy and fsync (:mod:`streamml.stores.sqlite`).
     0 leaves checkpoints to SQLite, inside the commit that fills 1000 pages of WAL.
     """
 

@@ -10,7 +10,7 @@ Only ints, strings and (nested) tuples of them are accepted: a float key such as
 A record is one fixed-size blob: the fields' bytes, in schema order, in their
 dtypes' native byte order. One blob per key means one row (SQLite) or one string
 (Redis) per key, a single read or write per key whatever the schema holds, and no
-per-field overhead (a Redis hash costs ~60 bytes per field). Fields have fixed
+per-field overhead (a Redis hash pays some per field: ``experiments/serve_stores_figures.md``). Fields have fixed
 shapes, so a field is a fixed byte range of the blob. The schema's
 :attr:`RecordCodec.signature` is stored next to the data so that opening it with
 another schema fails instead of reading garbage.

@@ -31,7 +31,7 @@ class InMemoryStore(Store):
     """Columnar in-process store: one preallocated numpy array per field, rows reused.
 
     Integer keys and tuples of integers are indexed by an open-addressing hash table
-    (no Python object per key, ~50 bytes per key); other hashable keys by a dict.
+    (no Python object per key: ``experiments/serve_stores_figures.md``); other hashable keys by a dict.
     Keys that are equal as Python values but of different kinds (``3`` and
     ``3.0``) are different keys here.
 

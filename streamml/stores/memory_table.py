@@ -79,8 +79,8 @@ class IntTable:
 
     A batch of keys is probed by a compiled loop (``_lookup_kernel``), one key in pure
     Python (``lookup_one``), a batch of new keys is inserted by numpy ops over the keys
-    still unplaced. It costs ~24 bytes per slot at load <= 1/2, against ~150 bytes per
-    key for a Python dict of tuples, and needs no Python object per key.
+    still unplaced. It needs no Python object per key, so it costs a fraction of a Python
+    dict of tuples (``experiments/serve_stores_figures.md``).
     """
 
     max_load = 0.5

@@ -4,9 +4,9 @@
   (:mod:`streamml.stores.codec`), at ``prefix:{user}`` or ``prefix:{user}:[query]``.
   The braces are a hash tag: every key of one user lands in one cluster slot, so a
   user's keys can be read and written in one transaction. A string per key costs
-  Redis ~60-100 bytes over the payload; a hash per user with a field per query
-  would save the per-key overhead only while the hash stays small (listpack),
-  which a 768-byte field already exceeds.
+  Redis a per-key overhead over the payload; a hash per user with a field per query
+  would save it only while the hash stays small (listpack), which one residual
+  field already exceeds (``experiments/serve_stores_figures.md``).
 - **Atomic updates: WATCH/MULTI with retry.** ``update_many`` WATCHes the keys,
   reads them, applies ``fn`` (numpy, in this process) and writes them in
   MULTI/EXEC; if another client wrote one of them meanwhile, EXEC aborts, nothing

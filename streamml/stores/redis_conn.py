@@ -68,7 +68,7 @@ _SLOT_TAGS: list[str] = []
 def slot_tag(slot: int) -> str:
     """A short string whose hash slot is ``slot`` (the shortest hex number that hashes there):
     the hash tag of an event whose id names ``slot``. The table of all 16384 is built once per
-    process (~0.3 s), on the first event."""
+    process, on the first event (``experiments/serve_stores_figures.md``)."""
     if not _SLOT_TAGS:
         tags: list[str | None] = [None] * 16384
         i, found = 0, 0

@@ -10,8 +10,8 @@ busy timeout instead of failing.
   schema is the learner's to choose (a rule may add a field): no table migration
   when it changes, one row read per key, and no per-column overhead. The table
   has an integer rowid: new rows append to the end of the table b-tree, so its
-  pages stay full, and 16 KiB pages hold ~19 records of ~800 bytes each (with
-  4 KiB pages only 4 fit, ~1 KiB per key).
+  pages stay full; 16 KiB pages fit several residual records where 4 KiB pages
+  waste most of each page (``experiments/serve_stores_figures.md``).
 - **Atomicity:** ``update_many`` reads, applies ``fn`` and writes inside one
   ``BEGIN IMMEDIATE`` transaction, which takes the write lock before reading, so
   two processes updating one key serialise and none of N updates is lost.
@@ -22,9 +22,9 @@ busy timeout instead of failing.
   to survive those too, at the cost of an fsync per write.
 - **Checkpoints:** SQLite copies the WAL back into the database file (a checkpoint,
   with an fsync) once the WAL passes ``autocheckpoint`` pages, inside the commit
-  that crossed the mark. With 16 KiB pages a rank and a reward append ~100 KB of WAL,
-  so at a few hundred requests per second that is a 16 MB checkpoint every second or
-  so, stalling the request that pays for it and those queued behind it. :class:`Checkpointer` runs them
+  that crossed the mark. At a few hundred requests per second that is a checkpoint of
+  megabytes every second or so (``experiments/serve_stores_figures.md``), stalling the
+  request that pays for it and those queued behind it. :class:`Checkpointer` runs them
   on a thread instead (``PASSIVE``: it never blocks readers or writers, and sqlite3
   releases the GIL meanwhile); a service sets ``autocheckpoint=0`` on the request
   connections and starts one. Checkpoints do not change durability: a commit is in

@@ -112,8 +112,8 @@ class SQLiteDB:
     def _begin_immediate(self, conn: sqlite3.Connection) -> None:
         """``BEGIN IMMEDIATE``, retried every 0.2 ms (later 1 ms) while another connection
         holds the write lock, up to the busy timeout. SQLite's own busy handler sleeps 1, 2,
-        5, 10, 15, 20, 25 ms ... between tries, so a writer queued behind a 0.3 ms commit of
-        another worker would wait 1-8 ms, and tens of ms behind a slow one."""
+        5, 10, 15, 20, 25 ms ... between tries, so a writer queued behind a sub-millisecond
+        commit of another worker would wait milliseconds (``experiments/serve_stores_figures.md``)."""
         conn.execute("PRAGMA busy_timeout=0")
         try:
             deadline = time.monotonic() + self.busy_timeout_s
