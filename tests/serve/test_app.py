@@ -170,15 +170,37 @@ def test_reward_of_several_items_and_a_duplicate_inside_one_request(client, user
     assert [x["status"] for x in out["results"]] == ["applied", "applied", "duplicate"]
 
 
-def test_reward_on_raw_embeddings_needs_learn_vector(client, user):
-    ev = rank(client, user, k=2, embeddings=[vec(seed=1), vec(seed=2)])
+def test_a_reward_on_raw_embeddings_is_learned(client, user):
+    x = [vec(seed=1), vec(seed=2)]
+    ev = rank(client, user, k=2, embeddings=x)
+    before = {s["item"]: s["score"] for s in rank(client, user, k=2, embeddings=x)["items"]}
     r = client.post(f"/v1/events/{ev['event_id']}/reward", json={"rewards": [{"item": 0, "label": "accepted"}]})
-    learner = client.app.state.lifecycle.current.learner
-    if hasattr(learner, "learn_vector"):
-        assert r.status_code == 200 and r.json()["applied"] == 1
-    else:  # the learner of this branch has no learn_vector yet (interfaces.md §2)
-        assert r.status_code == 501 and "learn_vector" in r.json()["detail"]
-        assert residuals(client, user) == {}
+    assert r.status_code == 200 and r.json()["applied"] == 1
+    assert residuals(client, user)[QUERY] > 0
+    after = {s["item"]: s["score"] for s in rank(client, user, k=2, embeddings=x)["items"]}
+    assert after[0] > before[0]  # the accepted vector scores higher on the next request
+
+
+def test_a_learner_without_learn_vector_refuses_raw_rewards_with_501(client, user, monkeypatch):
+    served = client.app.state.lifecycle.current
+
+    class NoVectors:  # the learner as one without learn_vector would be (interfaces.md §2)
+        def __init__(self, learner):
+            self._learner = learner
+
+        def __getattr__(self, name):
+            if name == "learn_vector":
+                raise AttributeError(name)
+            return getattr(self._learner, name)
+
+    ev = rank(client, user, k=2, embeddings=[vec(seed=1), vec(seed=2)])
+    monkeypatch.setattr(served, "learner", NoVectors(served.learner))
+    r = client.post(f"/v1/events/{ev['event_id']}/reward", json={"rewards": [{"item": 0, "label": "accepted"}]})
+    assert r.status_code == 501 and "learn_vector" in r.json()["detail"]
+    body = {"user": user, "query": QUERY, "embedding": vec(seed=3), "label": "accepted", "event_id": user}
+    r = client.post("/v1/feedback", json=body)
+    assert r.status_code == 501 and "learn_vector" in r.json()["detail"]
+    assert residuals(client, user) == {}
 
 
 def test_late_reward_is_refused_with_410_and_changes_nothing(client, user, monkeypatch):

@@ -8,6 +8,7 @@ import pytest
 from streamml.serve.backend import Backend, MemoryBackend, SQLiteBackend
 from streamml.stores import Field
 from streamml.stores.events import Catalog, EventLog
+from tests.stores.conformance import assert_conforms
 
 
 @pytest.fixture(params=["memory", "sqlite", "redis", pytest.param("cluster", marks=pytest.mark.slow)])
@@ -32,7 +33,9 @@ def _open(request, tmp_path):
 
 
 def test_catalog_state_namespaces_and_control(backend, served_models):
-    assert isinstance(backend, Backend) and isinstance(backend.events, EventLog) and isinstance(backend.catalog, Catalog)
+    assert_conforms(backend, Backend)
+    assert_conforms(backend.events, EventLog)
+    assert_conforms(backend.catalog, Catalog)
     items_dir = served_models[0]
     assert backend.catalog.queries() == []
     assert backend.catalog.load_folder(items_dir) == 120

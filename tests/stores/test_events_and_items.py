@@ -12,6 +12,7 @@ import pytest
 from streamml.data import load_queries
 from streamml.stores import SQLiteEventLog, SQLiteItems
 from streamml.stores.events import Catalog, EventLog, MemoryCatalog, MemoryEventLog
+from tests.stores.conformance import assert_conforms
 
 KINDS = ["memory", "sqlite", "redis", "redis-cluster"]
 
@@ -29,6 +30,14 @@ def backend(request, tmp_path):
 
     prefix = f"t{uuid.uuid4().hex[:8]}"
     return RedisEventLog(server.client(), prefix=prefix), RedisItems(server.client(), prefix=prefix)
+
+
+def wait_until(condition, what: str, timeout_s: float = 30.0) -> None:
+    """Poll ``condition`` until it holds: expiry is the store's clock's (Redis's own), not a sleep's guess."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {timeout_s:.0f} s for {what}"
+        time.sleep(0.02)
 
 
 RECORD = {"user": 7, "query": "q1", "items": [3, 5, 9], "propensities": [0.9, 0.05, 0.05],
@@ -65,8 +74,7 @@ def test_events_and_claims_expire(backend):
     log, _ = backend
     log.create("e1", RECORD, ttl_s=0.3)
     assert log.claim("e1", 3)
-    time.sleep(0.5)
-    assert log.get("e1") is None
+    wait_until(lambda: log.get("e1") is None, "the event to expire")
     with pytest.raises(KeyError):
         log.claim("e1", 3)
     log.create("e1", RECORD, ttl_s=60)  # an expired id can be reused, with fresh claims
@@ -75,7 +83,8 @@ def test_events_and_claims_expire(backend):
 
 def test_is_an_event_log_and_a_catalog(backend):
     log, items = backend
-    assert isinstance(log, EventLog) and isinstance(items, Catalog)
+    assert_conforms(log, EventLog)
+    assert_conforms(items, Catalog)
 
 
 def test_client_event_ids_are_idempotent_per_user_until_they_expire(backend):
@@ -89,8 +98,7 @@ def test_client_event_ids_are_idempotent_per_user_until_they_expire(backend):
     assert not log.claim_client_event("bob", "c1", ttl_s=60)  # releasing alice's left bob's
     assert log.claim_client_event("alice", "c2", ttl_s=60)
     assert log.claim_client_event("a", "lice/c2", ttl_s=60)  # no spelling of (user, id) collides with another
-    time.sleep(0.5)
-    assert log.claim_client_event("alice", "c1", ttl_s=60)
+    wait_until(lambda: log.claim_client_event("alice", "c1", ttl_s=60), "alice's c1 to expire")
     assert not log.claim_client_event("alice", "c2", ttl_s=60)
 
 
@@ -146,8 +154,7 @@ def test_rejected_items_are_listed_per_user_and_query_until_they_expire(backend)
     log.note_rejected("alice", "q2", 7, ttl_s=60)
     log.note_rejected("bob", "q1", 9, ttl_s=60)
     assert log.rejected("alice", "q1") == {3, 5} and log.rejected("alice", "q2") == {7} and log.rejected("bob", "q1") == {9}
-    time.sleep(0.5)
-    assert log.rejected("alice", "q1") == {5}
+    wait_until(lambda: log.rejected("alice", "q1") == {5}, "the reject of item 3 to expire")
     log.forget_rejected("alice")
     assert log.rejected("alice", "q1") == set() and log.rejected("alice", "q2") == set() and log.rejected("bob", "q1") == {9}
 
