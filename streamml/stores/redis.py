@@ -49,6 +49,7 @@ from collections.abc import Callable, Hashable, Iterator, Mapping
 
 import numpy as np
 import redis
+from redis.crc import key_slot
 
 from streamml.stores.base import Field, Store, as_key_list
 from streamml.stores.codec import Keys, RecordCodec, check_unique, encode_key, encode_keys, plain_key
@@ -292,7 +293,10 @@ class RedisStore(Store):
         def compute(base):
             return self.codec.pack(fn(self.codec.unpack(base)), len(rkeys), base)
 
-        return self._transact(rkeys, compute, "update_claimed", (events.claim_key(claim, tags.pop()), ttl_ms))
+        claim_key = events.claim_key(claim)  # a reward: in its event's slot, which new event ids make the user's
+        if key_slot(claim_key.encode()) != key_slot(rkeys[0].encode()):  # an event id that names no slot (older ids)
+            claim_key = events.claim_key(claim, tags.pop())
+        return self._transact(rkeys, compute, "update_claimed", (claim_key, ttl_ms))
 
     def delete_many(self, keys: Keys) -> None:
         rkeys = list(dict.fromkeys(self._rkeys(keys, "delete_many")))

@@ -48,7 +48,9 @@ class RedisEventLog:
         return dumps(str(event_id))
 
     def _key(self, event_id: str) -> str:
-        return f"{self.prefix}:ev:{{{self._tag(event_id)}}}:{dumps(str(event_id))}"
+        if _EVENT_ID.fullmatch(str(event_id)):
+            return f"{self.prefix}:ev:{{{self._tag(event_id)}}}:{dumps(str(event_id))}"
+        return f"{self.prefix}:ev:{{{dumps(str(event_id))}}}"  # any other id, as before ids named a slot
 
     def claim_key(self, claim: Claim, tag: str | None = None) -> str:
         """The key of ``claim`` under the hash tag ``tag``; by default a reward's claim is

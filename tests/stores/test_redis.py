@@ -186,3 +186,18 @@ def test_an_event_its_claims_and_its_users_state_share_the_users_slot(redis_clus
         assert key_slot(log.claim_key(Claim("client", user, "c1", ttl_s=1.0)).encode()) == slot
         assert key_slot(log._rejected_key(user).encode()) == slot
         assert log.claim(event_id, 3) and log.get(event_id) == {"user": user, "created": log.get(event_id)["created"]}
+
+
+def test_a_reward_claimed_through_the_store_is_the_event_logs_claim(redis_cluster):
+    """With an event id that names the user's slot, the store's claimed update and the event log
+    spell the claim the same way: the log sees it, and a release by the log frees it."""
+    client, prefix = redis_cluster.client(), _prefix()
+    store, log = RedisStore(SCHEMA, client, prefix=prefix), RedisEventLog(client, prefix=prefix)
+    event_id = log.new_event_id("carol")
+    log.create(event_id, {"user": "carol"}, ttl_s=60)
+    bump = lambda s: {"n": s["n"] + 1}  # noqa: E731
+    assert store.update_claimed([("carol", "q")], bump, Claim("event", "carol", event_id, 3), log)
+    assert not log.claim(event_id, 3)
+    log.release(event_id, 3)
+    assert store.update_claimed([("carol", "q")], bump, Claim("event", "carol", event_id, 3), log)
+    assert store.get_many([("carol", "q")])["n"].tolist() == [2]
