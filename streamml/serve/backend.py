@@ -9,8 +9,11 @@
   reload or rollback asked of one worker reaches the others.
 
 Every worker process opens the same backend; all cross-process consistency (atomic
-per-key updates, claims that succeed once) is the backend's. ``errors`` lists the
-exceptions that mean "the backend is unavailable" (answered with 503).
+per-key updates, claims that succeed once) is the backend's: ``claim_and_apply(claim, update)``
+wins a :class:`~streamml.stores.events.Claim` and runs its :class:`Update` in one transaction.
+``health()`` says whether requests can reach the store (``/readyz``), and ``errors`` lists the
+exceptions that mean "the backend is unavailable" (answered with 503). :class:`Backend` is the
+Protocol, checked in ``tests/serve/test_backend.py``.
 
 Backends: :class:`MemoryBackend` (one process, tests), :class:`SQLiteBackend` (the
 embedded default: one WAL file), :class:`RedisBackend` (``redis.Redis`` or Redis Cluster).
