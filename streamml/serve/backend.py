@@ -147,8 +147,11 @@ class SQLiteBackend:
         return update.store.update_claimed(update.keys, update.fn, claim, self.events)
 
     def health(self) -> dict:
-        """Ready if the file answers a read (a locked or missing file raises)."""
+        """Ready if the file answers a read and its write lock can be had within a second (or
+        the busy timeout if shorter): every rank and reward writes, so a lock held longer means
+        they queue or fail. Every worker of the host shares the file: draining the host is right."""
         self.db.conn.execute("SELECT 1 FROM meta LIMIT 1").fetchall()
+        self.db.probe_write(1.0)
         return {"status": "ready"}
 
     def close(self) -> None:

@@ -109,14 +109,25 @@ class SQLiteDB:
                 conn.execute("ROLLBACK")
                 raise StoreUnavailable(f"SQLite {self.path}: {e}") from e
 
-    def _begin_immediate(self, conn: sqlite3.Connection) -> None:
+    def probe_write(self, timeout_s: float) -> None:
+        """Take the write lock and give it back at once, waiting at most ``timeout_s``:
+        :class:`StoreUnavailable` if the file cannot be read or another connection holds the lock
+        longer (a readiness check: the writes of requests would queue behind it)."""
+        conn = self.conn
+        try:
+            self._begin_immediate(conn, min(timeout_s, self.busy_timeout_s))
+            conn.execute("ROLLBACK")
+        except sqlite3.OperationalError as e:
+            raise StoreUnavailable(f"SQLite {self.path}: {e}") from e
+
+    def _begin_immediate(self, conn: sqlite3.Connection, timeout_s: float | None = None) -> None:
         """``BEGIN IMMEDIATE``, retried every 0.2 ms (later 1 ms) while another connection
         holds the write lock, up to the busy timeout. SQLite's own busy handler sleeps 1, 2,
         5, 10, 15, 20, 25 ms ... between tries, so a writer queued behind a sub-millisecond
         commit of another worker would wait milliseconds (``experiments/serve_stores_figures.md``)."""
         conn.execute("PRAGMA busy_timeout=0")
         try:
-            deadline = time.monotonic() + self.busy_timeout_s
+            deadline = time.monotonic() + (self.busy_timeout_s if timeout_s is None else timeout_s)
             tries = 0
             while True:
                 try:

@@ -569,3 +569,27 @@ def test_the_user_path_route_carries_slashes_and_refuses_what_it_cannot(client):
     assert too_long.status_code == 422 and "256" in too_long.text
     assert client.get("/v1/users", params={"user": ""}).status_code == 422
     assert client.get("/v1/users").status_code == 422  # no id: refused, not "every user"
+
+
+def test_readyz_on_sqlite_follows_the_write_lock(served_models, tmp_path):
+    """/readyz answers 503 exactly while requests would fail: here another process holds the
+    SQLite write lock past the busy timeout, so every rank (which logs its event) fails too."""
+    import sqlite3
+
+    cfg = serve_cfg(*served_models[:2], backend="sqlite")
+    with open_dict(cfg):
+        cfg.backend.path, cfg.backend.busy_timeout_s = str(tmp_path / "serve.db"), 0.2
+    with TestClient(create_app(cfg)) as c:
+        assert c.get("/readyz").json()["status"] == "ready"
+        holder = sqlite3.connect(tmp_path / "serve.db", isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        try:
+            ready = c.get("/readyz")
+            assert ready.status_code == 503 and "locked" in ready.json()["detail"]
+            r = c.post("/v1/rank", json={"user": "a", "query": QUERY})
+            assert r.status_code == 503 and "locked" in r.json()["detail"]
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        assert c.get("/readyz").json()["status"] == "ready"
+        assert c.post("/v1/rank", json={"user": "a", "query": QUERY}).status_code == 200
