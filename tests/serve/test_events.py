@@ -176,3 +176,15 @@ def test_select_without_rejected_items_keeps_the_policys_exact_propensities():
     a = events._select_without(policy, scores, scores, 3, np.random.default_rng(1), nothing)
     b = policy.select(scores, 3, np.random.default_rng(1))
     assert a[0].tolist() == b.items.tolist() and a[1].tolist() == b.propensities.tolist()
+
+
+def test_select_without_rejected_items_ranks_thompson_draws_of_the_rest():
+    from streamml.online.policies import Thompson
+
+    draws = np.random.default_rng(0).normal(size=(50, 6))
+    rejected = np.array([False, True, False, False, True, False])
+    keep = np.flatnonzero(~rejected)
+    policy = Thompson(n_samples=50)
+    shown, props = events._select_without(policy, draws, draws.mean(0), 3, np.random.default_rng(0), rejected)
+    expected = policy.select(draws[:, keep], 3, np.random.default_rng(0))
+    assert shown.tolist() == keep[expected.items].tolist() and props.tolist() == expected.propensities.tolist()
