@@ -52,7 +52,8 @@ def free_port() -> int:
 
 def commit() -> str:
     out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
+                           text=True).stdout.strip()
     return out + ("-dirty" if dirty else "")
 
 
@@ -134,8 +135,8 @@ class Redis:
 
 
 def start_service(root: Path, backend: str, workers: int, items: Path, tracking_uri: str, redis_port: int | None,
-                  extra: list[str] = (), name: str = ""):
-    port = free_port()
+                  extra: list[str] = (), name: str = "", port: int | None = None):
+    port = port or free_port()
     if backend == "sqlite":
         db = root / f"serve-{name or workers}.db"
         over = [f"backend.path={db}"]
@@ -285,6 +286,8 @@ def main(argv=None):
     p.add_argument("--timeout", type=float, default=5.0, help="seconds before a request counts as an error")
     p.add_argument("--repeats", type=int, default=1, help="run every cell this many times (one after the other)")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--port", type=int, default=None,
+                   help="the service's port (default: a free one), e.g. to point another load tool at it")
     p.add_argument("--service-overrides", nargs="*", default=[], metavar="KEY=VALUE",
                    help="extra config overrides for the service (e.g. gc_freeze=false), to compare settings")
     p.add_argument("--trace", type=Path, default=None,
@@ -315,7 +318,7 @@ def main(argv=None):
                         print(f"starting the service: {backend}, {workers} worker(s) ...", flush=True)
                         extra = [*args.service_overrides, *(["server_timing=true"] if args.trace else [])]
                         proc, url = start_service(root, backend, workers, items, tracking_uri, redis and redis.port, extra,
-                                                  name=f"{repeat}-{workers}")
+                                                  name=f"{repeat}-{workers}", port=args.port)
                         try:
                             for rate in args.rates:
                                 cells = asyncio.run(run_cell(url, args, rate, rng, lambda: session_cpu_s(proc.pid)))

@@ -28,12 +28,26 @@ def load_items(cfg: DictConfig) -> int:
         backend.close()
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Fail at once, naming the address, if ``host:port`` is taken: loading the model takes
+    seconds, after which uvicorn would only log "address already in use" and exit."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a port in TIME_WAIT is free
+        try:
+            s.bind((host, int(port)))
+        except OSError as err:
+            raise SystemExit(f"cannot serve on {host}:{port}: {err.strerror}; choose another with port=...") from None
+
+
 def serve(cfg: DictConfig) -> None:
     import uvicorn
 
     from streamml.serve.app import CONFIG_ENV
     from streamml.serve.lifecycle import bootstrap
 
+    check_port_free(cfg.host, cfg.port)
     backend = instantiate(cfg.backend)
     try:
         uri = bootstrap(cfg, backend, publish=True)

@@ -1,4 +1,5 @@
-"""The FastAPI app: ``create_app(cfg)`` wires the backend, the model lifecycle and the routes.
+"""The FastAPI app: ``create_app(cfg)`` wires the backend, the model lifecycle and the routers
+(:mod:`streamml.serve.routes`, one per resource; their shared needs are :mod:`streamml.serve.deps`).
 
 Routes are ``async`` and do their (short, blocking) backend calls inline: one worker
 answers one request at a time, so the online learner and the store connections are
@@ -11,13 +12,14 @@ unknown query, item or event, 410 for a late reward, 413 for an oversize body, 5
 the backend fails (counted in ``streamml_store_errors``). Set the environment variable
 named by ``auth.token_env`` (default ``STREAMML_TOKEN``) to require
 ``Authorization: Bearer <token>`` on every route except ``/healthz``, ``/readyz`` and
-the static pages (the demo page and the OpenAPI docs, which hold no data).
+the static pages (the demo page and the OpenAPI docs, which hold no data); reload and
+rollback take the admin token instead (``STREAMML_ADMIN_TOKEN``, :mod:`streamml.serve.deps`).
 
-With ``gc_freeze`` (default), every head load ends with :func:`gc.freeze`: the ~760,000
-objects a worker holds after importing torch and MLflow and loading a head move to the
-collector's permanent generation. Otherwise every full (generation 2) collection walks
-them all, stalling every request the worker holds for hundreds of milliseconds
-(``experiments/serve_benchmark.md``). Frozen objects are still freed by reference
+With ``gc_freeze`` (default), every head load ends with :func:`gc.freeze`: the objects a
+worker holds after importing torch and MLflow and loading a head (hundreds of thousands)
+move to the collector's permanent generation. Otherwise every full (generation 2)
+collection walks them all, stalling every request the worker holds
+(figures: ``experiments/serve_stores_figures.md``, ``experiments/serve_benchmark.md``). Frozen objects are still freed by reference
 counting; only reference cycles among them (left by a replaced head) are not collected.
 """
 
@@ -28,20 +30,19 @@ import contextlib
 import gc
 import logging
 import os
-import secrets
 import time
-from importlib import resources
 
-import numpy as np
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import JSONResponse
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from starlette.exceptions import HTTPException
 
-from streamml.serve import events, metrics, schemas
+from streamml.serve import events, metrics
+from streamml.serve.deps import Service
 from streamml.serve.lifecycle import Lifecycle, bootstrap
+from streamml.serve.routes import model, ops, rank, users
 
 __all__ = ["create_app", "factory"]
 
@@ -106,23 +107,19 @@ def _policies(cfg: DictConfig) -> list[tuple[str, float, object]]:
 def create_app(cfg: DictConfig, backend=None) -> FastAPI:
     """The service for ``cfg`` (``configs/serve/default.yaml``); ``backend`` overrides ``cfg.backend``."""
     backend = instantiate(cfg.backend) if backend is None else backend
-    limits = events.Limits(**cfg.limits, **cfg.events)
     buckets = _policies(cfg)
-    policies = {name: (policy, repr(policy)) for name, _, policy in buckets}
-    shares = [(name, share) for name, share, _ in buckets]
-    salt = str(cfg.ab.salt)
-    lifecycle = Lifecycle(backend, instantiate(cfg.online), cfg.tracking_uri, cfg.experiment)
-    token = os.environ.get(cfg.auth.token_env) or None
-    rng = np.random.default_rng()
-    swap_lock = asyncio.Lock()
-
-    async def load(uri: str | None, publish: bool) -> dict | None:
-        async with swap_lock:
-            prepared = await asyncio.to_thread(lifecycle.prepare, uri)
-            lifecycle.activate(prepared)
-            if cfg.get("gc_freeze", True):
-                gc.freeze()
-            return lifecycle.publish(prepared.head.uri) if publish else None
+    service = Service(
+        backend=backend,
+        lifecycle=Lifecycle(backend, instantiate(cfg.online), cfg.tracking_uri, cfg.experiment),
+        limits=events.Limits(**cfg.limits, **cfg.events),
+        policies={name: (policy, repr(policy)) for name, _, policy in buckets},
+        shares=[(name, share) for name, share, _ in buckets],
+        salt=str(cfg.ab.salt),
+        token=os.environ.get(cfg.auth.token_env) or None,
+        admin_token=os.environ.get(cfg.auth.get("admin_token_env", "STREAMML_ADMIN_TOKEN")) or None,
+        gc_freeze=cfg.get("gc_freeze", True),
+    )
+    lifecycle = service.lifecycle
 
     async def follow():  # pick up reloads published by other workers
         while True:
@@ -130,7 +127,7 @@ def create_app(cfg: DictConfig, backend=None) -> FastAPI:
             try:
                 record = lifecycle.pending()
                 if record is not None:
-                    await load(record["uri"], publish=False)
+                    await service.load(record["uri"], publish=False)
                     lifecycle.seen_version = record["version"]
                     log.info("now serving %s (%s)", record["uri"], lifecycle.current.version)
             except Exception as err:  # keep serving the current head; try again at the next poll
@@ -140,9 +137,9 @@ def create_app(cfg: DictConfig, backend=None) -> FastAPI:
     async def lifespan(app: FastAPI):
         uri = await asyncio.to_thread(bootstrap, cfg, backend)
         record = backend.control.get()
-        if cfg.get("gc_freeze", True):
+        if service.gc_freeze:
             gc.collect()  # once, before serving: what is left is the long-lived heap that load() freezes
-        await load(uri, publish=False)
+        await service.load(uri, publish=False)
         lifecycle.seen_version = record["version"] if record else None
         task = asyncio.create_task(follow())
         try:
@@ -153,18 +150,10 @@ def create_app(cfg: DictConfig, backend=None) -> FastAPI:
 
     app = FastAPI(title="streamml", version="1", lifespan=lifespan,
                   description="Per-user online ranking of short texts: rank, reward, feedback, model lifecycle.")
-    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes, server_timing=cfg.get("server_timing", False))
-    app.state.lifecycle, app.state.backend = lifecycle, backend
-
-    # async: a plain ``def`` dependency would run in FastAPI's thread pool, one thread hand-off per request
-    async def authorized(authorization: str | None = Header(None, include_in_schema=False)) -> None:
-        if token is None:
-            return
-        scheme, _, given = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(given.encode(), token.encode()):
-            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
-
-    guarded = [Depends(authorized)]
+    app.add_middleware(BodyLimit, max_bytes=service.limits.max_body_bytes, server_timing=cfg.get("server_timing", False))
+    app.state.service, app.state.lifecycle, app.state.backend = service, lifecycle, backend
+    for router in (ops.router, rank.router, users.router, model.router):
+        app.include_router(router)
 
     @app.exception_handler(events.ServeError)
     async def _serve_error(request: Request, err: events.ServeError):
@@ -182,98 +171,6 @@ def create_app(cfg: DictConfig, backend=None) -> FastAPI:
 
     for error in backend.errors:
         app.add_exception_handler(error, _store_error)
-
-    def served():
-        if lifecycle.current is None:
-            raise events.ServeError(503, "no model loaded yet")
-        return lifecycle.current
-
-    # ---- health, metrics, pages
-    @app.get("/healthz", tags=["ops"])
-    async def healthz():
-        return {"status": "ok"}
-
-    @app.get("/readyz", tags=["ops"])
-    async def readyz():
-        if lifecycle.current is None:
-            return JSONResponse({"status": "loading"}, 503)
-        try:
-            backend.ping()
-        except (backend.errors or ()) as err:
-            return JSONResponse({"status": "backend unavailable", "detail": str(err)}, 503)
-        return {"status": "ready", "model_version": lifecycle.current.version}
-
-    @app.get("/metrics", tags=["ops"], dependencies=guarded)
-    async def prometheus():
-        body, content_type = metrics.render()
-        return Response(body, media_type=content_type)
-
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    @app.get("/demo", response_class=HTMLResponse, include_in_schema=False)
-    async def demo():
-        return HTMLResponse(resources.files("streamml.serve").joinpath("static/demo.html").read_text())
-
-    # ---- ranking and feedback
-    @app.post("/v1/rank", response_model=schemas.RankResponse, tags=["rank"], dependencies=guarded)
-    async def rank(req: schemas.RankRequest):
-        bucket = events.bucket_of(str(req.user), shares, salt)
-        policy, name = policies[bucket]
-        return events.rank(served(), req, limits, backend.events, policy, name, bucket, rng)
-
-    @app.post("/v1/events/{event_id}/reward", response_model=schemas.RewardResponse, tags=["rank"], dependencies=guarded)
-    async def reward(event_id: str, req: schemas.RewardRequest):
-        return events.reward(served(), event_id, req, limits, backend)
-
-    @app.post("/v1/feedback", response_model=schemas.FeedbackResponse, tags=["rank"], dependencies=guarded)
-    async def feedback(req: schemas.FeedbackRequest):
-        return events.feedback(served(), req, limits, backend)
-
-    @app.get("/v1/queries", tags=["catalog"], dependencies=guarded)
-    async def queries():
-        return {"queries": sorted(served().queries)}
-
-    # ---- users
-    @app.get("/v1/users/{user}", response_model=schemas.UserState, tags=["users"], dependencies=guarded)
-    async def get_user(user: str):
-        return events.user_state(served(), user, events.bucket_of(user, shares, salt))
-
-    @app.delete("/v1/users/{user}", tags=["users"], dependencies=guarded)
-    async def delete_user(user: str):
-        events.forget(served(), user)
-        return {"user": user, "deleted": True}
-
-    # ---- model lifecycle
-    def info() -> schemas.ModelInfo:
-        s, record = served(), backend.control.get() or {}
-        return schemas.ModelInfo(model_version=s.version, model_uri=s.head.uri, previous_uri=record.get("previous"),
-                                 queries=sorted(s.queries))
-
-    @app.get("/v1/model", response_model=schemas.ModelInfo, tags=["model"], dependencies=guarded)
-    async def model():
-        return info()
-
-    async def swap(uri: str | None) -> schemas.ModelInfo:
-        try:
-            await load(uri, publish=True)
-        except (LookupError, ValueError, OSError) as err:
-            raise events.ServeError(422, f"model {uri or '(latest run)'} cannot be served, the current one stays: {err}")
-        except Exception as err:  # mlflow raises its own exception types for bad URIs
-            if type(err).__module__.startswith("mlflow"):
-                raise events.ServeError(422, f"model {uri or '(latest run)'} cannot be loaded, the current one stays: {err}")
-            raise
-        return info()
-
-    @app.post("/v1/admin/reload", response_model=schemas.ModelInfo, tags=["model"], dependencies=guarded)
-    async def reload(req: schemas.ReloadRequest | None = None):
-        return await swap(req.model if req else None)
-
-    @app.post("/v1/admin/rollback", response_model=schemas.ModelInfo, tags=["model"], dependencies=guarded)
-    async def rollback():
-        previous = (backend.control.get() or {}).get("previous")
-        if not previous:
-            raise events.ServeError(409, "there is no previous model to roll back to")
-        return await swap(previous)
-
     return app
 
 

@@ -9,8 +9,11 @@
   reload or rollback asked of one worker reaches the others.
 
 Every worker process opens the same backend; all cross-process consistency (atomic
-per-key updates, claims that succeed once) is the backend's. ``errors`` lists the
-exceptions that mean "the backend is unavailable" (answered with 503).
+per-key updates, claims that succeed once) is the backend's: ``claim_and_apply(claim, update)``
+wins a :class:`~streamml.stores.events.Claim` and runs its :class:`Update` in one transaction.
+``health()`` says whether requests can reach the store (``/readyz``), and ``errors`` lists the
+exceptions that mean "the backend is unavailable" (answered with 503). :class:`Backend` is the
+Protocol, checked in ``tests/serve/test_backend.py``.
 
 Backends: :class:`MemoryBackend` (one process, tests), :class:`SQLiteBackend` (the
 embedded default: one WAL file), :class:`RedisBackend` (``redis.Redis`` or Redis Cluster).
@@ -20,197 +23,44 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import threading
-import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 from streamml.stores import InMemoryStore, Schema, Store
+from streamml.stores.events import Catalog, Claim, EventLog, MemoryCatalog, MemoryEventLog
 
-__all__ = ["MemoryBackend", "MemoryCatalog", "MemoryEventLog", "SQLiteBackend", "RedisBackend", "read_folder"]
-
-
-def read_folder(path: str | Path, embedding_dim: int = 384) -> list[tuple[str, list[str], np.ndarray]]:
-    """``[(query, texts, X)]`` of a folder of query files (validated, duplicates merged)."""
-    from streamml.data import load_queries
-
-    data = load_queries(path, embedding_dim, min_per_class=0)
-    out = []
-    for q, query in enumerate(data.query_ids):
-        rows = np.flatnonzero(data.query == q)
-        out.append((query, data.frame["text"].iloc[rows].tolist(), data.X[rows]))
-    return out
+__all__ = ["Backend", "Update", "MemoryBackend", "MemoryCatalog", "MemoryEventLog", "SQLiteBackend", "RedisBackend"]
 
 
-# ---------------------------------------------------------------- claims
-# ``claim`` is ("event", event_id, item, None) for a reward, ("client", client_event_id, None, ttl_s)
-# for plain feedback. ``claim_and_apply(claim, apply)`` runs ``apply`` (the learner's update)
-# only if the claim is won, and returns whether it was. SQLite and Redis write the claim in the
-# transaction of the update (the store's ``update_many`` takes the thread's pending claim), so a
-# process killed between the two cannot leave a claim without its update.
+@dataclass(frozen=True)
+class Update:
+    """One read-modify-write of a store, not yet run: ``store.update_many(keys, fn)``. The
+    service gets it from the online learner (:func:`streamml.serve.events.learner_update`) and
+    hands it, with the :class:`~streamml.stores.events.Claim` that guards it, to
+    ``backend.claim_and_apply``: SQLite and Redis then win the claim and write the update in
+    one transaction (``store.update_claimed``), so a process killed in between leaves both or neither."""
+
+    store: Store
+    keys: list
+    fn: Callable[[dict[str, np.ndarray]], Mapping[str, np.ndarray]]
 
 
-def _claim_then_apply(events, claim: tuple, apply) -> bool:
-    """The memory backend's two steps: the claim, then the update; a failed update releases
-    its claim (a killed process takes both with it)."""
-    kind, ident, item, ttl_s = claim
-    won = events.claim(ident, item) if kind == "event" else events.claim_client_event(ident, ttl_s)
-    if not won:
-        return False
-    try:
-        apply()
-    except BaseException:
-        try:
-            events.release(ident, item) if kind == "event" else events.release_client_event(ident)
-        except Exception:  # the backend is still away: the claim stays (see above)
-            pass
-        raise
-    return True
+@runtime_checkable
+class Backend(Protocol):
+    """What the service needs from where it keeps its state (see the module docstring)."""
 
+    events: EventLog
+    catalog: Catalog
+    errors: tuple[type[BaseException], ...]
 
-class _AlreadyClaimed(Exception):
-    pass
-
-
-_PENDING = threading.local()  # the claim the next store update on this thread must win, inside its transaction
-
-
-def _apply_claimed(pending, apply) -> bool:
-    """Run ``apply`` with ``pending`` as the thread's pending claim; False if it was already won."""
-    _PENDING.claim = pending
-    try:
-        apply()
-        if _PENDING.claim is not None:  # the learner wrote without update_many: the claim was never made
-            raise RuntimeError("the online learner's update did not go through the store's update_many")
-    except _AlreadyClaimed:
-        return False
-    finally:
-        _PENDING.claim = None
-    return True
-
-
-def _sqlite_claim(conn, now: float, kind: str, ident: str, item, ttl_s) -> bool:
-    """The SQLite event log's claim (tables of :class:`~streamml.stores.SQLiteEventLog`) on ``conn``."""
-    from streamml.stores.codec import encode_key
-
-    if kind == "event":
-        row = conn.execute("SELECT expires FROM events WHERE event_id = ?", (ident,)).fetchone()
-        if row is None or row[0] <= now:
-            raise KeyError(f"unknown or expired event {ident!r}")
-        return conn.execute("INSERT OR IGNORE INTO claims(event_id, item) VALUES (?, ?)",
-                            (ident, encode_key(item, "claim item"))).rowcount == 1
-    return conn.execute(
-        "INSERT INTO client_events(id, expires) VALUES (?, ?) "
-        "ON CONFLICT(id) DO UPDATE SET expires = excluded.expires WHERE client_events.expires <= ?",
-        (str(ident), now + ttl_s, now),
-    ).rowcount == 1
-
-
-def _sqlite_claiming_store():
-    from streamml.stores import SQLiteStore
-
-    class ClaimingSQLiteStore(SQLiteStore):
-        """A SQLiteStore whose ``update_many`` first wins the thread's pending claim, in the
-        same transaction: the claim and the state update commit together or not at all."""
-
-        def update_many(self, keys, fn):
-            claim = getattr(_PENDING, "claim", None)
-            if claim is None:
-                return super().update_many(keys, fn)
-            _PENDING.claim = None  # one claim, one update
-
-            def claimed(state):
-                if not claim(self.db.conn):
-                    raise _AlreadyClaimed
-                return fn(state)
-
-            return super().update_many(keys, claimed)
-
-    return ClaimingSQLiteStore
-
-
-def _redis_claiming_store():
-    from streamml.stores.redis import RedisStore
-
-    class ClaimingRedisStore(RedisStore):
-        """A RedisStore whose ``update_many`` writes the thread's pending claim in the same
-        MULTI/EXEC or script (:meth:`~streamml.stores.redis.RedisStore.update_claimed`)."""
-
-        def update_many(self, keys, fn):
-            claim = getattr(_PENDING, "claim", None)
-            if claim is None:
-                return super().update_many(keys, fn)
-            _PENDING.claim = None  # one claim, one update
-            if not self.update_claimed(keys, fn, claim):
-                raise _AlreadyClaimed
-
-    return ClaimingRedisStore
-
-
-class MemoryEventLog:
-    """The event log in a dict (one process)."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._events: dict[str, tuple[dict, float]] = {}
-        self._claims: set[tuple[str, int]] = set()
-        self._client: dict[str, float] = {}
-
-    def create(self, event_id: str, record: dict, ttl_s: float) -> None:
-        with self._lock:
-            self._events[event_id] = (record, time.time() + ttl_s)
-
-    def get(self, event_id: str) -> dict | None:
-        hit = self._events.get(event_id)
-        return hit[0] if hit and hit[1] > time.time() else None
-
-    def claim(self, event_id: str, item_id: int) -> bool:
-        with self._lock:
-            key = (event_id, int(item_id))
-            if key in self._claims:
-                return False
-            self._claims.add(key)
-            return True
-
-    def release(self, event_id: str, item_id: int) -> None:
-        with self._lock:
-            self._claims.discard((event_id, int(item_id)))
-
-    def claim_client_event(self, client_event_id: str, ttl_s: float) -> bool:
-        with self._lock:
-            now = time.time()
-            if self._client.get(client_event_id, 0.0) > now:
-                return False
-            self._client[client_event_id] = now + ttl_s
-            return True
-
-    def release_client_event(self, client_event_id: str) -> None:
-        with self._lock:
-            self._client.pop(client_event_id, None)
-
-
-class MemoryCatalog:
-    """The item catalog in memory: global item ids in load order."""
-
-    def __init__(self):
-        self._queries: dict[str, tuple[np.ndarray, list[str], np.ndarray]] = {}
-        self._next = 0
-
-    def load_folder(self, path: str | Path, embedding_dim: int = 384) -> int:
-        n = 0
-        for query, texts, X in read_folder(path, embedding_dim):
-            ids = np.arange(self._next, self._next + len(texts))
-            self._next += len(texts)
-            self._queries[query] = (ids, texts, X.astype(np.float32))
-            n += len(texts)
-        return n
-
-    def queries(self) -> list[str]:
-        return sorted(self._queries)
-
-    def items(self, query: str):
-        return self._queries[query]
+    def state(self, schema: Schema, namespace: str) -> Store: ...
+    def claim_and_apply(self, claim: Claim, update: Update) -> bool: ...
+    def health(self) -> dict: ...
+    def close(self) -> None: ...
 
 
 class MemoryControl:
@@ -233,16 +83,25 @@ class MemoryBackend:
         self.events, self.catalog, self.control = MemoryEventLog(), MemoryCatalog(), MemoryControl()
         self._stores: dict[str, Store] = {}
 
-    def claim_and_apply(self, claim: tuple, apply) -> bool:
-        return _claim_then_apply(self.events, claim, apply)
+    def claim_and_apply(self, claim: Claim, update: Update) -> bool:
+        """The claim, then the update; a failed update releases its claim (a killed
+        process takes both with it: there is nothing durable here)."""
+        if not self.events.claim_of(claim):
+            return False
+        try:
+            update.store.update_many(update.keys, update.fn)
+        except BaseException:
+            self.events.release_of(claim)
+            raise
+        return True
 
     def state(self, schema: Schema, namespace: str) -> Store:
         if namespace not in self._stores:
             self._stores[namespace] = InMemoryStore(schema)
         return self._stores[namespace]
 
-    def ping(self) -> None:
-        pass
+    def health(self) -> dict:
+        return {"status": "ready"}
 
     def close(self) -> None:
         pass
@@ -258,7 +117,7 @@ class SQLiteBackend:
 
     With ``checkpoint_interval_s > 0`` (default) no request checkpoints the WAL: a
     :class:`~streamml.stores.sqlite.Checkpointer` thread of each worker does, every that
-    many seconds, so no request waits for a 16 MB copy and fsync (:mod:`streamml.stores.sqlite`).
+    many seconds, so no request waits for the WAL's copy and fsync (:mod:`streamml.stores.sqlite`).
     0 leaves checkpoints to SQLite, inside the commit that fills 1000 pages of WAL.
     """
 
@@ -279,16 +138,21 @@ class SQLiteBackend:
     def state(self, schema: Schema, namespace: str) -> Store:
         from streamml.stores import SQLiteStore
 
-        store = _sqlite_claiming_store()(schema, self.db, table=f"state_{namespace}")
+        store = SQLiteStore(schema, self.db, table=f"state_{namespace}")
         store.bind_head(namespace, on_mismatch="error")
         return store
 
-    def claim_and_apply(self, claim: tuple, apply) -> bool:
+    def claim_and_apply(self, claim: Claim, update: Update) -> bool:
         """Claim and update in one SQLite transaction: a killed process leaves both or neither."""
-        return _apply_claimed(lambda conn: _sqlite_claim(conn, self.events.clock(), *claim), apply)
+        return update.store.update_claimed(update.keys, update.fn, claim, self.events)
 
-    def ping(self) -> None:
-        self.db.conn.execute("SELECT 1").fetchone()
+    def health(self) -> dict:
+        """Ready if the file answers a read and its write lock can be had within a second (or
+        the busy timeout if shorter): every rank and reward writes, so a lock held longer means
+        they queue or fail. Every worker of the host shares the file: draining the host is right."""
+        self.db.conn.execute("SELECT 1 FROM meta LIMIT 1").fetchall()
+        self.db.probe_write(1.0)
+        return {"status": "ready"}
 
     def close(self) -> None:
         if self._checkpointer is not None:
@@ -316,16 +180,16 @@ class RedisControl:
         self._client, self._key = client, key
 
     def get(self) -> dict | None:
-        from streamml.stores.redis import _guard
+        from streamml.stores.redis_conn import guard
 
-        with _guard("control get"):
+        with guard("control get"):
             raw = self._client.get(self._key)
         return json.loads(raw) if raw else None
 
     def set(self, value: dict) -> None:
-        from streamml.stores.redis import _guard
+        from streamml.stores.redis_conn import guard
 
-        with _guard("control set"):
+        with guard("control set"):
             self._client.set(self._key, json.dumps(value))
 
 
@@ -358,25 +222,23 @@ class RedisBackend:
         self.errors = (StoreUnavailable,)
 
     def state(self, schema: Schema, namespace: str) -> Store:
-        store = _redis_claiming_store()(schema, self.client, prefix=f"{self.prefix}:s{namespace}")
+        from streamml.stores.redis import RedisStore
+
+        store = RedisStore(schema, self.client, prefix=f"{self.prefix}:s{namespace}")
         store.bind_head(namespace, on_mismatch="error")
         return store
 
-    def claim_and_apply(self, claim: tuple, apply) -> bool:
+    def claim_and_apply(self, claim: Claim, update: Update) -> bool:
         """Claim and update in one MULTI/EXEC (one script in a cluster): the claim's key carries the
         user's hash tag, so it shares the slot of the user's state. A killed process leaves both or
-        neither. A client event id is therefore first-wins per user here."""
-        from streamml.stores.redis import _ms
+        neither."""
+        return update.store.update_claimed(update.keys, update.fn, claim, self.events)
 
-        kind, ident, item, ttl_s = claim
-        ttl_ms = self.events.ttl_ms(ident) if kind == "event" else _ms(ttl_s)
-        return _apply_claimed(lambda tag: (self.events.claim_key(kind, ident, item, tag), ttl_ms), apply)
+    def health(self) -> dict:
+        """Every primary of a cluster, not only redis-py's default node (:func:`streamml.stores.redis.health`)."""
+        from streamml.stores.redis import health
 
-    def ping(self) -> None:
-        from streamml.stores.redis import _guard
-
-        with _guard("ping"):
-            self.client.ping()
+        return health(self.client)
 
     def close(self) -> None:
         self.client.close()

@@ -7,27 +7,33 @@ item is applied: the backend's ``claim(event_id, item)`` succeeds once across al
 workers, so a duplicate is acknowledged and not applied again. After the window a reward
 is refused (410): the user's state has moved on, and the logged propensities no longer
 describe what would be shown. Plain feedback (a caller that ranked elsewhere) is
-idempotent on the caller's own event id the same way.
+idempotent on the caller's own event id the same way, per user on every backend.
 
-Every check runs before anything is written, so bad input changes nothing. The claim and the
-update go through ``backend.claim_and_apply``: on SQLite and on Redis both commit in one
-transaction (on Redis the claim's key carries the user's hash tag, so it shares the slot of
-the user's state), so a failed update or a killed process leaves both or neither.
+Every check runs before anything is written, so bad input changes nothing. A reward then
+takes one path: :func:`learner_update` asks the online learner for its store update without
+running it (an :class:`~streamml.serve.backend.Update`), and ``backend.claim_and_apply(claim,
+update)`` hands it with its :class:`~streamml.stores.events.Claim` to the store's
+``update_claimed``: on SQLite and on Redis both commit in one transaction (on Redis the
+claim's key carries the user's hash tag, so it shares the slot of the user's state), so a
+failed update or a killed process leaves both or neither.
 Errors are :class:`ServeError` with the HTTP status to answer.
 """
 
 from __future__ import annotations
 
 import base64
+import copy
 import hashlib
 import time
-import uuid
-from functools import partial
+from collections.abc import Callable
 
 import numpy as np
 
+from streamml.online.policies import Thompson, policy_scores
 from streamml.serve import metrics, schemas
+from streamml.serve.backend import Update
 from streamml.serve.lifecycle import Served
+from streamml.stores.events import Claim
 
 __all__ = ["ServeError", "Limits", "bucket_of", "rank", "reward", "feedback", "user_state", "forget"]
 
@@ -116,7 +122,8 @@ def rank(served: Served, req: schemas.RankRequest, limits: Limits, events, polic
         else:
             X = _vectors(served, req.embeddings, "embeddings")
         head = served.head.score(req.query, X)
-        scores = learner.score(user, req.query, X, head=head)
+        ranked = _vector_policy_scores(policy, learner, user, req.query, X, head, rng)
+        scores = ranked if ranked.ndim == 1 else learner.score(user, req.query, X, head=head)
         cand_ids, texts = np.arange(len(X)), req.texts
     else:
         if req.items is None:
@@ -133,20 +140,22 @@ def rank(served: Served, req: schemas.RankRequest, limits: Limits, events, polic
                     raise ServeError(422, f"item {item} is given twice (items[{i}])")
                 seen.add(item)
                 rows[i] = row
-        scores = learner.score(user, req.query, rows)
+        # what the policy ranks: the scores, or Thompson's posterior draws (as in the simulator)
+        ranked = policy_scores(policy, learner, user, req.query, rows, rng)
+        scores = ranked if ranked.ndim == 1 else learner.score(user, req.query, rows)
         X = head = None
         texts = None
-    slate = policy.select(scores, req.k, rng)
-    shown = slate.items
+    rejected = events.rejected(user, req.query) if X is None else set()
+    shown, propensities = _select_without(policy, ranked, scores, req.k, rng, np.isin(cand_ids, list(rejected)))
     record["shown"] = cand_ids[shown].tolist()
-    record["propensities"] = slate.propensities.tolist()
+    record["propensities"] = propensities.tolist()
     if X is not None:
         record["vectors"], record["head"] = _encode(X[shown]), head[shown].tolist()
-    event_id = uuid.uuid4().hex
+    event_id = events.new_event_id(user)
     events.create(event_id, record, limits.retention_s)
     metrics.EVENTS.labels(bucket).inc()
     out = []
-    for pos, (c, p) in enumerate(zip(shown.tolist(), slate.propensities.tolist())):
+    for pos, (c, p) in enumerate(zip(shown.tolist(), propensities.tolist())):
         item = int(cand_ids[c])
         if texts is not None:
             text = texts[c]
@@ -157,6 +166,38 @@ def rank(served: Served, req: schemas.RankRequest, limits: Limits, events, polic
         out.append(schemas.Shown(item=item, position=pos, score=float(scores[c]), propensity=float(p), text=text))
     return schemas.RankResponse(event_id=event_id, user=user, query=req.query, items=out, policy=policy_name,
                                 bucket=bucket, model_version=served.version)
+
+
+def _select_without(policy, ranked: np.ndarray, scores: np.ndarray, k: int, rng,
+                    rejected: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The policy's slate over the candidates the user did not just reject: ``(shown, propensities)``.
+
+    Items rejected within the reward window never fill a slot, exploration or greedy: a
+    user reads a rejected item coming back as "my reject was ignored". The policy runs on
+    the other candidates, so its propensities are exact for them (they are the policy's,
+    given that set). Only if fewer than ``k`` remain do rejected items fill the last slots,
+    best score first: deterministic given the set, so their propensity is 1.
+    """
+    if not rejected.any():
+        slate = policy.select(ranked, k, rng)
+        return slate.items, slate.propensities
+    keep, drop = np.flatnonzero(~rejected), np.flatnonzero(rejected)
+    shown, props = np.zeros(0, np.int64), np.zeros(0)
+    if len(keep):
+        slate = policy.select(ranked[..., keep], k, rng)  # (n,) scores or (S, n) draws
+        shown, props = keep[slate.items], slate.propensities
+    fill = drop[np.argsort(-scores[drop], kind="stable")][: max(0, min(k, len(scores)) - len(shown))]
+    return np.concatenate([shown, fill]).astype(np.int64), np.concatenate([props, np.ones(len(fill))])
+
+
+def _vector_policy_scores(policy, learner, user: str, query: str, X: np.ndarray, head: np.ndarray, rng) -> np.ndarray:
+    """:func:`~streamml.online.policies.policy_scores` for raw candidate embeddings, which also
+    need their head scores (``policy_scores`` takes catalog ids, whose head scores the learner has)."""
+    if not isinstance(policy, Thompson):
+        return learner.score(user, query, X, head=head)
+    if getattr(learner, "has_posterior", False):
+        return learner.sample_scores(user, query, X, policy.n_samples, rng, head=head)
+    return np.asarray(learner.score(user, query, X, head=head))[None, :]  # no posterior: one draw, the greedy slate
 
 
 def _embed(texts: list[str]) -> np.ndarray:
@@ -172,15 +213,41 @@ def _label(label: str) -> int:
     return 1 if label == "accepted" else 0
 
 
-def _apply_item(served: Served, user: str, query: str, item: int, label: int) -> None:
-    served.learner.learn_one(user, query, served.row_of[item], label)
+class _Recorder:
+    """A stand-in for the learner's store that records the one update the learner asks for
+    (``update_many(keys, fn)``) instead of running it; reads go to the real store."""
+
+    def __init__(self, store):
+        self.store, self.schema, self.update = store, store.schema, None
+
+    def update_many(self, keys, fn) -> None:
+        if self.update is not None:
+            raise RuntimeError("the online learner asked for two updates where one claim guards one")
+        self.update = Update(self.store, list(keys), fn)
+
+    def get_many(self, keys):
+        return self.store.get_many(keys)
 
 
-def _apply_vector(served: Served, user: str, query: str, x: np.ndarray, head: float, label: int) -> None:
-    learn_vector = getattr(served.learner, "learn_vector", None)
-    if learn_vector is None:
+def learner_update(served: Served, learn: Callable[[object], None]) -> Update:
+    """The store update that ``learn(learner)`` (``learn_one``, ``learn_vector``) would make, not run:
+    a shallow copy of the learner (sharing its catalog arrays) writes to a :class:`_Recorder`."""
+    learner = copy.copy(served.learner)
+    learner.store = recorder = _Recorder(served.learner.store)
+    learn(learner)
+    if recorder.update is None:
+        raise RuntimeError(f"{type(learner).__name__} did not update through its store's update_many")
+    return recorder.update
+
+
+def _item_update(served: Served, user: str, query: str, item: int, label: int) -> Update:
+    return learner_update(served, lambda learner: learner.learn_one(user, query, served.row_of[item], label))
+
+
+def _vector_update(served: Served, user: str, query: str, x: np.ndarray, head: float, label: int) -> Update:
+    if not hasattr(served.learner, "learn_vector"):
         raise ServeError(501, "this online learner cannot learn from raw embeddings (no learn_vector)")
-    learn_vector(user, query, x, head, label)
+    return learner_update(served, lambda learner: learner.learn_vector(user, query, x, head, label))
 
 
 def reward(served: Served, event_id: str, req: schemas.RewardRequest, limits: Limits, backend) -> schemas.RewardResponse:
@@ -204,12 +271,14 @@ def reward(served: Served, event_id: str, req: schemas.RewardRequest, limits: Li
     results, applied = [], 0
     for r in req.rewards:
         if vectors is None:
-            apply = partial(_apply_item, served, user, query, r.item, _label(r.label))
+            update = _item_update(served, user, query, r.item, _label(r.label))
         else:
             j = shown[r.item]
-            apply = partial(_apply_vector, served, user, query, vectors[j], record["head"][j], _label(r.label))
+            update = _vector_update(served, user, query, vectors[j], record["head"][j], _label(r.label))
+        if vectors is None and r.label == "rejected":  # kept out of this user's slates for the window
+            backend.events.note_rejected(user, query, r.item, limits.window_s)
         try:
-            won = backend.claim_and_apply(("event", event_id, r.item, None), apply)
+            won = backend.claim_and_apply(Claim("event", user, event_id, r.item), update)
         except KeyError:  # expired since the get above
             raise ServeError(404, f"unknown or expired event {event_id!r}") from None
         if not won:
@@ -229,14 +298,16 @@ def feedback(served: Served, req: schemas.FeedbackRequest, limits: Limits, backe
         row = served.row_of.get(req.item)
         if row is None or row < items.rows[0] or row > items.rows[-1]:
             raise ServeError(404, f"unknown item {req.item} for query {req.query!r}")
-        apply = partial(_apply_item, served, user, req.query, req.item, _label(req.label))
+        update = _item_update(served, user, req.query, req.item, _label(req.label))
+        if req.label == "rejected":
+            backend.events.note_rejected(user, req.query, req.item, limits.window_s)
     else:
         x = _vectors(served, [req.embedding], "embedding")[0]
         if not hasattr(served.learner, "learn_vector"):
             raise ServeError(501, "this online learner cannot learn from raw embeddings (no learn_vector)")
         head = float(served.head.score(req.query, x[None])[0])
-        apply = partial(_apply_vector, served, user, req.query, x, head, _label(req.label))
-    if not backend.claim_and_apply(("client", req.event_id, None, limits.client_event_ttl_s), apply):
+        update = _vector_update(served, user, req.query, x, head, _label(req.label))
+    if not backend.claim_and_apply(Claim("client", user, req.event_id, ttl_s=limits.client_event_ttl_s), update):
         metrics.DUPLICATES.labels("feedback").inc()
         return schemas.FeedbackResponse(event_id=req.event_id, status="duplicate")
     metrics.UPDATES.labels("feedback").inc()
@@ -260,5 +331,7 @@ def user_state(served: Served, user: str, bucket: str) -> schemas.UserState:
     return schemas.UserState(user=user, model_version=served.version, bucket=bucket, queries=stored)
 
 
-def forget(served: Served, user: str) -> None:
+def forget(served: Served, user: str, events) -> None:
+    """Forget the user's residuals and recent rejects: a forgotten user is a cold start."""
     served.learner.forget(user)
+    events.forget_rejected(user)

@@ -17,10 +17,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from streamml.serve.model import Head, load_head, resolve_model_uri
+
+if TYPE_CHECKING:
+    from streamml.online.learner import ResidualLearner
 
 __all__ = ["Prepared", "Served", "Lifecycle", "bootstrap"]
 
@@ -47,7 +51,7 @@ class Prepared:
 @dataclass
 class Served:
     head: Head
-    learner: object  # ResidualLearner (interfaces.md §2)
+    learner: ResidualLearner
     queries: dict[str, QueryItems]
     row_of: dict[int, int]
 

@@ -9,10 +9,17 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
+from fastapi import Path, Query
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints, model_validator
 
-UserId = Annotated[str, StringConstraints(min_length=1, max_length=256)] | StrictInt
-QueryId = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+MAX_ID = 256  # characters of a user, query or client event id
+# every integer the service takes fits int64 (item ids are numpy int64): a larger one is a 422, not an OverflowError
+Int64 = Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)]
+UserId = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID)] | Int64
+# GET/DELETE of a user: the same ids as a string (an integer id 42 is the user "42")
+UserQuery = Annotated[str, Query(min_length=1, max_length=MAX_ID, description="the user id, any accepted string")]
+UserPath = Annotated[str, Path(min_length=1, max_length=MAX_ID, description="the user id; prefer ?user= for ids with '/'")]
+QueryId = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID)]
 Label = Literal["accepted", "rejected"]
 # NaN and inf are refused here: JSON parsers accept the literals NaN and Infinity
 Vector = list[Annotated[float, Field(allow_inf_nan=False)]]
@@ -28,8 +35,8 @@ class RankRequest(_Body):
 
     user: UserId = Field(description="any string or integer; an unknown user is a cold start")
     query: QueryId
-    k: int = Field(10, ge=1, description="how many items to show")
-    items: list[StrictInt] | None = Field(None, description="catalog item ids of the query")
+    k: int = Field(10, ge=1, le=2**31, description="how many items to show (at most limits.max_k)")
+    items: list[Int64] | None = Field(None, description="catalog item ids of the query")
     embeddings: list[Vector] | None = Field(None, description="raw candidate embeddings")
     texts: list[str] | None = Field(None, description="raw candidate texts (needs the text extra)")
 
@@ -60,7 +67,7 @@ class RankResponse(BaseModel):
 
 
 class Reward(_Body):
-    item: StrictInt = Field(description="an item of the event, as returned by rank")
+    item: Int64 = Field(description="an item of the event, as returned by rank")
     label: Label
 
 
@@ -86,10 +93,10 @@ class FeedbackRequest(_Body):
     user: UserId
     query: QueryId
     label: Label
-    event_id: Annotated[str, StringConstraints(min_length=1, max_length=256)] = Field(
+    event_id: Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID)] = Field(
         description="the caller's own event id; a repeat is acknowledged and not applied again"
     )
-    item: StrictInt | None = Field(None, description="catalog item id")
+    item: Int64 | None = Field(None, description="catalog item id")
     embedding: Vector | None = Field(None, description="raw embedding of an item outside the catalog")
 
     @model_validator(mode="after")

@@ -10,7 +10,7 @@ Only ints, strings and (nested) tuples of them are accepted: a float key such as
 A record is one fixed-size blob: the fields' bytes, in schema order, in their
 dtypes' native byte order. One blob per key means one row (SQLite) or one string
 (Redis) per key, a single read or write per key whatever the schema holds, and no
-per-field overhead (a Redis hash costs ~60 bytes per field). Fields have fixed
+per-field overhead (a Redis hash pays some per field: ``experiments/serve_stores_figures.md``). Fields have fixed
 shapes, so a field is a fixed byte range of the blob. The schema's
 :attr:`RecordCodec.signature` is stored next to the data so that opening it with
 another schema fails instead of reading garbage.
@@ -25,7 +25,25 @@ import numpy as np
 
 from streamml.stores.base import Field, Keys, as_key_list
 
-__all__ = ["plain_key", "encode_key", "encode_keys", "RecordCodec", "check_unique"]
+__all__ = ["plain_key", "encode_key", "encode_keys", "RecordCodec", "check_unique", "to_json"]
+
+
+def _jsonable(v):
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    raise TypeError(f"event record value {v!r} of type {type(v).__name__} is not JSON serialisable")
+
+
+def to_json(record) -> str:
+    """Compact JSON of an event record; numpy scalars and arrays become numbers and lists,
+    anything else JSON cannot hold is a ``TypeError`` (the same on every event log).
+
+    >>> to_json({"k": np.int64(3), "x": np.array([0.5])})
+    '{"k":3,"x":[0.5]}'
+    """
+    return json.dumps(record, default=_jsonable, separators=(",", ":"))
 
 
 def plain_key(key: Hashable, where: str = "key"):

@@ -4,9 +4,9 @@
   (:mod:`streamml.stores.codec`), at ``prefix:{user}`` or ``prefix:{user}:[query]``.
   The braces are a hash tag: every key of one user lands in one cluster slot, so a
   user's keys can be read and written in one transaction. A string per key costs
-  Redis ~60-100 bytes over the payload; a hash per user with a field per query
-  would save the per-key overhead only while the hash stays small (listpack),
-  which a 768-byte field already exceeds.
+  Redis a per-key overhead over the payload; a hash per user with a field per query
+  would save it only while the hash stays small (listpack), which one residual
+  field already exceeds (``experiments/serve_stores_figures.md``).
 - **Atomic updates: WATCH/MULTI with retry.** ``update_many`` WATCHes the keys,
   reads them, applies ``fn`` (numpy, in this process) and writes them in
   MULTI/EXEC; if another client wrote one of them meanwhile, EXEC aborts, nothing
@@ -36,86 +36,42 @@
   MULTI/EXEC (one Lua script in a cluster). A worker killed between the claim and
   the update would otherwise leave a claim without its update, and the client's
   retry would read as a duplicate: a lost update.
+
+Modules: :mod:`~streamml.stores.redis_conn` (clients, hash tags, readiness), this one (the
+state store), :mod:`~streamml.stores.redis_events` (the event log and the catalog).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
-import time
 from collections.abc import Callable, Hashable, Iterator, Mapping
-from pathlib import Path
 
 import numpy as np
 import redis
-from redis.backoff import NoBackoff
-from redis.cluster import RedisCluster
-from redis.retry import Retry
+from redis.crc import key_slot
 
 from streamml.stores.base import Field, Store, as_key_list
 from streamml.stores.codec import Keys, RecordCodec, check_unique, encode_key, encode_keys, plain_key
-from streamml.stores.errors import HeadMismatch, StoreUnavailable
-from streamml.stores.sqlite import _jsonable
+from streamml.stores.errors import HeadMismatch
+from streamml.stores.events import Claim
+from streamml.stores.redis_conn import (
+    CHUNK,
+    check_prefix,
+    client_of,
+    connect,
+    dumps,
+    guard,
+    health,
+    is_cluster,
+    key_tag,
+    ms,
+    slot_tag,
+    user_tag,
+)
+from streamml.stores.redis_events import RedisEventLog, RedisItems
 
-__all__ = ["connect", "RedisStore", "RedisEventLog", "RedisItems"]
-
-_UNAVAILABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.ClusterError)
-_CHUNK = 1000
-
-
-def _dumps(v) -> str:
-    return json.dumps(v, separators=(",", ":"))
-
-
-def connect(url: str, timeout_s: float = 0.5) -> redis.Redis | RedisCluster:
-    """A client that fails fast: ``redis://host:port/db`` or ``redis-cluster://host:port``.
-
-    Socket timeouts of ``timeout_s`` and no automatic retries (a retried EXEC or claim
-    could apply twice): the caller sees :class:`StoreUnavailable` at once."""
-    opts = dict(socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
-    if url.startswith("redis-cluster://"):
-        return RedisCluster.from_url("redis://" + url[len("redis-cluster://") :], retry=Retry(NoBackoff(), 0), **opts)
-    return redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **opts)
-
-
-@contextlib.contextmanager
-def _guard(what: str) -> Iterator[None]:
-    try:
-        yield
-    except _UNAVAILABLE as e:
-        raise StoreUnavailable(f"Redis unavailable during {what}: {type(e).__name__}: {e}") from e
-
-
-def _client(client_or_url) -> redis.Redis | RedisCluster:
-    return connect(client_or_url) if isinstance(client_or_url, str) else client_or_url
-
-
-def _tag(plain) -> str:
-    """The hash tag of a plain key: its user (first part), so a user's keys share a slot."""
-    return _dumps(plain[0] if type(plain) is list and len(plain) >= 2 else plain)
-
-
-def _check_prefix(prefix: str) -> str:
-    """A namespace without hash-tag braces or glob characters; a trailing ``:`` is dropped."""
-    if not re.fullmatch(r"[A-Za-z0-9_.:\-]*[A-Za-z0-9_.\-]:?", prefix):
-        raise ValueError(f"prefix must be letters, digits, '_', '.', '-' or ':', got {prefix!r}")
-    return prefix.rstrip(":")
-
-
-class _Slots:
-    """Per-slot access to a plain or cluster client: a multi-key transaction goes to
-    a client of the node that owns the keys' slot."""
-
-    def __init__(self, client):
-        self.client = client
-        self.cluster = isinstance(client, RedisCluster)
-
-    def node(self, rkey: str) -> redis.Redis:
-        """A plain client on the node that owns ``rkey`` (the client itself if not a cluster)."""
-        if not self.cluster:
-            return self.client
-        return self.client.get_redis_connection(self.client.get_node_from_key(rkey))
+__all__ = ["connect", "health", "RedisStore", "RedisEventLog", "RedisItems", "user_tag", "slot_tag", "guard", "ms"]
 
 
 class RedisStore(Store):
@@ -141,13 +97,13 @@ class RedisStore(Store):
             raise ValueError(f"on_schema_mismatch must be 'error' or 'reset', got {on_schema_mismatch!r}")
         self.codec = RecordCodec(schema)
         self.schema: dict[str, Field] = self.codec.schema
-        self.client = _client(client)
-        self.prefix = _check_prefix(prefix)
+        self.client = client_of(client)
+        self.prefix = check_prefix(prefix)
         self.max_attempts = int(max_attempts)
-        self._slots = _Slots(self.client)
+        self.cluster = is_cluster(self.client)
         self._meta = f"{self.prefix}:meta"
         self._claimed_cas = self.client.register_script(_CLAIMED_CAS)
-        with _guard("opening the store"):
+        with guard("opening the store"):
             stored = self.client.hget(self._meta, "schema")
             if stored is not None and stored.decode() != self.codec.signature:
                 if on_schema_mismatch == "error":
@@ -159,7 +115,7 @@ class RedisStore(Store):
             self.client.hset(self._meta, "schema", self.codec.signature)
 
     def __repr__(self) -> str:
-        return f"RedisStore(prefix={self.prefix!r}, fields={list(self.schema)}, cluster={self._slots.cluster})"
+        return f"RedisStore(prefix={self.prefix!r}, fields={list(self.schema)}, cluster={self.cluster})"
 
     def rkey(self, encoded: str) -> str:
         """The Redis key of an encoded key: ``prefix:{user}`` or ``prefix:{user}:[rest]``."""
@@ -169,8 +125,8 @@ class RedisStore(Store):
 
     def _rkey_of(self, plain) -> str:
         if type(plain) is list and len(plain) >= 2:
-            return f"{self.prefix}:{{{_tag(plain)}}}:{_dumps(plain[1:])}"
-        return f"{self.prefix}:{{{_tag(plain)}}}"
+            return f"{self.prefix}:{{{key_tag(plain)}}}:{dumps(plain[1:])}"
+        return f"{self.prefix}:{{{key_tag(plain)}}}"
 
     def _rkeys(self, keys: Keys, op: str, unique: bool = False) -> list[str]:
         p = self.prefix
@@ -189,23 +145,23 @@ class RedisStore(Store):
     # ---- reads
     def _mget(self, client, rkeys: list[str]) -> list[bytes | None]:
         out = []
-        for i in range(0, len(rkeys), _CHUNK):
-            out += client.mget(rkeys[i : i + _CHUNK])
+        for i in range(0, len(rkeys), CHUNK):
+            out += client.mget(rkeys[i : i + CHUNK])
         return out
 
     def get_many(self, keys: Keys) -> dict[str, np.ndarray]:
         rkeys = self._rkeys(keys, "get_many")
         blobs: list[bytes | None] = [None] * len(rkeys)
-        with _guard("get_many"):
-            if self._slots.cluster:
-                for i in range(0, len(rkeys), _CHUNK):
-                    blobs[i : i + _CHUNK] = self.client.mget_nonatomic(rkeys[i : i + _CHUNK])
+        with guard("get_many"):
+            if self.cluster:
+                for i in range(0, len(rkeys), CHUNK):
+                    blobs[i : i + CHUNK] = self.client.mget_nonatomic(rkeys[i : i + CHUNK])
             else:
                 blobs = self._mget(self.client, rkeys)
         return self.codec.unpack(blobs)
 
     def __contains__(self, key: Hashable) -> bool:
-        with _guard("__contains__"):
+        with guard("__contains__"):
             return bool(self.client.exists(self.rkey(encode_key(key))))
 
     def _scan(self) -> Iterator[bytes]:
@@ -214,7 +170,7 @@ class RedisStore(Store):
 
     def __len__(self) -> int:
         """Number of stored keys (a SCAN over the prefix: O(keys), for tests and tools)."""
-        with _guard("__len__"):
+        with guard("__len__"):
             return sum(1 for _ in self._scan())
 
     # ---- writes
@@ -230,8 +186,8 @@ class RedisStore(Store):
         ``claim`` is ``(key, ttl_ms)``, a key in the slot of ``rkeys``: then nothing is
         written and False returned if it exists, else it is set in the same MULTI/EXEC
         (in a cluster, the same script) as the new blobs."""
-        with _guard(op):
-            if self._slots.cluster:
+        with guard(op):
+            if self.cluster:
                 return self._cas_claimed(rkeys, compute, op, *claim) if claim else self._cas(rkeys, compute, op)
             watched = rkeys + [claim[0]] if claim else rkeys
             for _ in range(self.max_attempts):
@@ -242,8 +198,8 @@ class RedisStore(Store):
                         return False
                     blobs = compute(base)
                     pipe.multi()
-                    for j in range(0, len(rkeys), _CHUNK):
-                        pipe.mset(dict(zip(rkeys[j : j + _CHUNK], blobs[j : j + _CHUNK])))
+                    for j in range(0, len(rkeys), CHUNK):
+                        pipe.mset(dict(zip(rkeys[j : j + CHUNK], blobs[j : j + CHUNK])))
                     if claim:
                         pipe.set(claim[0], 1, px=claim[1])
                     try:
@@ -266,8 +222,8 @@ class RedisStore(Store):
 
     def _cas(self, rkeys, compute, op) -> None:
         base: list[bytes | None] = []
-        for i in range(0, len(rkeys), _CHUNK):
-            base += self.client.mget_nonatomic(rkeys[i : i + _CHUNK])
+        for i in range(0, len(rkeys), CHUNK):
+            base += self.client.mget_nonatomic(rkeys[i : i + CHUNK])
         pending = list(range(len(rkeys)))
         for _ in range(self.max_attempts):
             blobs = compute(base)
@@ -291,16 +247,16 @@ class RedisStore(Store):
             return
         if len(vals) == len(self.schema):  # no stored field survives: blind writes
             blobs = self.codec.pack(vals, len(rkeys))
-            with _guard("put_many"):
-                if self._slots.cluster:  # a SET per key, pipelined per node
+            with guard("put_many"):
+                if self.cluster:  # a SET per key, pipelined per node
                     pipe = self.client.pipeline()
                     for k, b in zip(rkeys, blobs):
                         pipe.set(k, b)
                     pipe.execute()
                 else:  # one MULTI/EXEC: all or nothing
                     pipe = self.client.pipeline(transaction=True)
-                    for j in range(0, len(rkeys), _CHUNK):
-                        pipe.mset(dict(zip(rkeys[j : j + _CHUNK], blobs[j : j + _CHUNK])))
+                    for j in range(0, len(rkeys), CHUNK):
+                        pipe.mset(dict(zip(rkeys[j : j + CHUNK], blobs[j : j + CHUNK])))
                     pipe.execute()
             return
         self._transact(rkeys, lambda base: self.codec.pack(vals, len(rkeys), base), "put_many")
@@ -320,38 +276,41 @@ class RedisStore(Store):
         self._transact(rkeys, compute, "update_many")
 
     def update_claimed(self, keys: Keys, fn: Callable[[dict[str, np.ndarray]], Mapping[str, np.ndarray]],
-                       claim: Callable[[str], tuple[str, int]]) -> bool:
-        """:meth:`update_many` of one user's ``keys`` together with a claim: both commit or neither.
-
-        ``claim(tag)`` gives ``(claim key, ttl_ms)`` for the user's hash tag ``tag``, a key
-        that must carry ``{tag}`` so it shares the slot of ``keys``. Returns False and
-        writes nothing if that key already exists (the claim was won before)."""
+                       claim: Claim, events: RedisEventLog) -> bool:
+        """:meth:`update_many` of ``claim.user``'s ``keys`` together with ``claim`` in ``events``: one
+        MULTI/EXEC (one script in a cluster), so both commit or neither. The claim's key carries the
+        user's hash tag, so it shares the slot of the keys. False, and nothing written, if the claim
+        was won before; ``KeyError`` if a reward's event is unknown or expired."""
         plain = [plain_key(k, "update_claimed") for k in as_key_list(keys)]
-        tags = {_tag(k) for k in plain}
-        if len(tags) != 1:
-            raise ValueError(f"update_claimed: the keys must belong to one user (one hash tag), got tags {sorted(tags)}")
+        tags = {key_tag(k) for k in plain}
+        if tags != {user_tag(claim.user)}:
+            raise ValueError(f"update_claimed: the keys must be those of the claim's user {claim.user!r} "
+                             f"(hash tag {user_tag(claim.user)}), got tags {sorted(tags)}")
         rkeys = [self._rkey_of(k) for k in plain]
         check_unique(rkeys, "update_claimed")
-        claim_key, ttl_ms = claim(tags.pop())
+        ttl_ms = events.ttl_ms(claim.ident) if claim.kind == "event" else ms(claim.ttl_s)
 
         def compute(base):
             return self.codec.pack(fn(self.codec.unpack(base)), len(rkeys), base)
 
+        claim_key = events.claim_key(claim)  # a reward: in its event's slot, which new event ids make the user's
+        if key_slot(claim_key.encode()) != key_slot(rkeys[0].encode()):  # an event id that names no slot (older ids)
+            claim_key = events.claim_key(claim, tags.pop())
         return self._transact(rkeys, compute, "update_claimed", (claim_key, ttl_ms))
 
     def delete_many(self, keys: Keys) -> None:
         rkeys = list(dict.fromkeys(self._rkeys(keys, "delete_many")))
-        with _guard("delete_many"):
-            for i in range(0, len(rkeys), _CHUNK):
-                self.client.delete(*rkeys[i : i + _CHUNK])
+        with guard("delete_many"):
+            for i in range(0, len(rkeys), CHUNK):
+                self.client.delete(*rkeys[i : i + CHUNK])
 
     def clear(self) -> None:
         """Delete every key of this prefix's state (SCAN + DEL: not atomic with writers)."""
-        with _guard("clear"):
+        with guard("clear"):
             batch = []
             for k in self._scan():
                 batch.append(k)
-                if len(batch) == _CHUNK:
+                if len(batch) == CHUNK:
                     self.client.delete(*batch)
                     batch = []
             if batch:
@@ -360,7 +319,7 @@ class RedisStore(Store):
     # ---- head fingerprint
     @property
     def head_fingerprint(self) -> str | None:
-        with _guard("head_fingerprint"):
+        with guard("head_fingerprint"):
             v = self.client.hget(self._meta, "head_fingerprint")
         return None if v is None else v.decode()
 
@@ -381,7 +340,7 @@ class RedisStore(Store):
             )
         if old is not None and on_mismatch == "reset":
             self.clear()
-        with _guard("bind_head"):
+        with guard("bind_head"):
             self.client.hset(self._meta, "head_fingerprint", fingerprint)
         return "bound" if old is None else ("reset" if on_mismatch == "reset" else "kept")
 
@@ -412,147 +371,3 @@ for i = 1, n do redis.call('set', KEYS[i + 1], ARGV[n + 1 + i]) end
 redis.call('set', KEYS[1], '1', 'PX', ARGV[1])
 return 1
 """
-
-
-def _ms(ttl_s: float) -> int:
-    if ttl_s <= 0:
-        raise ValueError(f"ttl_s must be positive, got {ttl_s}")
-    return max(1, int(ttl_s * 1000))
-
-
-class RedisEventLog:
-    """Served events, reward claims and client event ids in Redis; the contract of
-    :class:`streamml.stores.sqlite.SQLiteEventLog` (expiry by Redis itself).
-
-    Every claim method takes a ``tag``: the hash tag of the claim's key (default: the
-    event or client event id's own). Claims are first-wins per tag; the service tags
-    them with the user, see :meth:`RedisStore.update_claimed`."""
-
-    def __init__(self, client, prefix: str = "streamml"):
-        self.client = _client(client)
-        self.prefix = _check_prefix(prefix)
-
-    def _key(self, event_id: str) -> str:
-        return f"{self.prefix}:ev:{{{_dumps(str(event_id))}}}"
-
-    def claim_key(self, kind: str, ident: str, item: Hashable = None, tag: str | None = None) -> str:
-        """The key of a claim: ``kind`` ``"event"`` (``ident`` an event id, ``item`` shown in it)
-        or ``"client"`` (``ident`` a client event id), under the hash tag ``tag``."""
-        ident = _dumps(str(ident))
-        tag = ident if tag is None else tag
-        if kind == "event":
-            return f"{self.prefix}:claim:{{{tag}}}:e:{ident}:{encode_key(item, 'claim item')}"
-        if kind == "client":
-            return f"{self.prefix}:claim:{{{tag}}}:c:{ident}"
-        raise ValueError(f"claim kind must be 'event' or 'client', got {kind!r}")
-
-    def ttl_ms(self, event_id: str) -> int:
-        """The event's remaining lifetime (ms), which its claims get; KeyError if unknown or expired."""
-        with _guard("event ttl"):
-            ttl = self.client.pttl(self._key(event_id))
-        if ttl < 0:
-            raise KeyError(f"unknown or expired event {event_id!r}")
-        return ttl
-
-    def create(self, event_id: str, record: Mapping, ttl_s: float) -> None:
-        ttl_ms = _ms(ttl_s)
-        with _guard("event create"):
-            rec = dict(record)
-            rec.setdefault("created", time.time())
-            text = json.dumps(rec, default=_jsonable, separators=(",", ":"))
-            if not self.client.set(self._key(event_id), text, nx=True, px=ttl_ms):
-                raise ValueError(f"event {event_id!r} already exists")
-
-    def get(self, event_id: str) -> dict | None:
-        with _guard("event get"):
-            text = self.client.get(self._key(event_id))
-        return None if text is None else json.loads(text)
-
-    def claim(self, event_id: str, item: Hashable, tag: str | None = None) -> bool:
-        key = self.claim_key("event", event_id, item, tag)
-        ttl_ms = self.ttl_ms(event_id)
-        with _guard("claim"):
-            return bool(self.client.set(key, 1, nx=True, px=ttl_ms))
-
-    def release(self, event_id: str, item: Hashable, tag: str | None = None) -> None:
-        with _guard("release"):
-            self.client.delete(self.claim_key("event", event_id, item, tag))
-
-    def claim_client_event(self, client_event_id: str, ttl_s: float, tag: str | None = None) -> bool:
-        ttl_ms = _ms(ttl_s)
-        with _guard("claim_client_event"):
-            return bool(self.client.set(self.claim_key("client", client_event_id, tag=tag), 1, nx=True, px=ttl_ms))
-
-    def release_client_event(self, client_event_id: str, tag: str | None = None) -> None:
-        with _guard("release_client_event"):
-            self.client.delete(self.claim_key("client", client_event_id, tag=tag))
-
-
-class RedisItems:
-    """The item catalog in Redis, one hash per query under one hash tag (one slot);
-    the contract of :class:`streamml.stores.sqlite.SQLiteItems`."""
-
-    def __init__(self, client, prefix: str = "streamml"):
-        self.client = _client(client)
-        self.prefix = _check_prefix(prefix)
-        self._meta = f"{self.prefix}:items:{{catalog}}"
-        self._node = _Slots(self.client).node(self._meta)
-
-    def _qkey(self, query: str) -> str:
-        return f"{self._meta}:q:{json.dumps(str(query))}"
-
-    def load_folder(self, folder: str | Path, embedding_dim: int = 384) -> int:
-        """Replace the catalog with the query files of ``folder`` (one MULTI/EXEC)."""
-        from streamml.data import load_queries
-
-        data = load_queries(folder, embedding_dim=embedding_dim, min_per_class=0)
-        X = np.ascontiguousarray(data.X, np.float32)
-        qcol = data.frame["query_id"].to_numpy()
-        texts = data.frame["text"].tolist()
-        with _guard("items load_folder"):
-            old = self.queries()
-            pipe = self._node.pipeline(transaction=True)
-            for q in old:
-                pipe.delete(self._qkey(q))
-            for q in data.query_ids:
-                rows = np.flatnonzero(qcol == q)
-                pipe.hset(self._qkey(q), mapping={
-                    "ids": rows.astype(np.int64).tobytes(),
-                    "texts": json.dumps([texts[i] for i in rows]),
-                    "X": X[rows].tobytes(),
-                })
-            pipe.hset(self._meta, mapping={"queries": json.dumps(list(data.query_ids)),
-                                           "fingerprint": data.fingerprint, "embedding_dim": X.shape[1]})
-            pipe.execute()
-        return len(X)
-
-    @property
-    def fingerprint(self) -> str | None:
-        with _guard("items fingerprint"):
-            v = self._node.hget(self._meta, "fingerprint")
-        return None if v is None else v.decode()
-
-    def queries(self) -> list[str]:
-        with _guard("items queries"):
-            v = self._node.hget(self._meta, "queries")
-        return [] if v is None else json.loads(v)
-
-    def items(self, query: str) -> tuple[np.ndarray, list[str], np.ndarray]:
-        with _guard("items"):
-            h = self._node.hgetall(self._qkey(query))
-            dim = self._node.hget(self._meta, "embedding_dim")
-        if not h:
-            raise KeyError(f"unknown query {query!r}; the catalog has {self.queries()}")
-        ids = np.frombuffer(h[b"ids"], np.int64).copy()
-        return ids, json.loads(h[b"texts"]), np.frombuffer(h[b"X"], np.float32).reshape(len(ids), int(dim)).copy()
-
-    def all(self) -> tuple[np.ndarray, list[str], list[str], np.ndarray]:
-        parts = [(q, *self.items(q)) for q in self.queries()]
-        if not parts:
-            return np.zeros(0, np.int64), [], [], np.zeros((0, 0), np.float32)
-        ids = np.concatenate([p[1] for p in parts])
-        queries = [p[0] for p in parts for _ in p[1]]
-        texts = [t for p in parts for t in p[2]]
-        X = np.concatenate([p[3] for p in parts])
-        order = np.argsort(ids, kind="stable")
-        return ids[order], [queries[i] for i in order], [texts[i] for i in order], X[order]

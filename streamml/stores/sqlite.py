@@ -10,8 +10,8 @@ busy timeout instead of failing.
   schema is the learner's to choose (a rule may add a field): no table migration
   when it changes, one row read per key, and no per-column overhead. The table
   has an integer rowid: new rows append to the end of the table b-tree, so its
-  pages stay full, and 16 KiB pages hold ~19 records of ~800 bytes each (with
-  4 KiB pages only 4 fit, ~1 KiB per key).
+  pages stay full; 16 KiB pages fit several residual records where 4 KiB pages
+  waste most of each page (``experiments/serve_stores_figures.md``).
 - **Atomicity:** ``update_many`` reads, applies ``fn`` and writes inside one
   ``BEGIN IMMEDIATE`` transaction, which takes the write lock before reading, so
   two processes updating one key serialise and none of N updates is lost.
@@ -22,9 +22,9 @@ busy timeout instead of failing.
   to survive those too, at the cost of an fsync per write.
 - **Checkpoints:** SQLite copies the WAL back into the database file (a checkpoint,
   with an fsync) once the WAL passes ``autocheckpoint`` pages, inside the commit
-  that crossed the mark. With 16 KiB pages a rank and a reward append ~100 KB of WAL,
-  so at a few hundred requests per second that is a 16 MB checkpoint every second or
-  so, stalling the request that pays for it and those queued behind it. :class:`Checkpointer` runs them
+  that crossed the mark. At a few hundred requests per second that is a checkpoint of
+  megabytes every second or so (``experiments/serve_stores_figures.md``), stalling the
+  request that pays for it and those queued behind it. :class:`Checkpointer` runs them
   on a thread instead (``PASSIVE``: it never blocks readers or writers, and sqlite3
   releases the GIL meanwhile); a service sets ``autocheckpoint=0`` on the request
   connections and starts one. Checkpoints do not change durability: a commit is in
@@ -41,212 +41,32 @@ busy timeout instead of failing.
 
 Load the item catalog from a folder of query files with
 ``python -m streamml.stores.sqlite load data/queries --db state.db``.
+
+The file's parts each have a module: :mod:`~streamml.stores.sqlite_db` (connection,
+transactions, checkpointer), this one (the state store), :mod:`~streamml.stores.sqlite_events`
+(the event log) and :mod:`~streamml.stores.sqlite_items` (the catalog and the CLI).
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import json
-import os
 import re
 import sqlite3
-import threading
-import time
-from collections.abc import Callable, Hashable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from pathlib import Path
 
 import numpy as np
 
 from streamml.stores.base import Field, Store
 from streamml.stores.codec import Keys, RecordCodec, check_unique, encode_key, encode_keys
-from streamml.stores.errors import HeadMismatch, StoreUnavailable
+from streamml.stores.errors import HeadMismatch
+from streamml.stores.events import Claim
+from streamml.stores.sqlite_db import Checkpointer, SQLiteDB, chunks, open_db
+from streamml.stores.sqlite_events import SQLiteEventLog
+from streamml.stores.sqlite_items import SQLiteItems, load_items, main
 
 __all__ = ["SQLiteDB", "Checkpointer", "SQLiteStore", "SQLiteEventLog", "SQLiteItems", "load_items", "main"]
 
-_CHUNK = 500  # keys per statement: well under SQLite's limit on bound variables
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-
-class SQLiteDB:
-    """One SQLite file in WAL mode, with a connection per process and thread.
-
-    Parameters
-    ----------
-    path
-        The database file (created if absent).
-    synchronous
-        ``"NORMAL"`` (survives a killed process) or ``"FULL"`` (also survives an OS
-        crash, one fsync per commit); see the module docstring.
-    busy_timeout_s
-        How long a writer waits for another process's write lock before failing
-        with :class:`StoreUnavailable`.
-    page_size
-        Bytes per page of a new file (ignored for an existing one).
-    autocheckpoint
-        WAL pages after which a commit also checkpoints (SQLite's ``wal_autocheckpoint``);
-        0: never in a commit, leave it to a :class:`Checkpointer` (or :meth:`checkpoint`).
-    """
-
-    def __init__(self, path: str | Path, synchronous: str = "NORMAL", busy_timeout_s: float = 10.0, page_size: int = 16384,
-                 autocheckpoint: int = 1000):
-        if synchronous.upper() not in ("NORMAL", "FULL"):
-            raise ValueError(f"synchronous must be 'NORMAL' or 'FULL', got {synchronous!r}")
-        self.path = Path(path)
-        self.synchronous = synchronous.upper()
-        self.busy_timeout_s = float(busy_timeout_s)
-        self.page_size = int(page_size)
-        self.autocheckpoint = int(autocheckpoint)
-        if self.autocheckpoint < 0:
-            raise ValueError(f"autocheckpoint must be >= 0 pages, got {autocheckpoint}")
-        self._local = threading.local()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.conn  # create the file and set its page size and journal mode now
-
-    def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k != "_local"}
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._local = threading.local()
-
-    def __repr__(self) -> str:
-        return f"SQLiteDB({str(self.path)!r})"
-
-    @property
-    def conn(self) -> sqlite3.Connection:
-        local = self._local
-        if getattr(local, "pid", None) != os.getpid():
-            # autocommit mode: transactions are opened explicitly (BEGIN IMMEDIATE)
-            conn = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None, check_same_thread=True)
-            conn.execute(f"PRAGMA page_size={self.page_size}")  # only takes effect on an empty file
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute(f"PRAGMA synchronous={self.synchronous}")
-            conn.execute(f"PRAGMA wal_autocheckpoint={self.autocheckpoint}")
-            local.conn, local.pid = conn, os.getpid()
-        return local.conn
-
-    def close(self) -> None:
-        """Close this thread's connection (the next use opens a new one)."""
-        conn = getattr(self._local, "conn", None)
-        if conn is not None and self._local.pid == os.getpid():
-            conn.close()
-        self._local = threading.local()
-
-    @contextlib.contextmanager
-    def transaction(self, write: bool = True) -> Iterator[sqlite3.Connection]:
-        """``BEGIN IMMEDIATE`` (write) or ``BEGIN`` (a consistent read) ... ``COMMIT``;
-        rolls back on any exception. A lock held past the busy timeout raises
-        :class:`StoreUnavailable`."""
-        conn = self.conn
-        try:
-            if write:
-                self._begin_immediate(conn)
-            else:
-                conn.execute("BEGIN")
-        except sqlite3.OperationalError as e:
-            raise StoreUnavailable(f"SQLite {self.path}: {e}") from e
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        else:
-            try:
-                conn.execute("COMMIT")
-            except sqlite3.OperationalError as e:
-                conn.execute("ROLLBACK")
-                raise StoreUnavailable(f"SQLite {self.path}: {e}") from e
-
-    def _begin_immediate(self, conn: sqlite3.Connection) -> None:
-        """``BEGIN IMMEDIATE``, retried every 0.2 ms (later 1 ms) while another connection
-        holds the write lock, up to the busy timeout. SQLite's own busy handler sleeps 1, 2,
-        5, 10, 15, 20, 25 ms ... between tries, so a writer queued behind a 0.3 ms commit of
-        another worker would wait 1-8 ms, and tens of ms behind a slow one."""
-        conn.execute("PRAGMA busy_timeout=0")
-        try:
-            deadline = time.monotonic() + self.busy_timeout_s
-            tries = 0
-            while True:
-                try:
-                    conn.execute("BEGIN IMMEDIATE")
-                    return
-                except sqlite3.OperationalError as e:
-                    if conn.in_transaction or "locked" not in str(e) or time.monotonic() > deadline:
-                        raise
-                tries += 1
-                time.sleep(0.0002 if tries < 50 else 0.001)
-        finally:
-            conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_s * 1000)}")
-
-    def checkpoint(self, mode: str = "PASSIVE") -> tuple[int, int]:
-        """A checkpoint on this thread's connection. ``PASSIVE`` copies what it can of the WAL
-        into the database without waiting for readers or writers; ``RESTART`` also waits (busy
-        timeout) for a moment without writers and then starts the WAL over from its beginning.
-        Returns (WAL frames, frames checkpointed); (-1, -1) if it could not run."""
-        if mode not in ("PASSIVE", "RESTART"):
-            raise ValueError(f"mode must be 'PASSIVE' or 'RESTART', got {mode!r}")
-        try:
-            busy, frames, done = self.conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
-        except sqlite3.OperationalError:  # "database is locked": another process's checkpoint runs
-            return -1, -1
-        return (-1, -1) if busy else (frames, done)
-
-    def meta_get(self, conn: sqlite3.Connection, key: str) -> str | None:
-        row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return None if row is None else row[0]
-
-    def meta_set(self, conn: sqlite3.Connection, key: str, value: str) -> None:
-        conn.execute("INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, value))
-
-    def ensure_meta(self) -> None:
-        self.conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-
-
-class Checkpointer:
-    """A daemon thread that checkpoints ``db`` every ``interval_s`` seconds, on its own
-    connection, until :meth:`stop`. Use it with ``SQLiteDB(..., autocheckpoint=0)``, so no
-    request pays for a checkpoint; each process that writes may run one (a checkpoint
-    already running elsewhere is skipped).
-
-    Each tick is a ``PASSIVE`` checkpoint. Under steady writes that alone never lets the
-    WAL start over (new commits land while it copies), so once the WAL holds more than
-    ``restart_frames`` frames a ``RESTART`` checkpoint follows the passive one: it waits for
-    a gap between commits, copies the few frames committed since, and starts the WAL over;
-    writers wait for it about as long as for a few other commits.
-    """
-
-    def __init__(self, db: SQLiteDB, interval_s: float = 0.1, restart_frames: int = 1000):
-        if interval_s <= 0:
-            raise ValueError(f"interval_s must be positive, got {interval_s}")
-        self.db, self.interval_s, self.restart_frames = db, float(interval_s), int(restart_frames)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"checkpoint {db.path.name}", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        conn = self.db.conn  # this thread's own connection
-        try:
-            while not self._stop.wait(self.interval_s):
-                frames, done = self.db.checkpoint()
-                if frames > self.restart_frames:
-                    self.db.checkpoint("RESTART")
-        finally:
-            conn.close()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not threading.current_thread():
-            self._thread.join(10)
-
-
-def _db(db: SQLiteDB | str | Path, **kwargs) -> SQLiteDB:
-    return db if isinstance(db, SQLiteDB) else SQLiteDB(db, **kwargs)
-
-
-def _chunks(seq: list, size: int = _CHUNK):
-    for i in range(0, len(seq), size):
-        yield seq[i : i + size]
 
 
 class SQLiteStore(Store):
@@ -286,7 +106,7 @@ class SQLiteStore(Store):
             raise ValueError(f"on_schema_mismatch must be 'error' or 'reset', got {on_schema_mismatch!r}")
         self.codec = RecordCodec(schema)
         self.schema: dict[str, Field] = self.codec.schema
-        self.db = _db(path, **db_kwargs)
+        self.db = open_db(path, **db_kwargs)
         self.table = table
         self.db.ensure_meta()
         with self.db.transaction() as conn:
@@ -309,7 +129,7 @@ class SQLiteStore(Store):
     # ---- reads
     def _read(self, conn: sqlite3.Connection, enc: list[str]) -> list[bytes | None]:
         found: dict[str, bytes] = {}
-        for part in _chunks(list(dict.fromkeys(enc))):
+        for part in chunks(list(dict.fromkeys(enc))):
             q = f"SELECT key, value FROM {self.table} WHERE key IN ({','.join('?' * len(part))})"
             found.update(conn.execute(q, part).fetchall())
         return [found.get(k) for k in enc]
@@ -354,12 +174,31 @@ class SQLiteStore(Store):
             if enc:
                 self._write(conn, enc, self.codec.pack(vals, len(enc), base))
 
+    def update_claimed(self, keys: Keys, fn: Callable[[dict[str, np.ndarray]], Mapping[str, np.ndarray]],
+                       claim: Claim, events: SQLiteEventLog) -> bool:
+        """:meth:`update_many` in the transaction that wins ``claim`` in ``events`` (a log of the
+        same file): both commit or neither, so a process killed in between leaves no claim
+        without its update. False, and nothing written, if the claim was won before; ``KeyError``
+        if a reward's event is unknown or expired."""
+        if events.db.path != self.db.path:
+            raise ValueError(f"the claim's event log ({events.db.path}) is not in the store's file ({self.db.path})")
+        enc = encode_keys(keys, "update_claimed")
+        check_unique(enc, "update_claimed")
+        with self.db.transaction() as conn:
+            if not events.claim_in(conn, claim):
+                return False
+            base = self._read(conn, enc)
+            vals = self.codec.check_values(fn(self.codec.unpack(base)), len(enc))
+            if enc:
+                self._write(conn, enc, self.codec.pack(vals, len(enc), base))
+        return True
+
     def delete_many(self, keys: Keys) -> None:
         enc = list(dict.fromkeys(encode_keys(keys, "delete_many")))
         if not enc:
             return
         with self.db.transaction() as conn:
-            for part in _chunks(enc):
+            for part in chunks(enc):
                 conn.execute(f"DELETE FROM {self.table} WHERE key IN ({','.join('?' * len(part))})", part)
 
     def clear(self) -> None:
@@ -399,214 +238,6 @@ class SQLiteStore(Store):
                 conn.execute(f"DELETE FROM {self.table}")
             self.db.meta_set(conn, f"{self.table}.head_fingerprint", fingerprint)
             return "bound" if old is None else ("reset" if on_mismatch == "reset" else "kept")
-
-
-def _jsonable(v):
-    if isinstance(v, np.generic):
-        return v.item()
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    raise TypeError(f"event record value {v!r} of type {type(v).__name__} is not JSON serialisable")
-
-
-class SQLiteEventLog:
-    """Served events, the rewards claimed on them, and client event ids, with expiry.
-
-    ``create`` stores an event's record (user, query, shown items, propensities,
-    model version, bucket ...) as JSON, stamped with ``created`` (epoch seconds);
-    it is kept ``ttl_s`` seconds. The service judges late rewards by ``created``;
-    the TTL only bounds how long events are kept. ``claim`` is first-wins per
-    (event, item); ``claim_client_event`` is first-wins per client id until it expires;
-    ``release`` and ``release_client_event`` undo a claim whose update then failed.
-
-    Examples
-    --------
-    >>> import tempfile, pathlib
-    >>> log = SQLiteEventLog(pathlib.Path(tempfile.mkdtemp()) / "state.db")
-    >>> log.create("e1", {"user": 7, "items": [3, 5]}, ttl_s=60)
-    >>> log.get("e1")["items"], log.get("nope")
-    ([3, 5], None)
-    >>> log.claim("e1", 3), log.claim("e1", 3), log.claim("e1", 5)
-    (True, False, True)
-    """
-
-    def __init__(self, path: SQLiteDB | str | Path, clock: Callable[[], float] = time.time, **db_kwargs):
-        self.db = _db(path, **db_kwargs)
-        self.clock = clock
-        self._creates = 0
-        self.db.ensure_meta()
-        with self.db.transaction() as conn:
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS events (event_id TEXT PRIMARY KEY, created REAL NOT NULL, "
-                "expires REAL NOT NULL, record TEXT NOT NULL)"
-            )
-            conn.execute("CREATE INDEX IF NOT EXISTS events_expires ON events(expires)")
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS claims (event_id TEXT NOT NULL, item TEXT NOT NULL, "
-                "PRIMARY KEY (event_id, item)) WITHOUT ROWID"
-            )
-            conn.execute("CREATE TABLE IF NOT EXISTS client_events (id TEXT PRIMARY KEY, expires REAL NOT NULL) WITHOUT ROWID")
-
-    def create(self, event_id: str, record: Mapping, ttl_s: float) -> None:
-        """Store a new event; an existing, unexpired ``event_id`` is a ``ValueError``."""
-        if ttl_s <= 0:
-            raise ValueError(f"ttl_s must be positive, got {ttl_s}")
-        now = self.clock()
-        rec = dict(record)
-        rec.setdefault("created", now)
-        text = json.dumps(rec, default=_jsonable, separators=(",", ":"))
-        self._creates += 1
-        if self._creates % 1000 == 0:
-            self.purge()
-        with self.db.transaction() as conn:
-            row = conn.execute("SELECT expires FROM events WHERE event_id = ?", (event_id,)).fetchone()
-            if row is not None and row[0] > now:
-                raise ValueError(f"event {event_id!r} already exists")
-            if row is not None:
-                conn.execute("DELETE FROM claims WHERE event_id = ?", (event_id,))
-            conn.execute(
-                "INSERT OR REPLACE INTO events(event_id, created, expires, record) VALUES (?, ?, ?, ?)",
-                (event_id, rec["created"], now + ttl_s, text),
-            )
-
-    def get(self, event_id: str) -> dict | None:
-        """The event's record (with ``created``), or None if unknown or expired."""
-        row = self.db.conn.execute("SELECT expires, record FROM events WHERE event_id = ?", (event_id,)).fetchone()
-        if row is None or row[0] <= self.clock():
-            return None
-        return json.loads(row[1])
-
-    def claim(self, event_id: str, item: Hashable) -> bool:
-        """True exactly once per (event, item): for the first reward of that item.
-
-        Raises ``KeyError`` if the event is unknown or expired."""
-        item_key = encode_key(item, "claim item")
-        with self.db.transaction() as conn:
-            row = conn.execute("SELECT expires FROM events WHERE event_id = ?", (event_id,)).fetchone()
-            if row is None or row[0] <= self.clock():
-                raise KeyError(f"unknown or expired event {event_id!r}")
-            cur = conn.execute("INSERT OR IGNORE INTO claims(event_id, item) VALUES (?, ?)", (event_id, item_key))
-            return cur.rowcount == 1
-
-    def release(self, event_id: str, item: Hashable) -> None:
-        """Undo a claim whose update could not be applied, so a retried reward counts."""
-        with self.db.transaction() as conn:
-            conn.execute("DELETE FROM claims WHERE event_id = ? AND item = ?", (event_id, encode_key(item, "release item")))
-
-    def release_client_event(self, client_event_id: str) -> None:
-        """Undo :meth:`claim_client_event` (its update could not be applied)."""
-        with self.db.transaction() as conn:
-            conn.execute("DELETE FROM client_events WHERE id = ?", (str(client_event_id),))
-
-    def claim_client_event(self, client_event_id: str, ttl_s: float) -> bool:
-        """True the first time ``client_event_id`` is seen within ``ttl_s`` seconds
-        (idempotent plain feedback); False for a repeat."""
-        if ttl_s <= 0:
-            raise ValueError(f"ttl_s must be positive, got {ttl_s}")
-        now = self.clock()
-        with self.db.transaction() as conn:
-            cur = conn.execute(
-                "INSERT INTO client_events(id, expires) VALUES (?, ?) "
-                "ON CONFLICT(id) DO UPDATE SET expires = excluded.expires WHERE client_events.expires <= ?",
-                (str(client_event_id), now + ttl_s, now),
-            )
-            return cur.rowcount == 1
-
-    def purge(self) -> int:
-        """Delete expired events, their claims and expired client ids; returns events deleted."""
-        now = self.clock()
-        with self.db.transaction() as conn:
-            conn.execute("DELETE FROM claims WHERE event_id IN (SELECT event_id FROM events WHERE expires <= ?)", (now,))
-            n = conn.execute("DELETE FROM events WHERE expires <= ?", (now,)).rowcount
-            conn.execute("DELETE FROM client_events WHERE expires <= ?", (now,))
-        return n
-
-
-class SQLiteItems:
-    """The item catalog: each query's items with their text and embedding.
-
-    Item ids are the row positions of :func:`streamml.data.load_queries` over the
-    folder (the online learner's catalog ids for the same folder); queries are the
-    query files' stems.
-
-    Examples
-    --------
-    >>> import tempfile, pathlib
-    >>> items = SQLiteItems(pathlib.Path(tempfile.mkdtemp()) / "state.db")
-    >>> items.queries()
-    []
-    """
-
-    def __init__(self, path: SQLiteDB | str | Path, **db_kwargs):
-        self.db = _db(path, **db_kwargs)
-        self.db.ensure_meta()
-        with self.db.transaction() as conn:
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS items (item_id INTEGER PRIMARY KEY, query TEXT NOT NULL, "
-                "text TEXT NOT NULL, embedding BLOB NOT NULL)"
-            )
-            conn.execute("CREATE INDEX IF NOT EXISTS items_query ON items(query, item_id)")
-
-    def load_folder(self, folder: str | Path, embedding_dim: int = 384) -> int:
-        """Replace the catalog with the query files of ``folder``; returns the item count."""
-        from streamml.data import load_queries  # pandas: only needed when loading
-
-        data = load_queries(folder, embedding_dim=embedding_dim, min_per_class=0)  # serving needs no minimum
-        X = np.ascontiguousarray(data.X, np.float32)
-        rows = zip(range(len(X)), data.frame["query_id"].tolist(), data.frame["text"].tolist(), (x.tobytes() for x in X))
-        with self.db.transaction() as conn:
-            conn.execute("DELETE FROM items")
-            conn.executemany("INSERT INTO items(item_id, query, text, embedding) VALUES (?, ?, ?, ?)", rows)
-            self.db.meta_set(conn, "items.fingerprint", data.fingerprint)
-            self.db.meta_set(conn, "items.embedding_dim", str(X.shape[1]))
-            self.db.meta_set(conn, "items.queries", json.dumps(list(data.query_ids)))
-        return len(X)
-
-    @property
-    def fingerprint(self) -> str | None:
-        """The loaded folder's data fingerprint (:attr:`streamml.data.QueryData.fingerprint`)."""
-        return self.db.meta_get(self.db.conn, "items.fingerprint")
-
-    def queries(self) -> list[str]:
-        """Query ids, in file order."""
-        text = self.db.meta_get(self.db.conn, "items.queries")
-        return [] if text is None else json.loads(text)
-
-    def _rows(self, where: str = "", args: tuple = ()):
-        rows = self.db.conn.execute(f"SELECT item_id, query, text, embedding FROM items {where} ORDER BY item_id", args).fetchall()
-        ids = np.array([r[0] for r in rows], np.int64)
-        dim = int(self.db.meta_get(self.db.conn, "items.embedding_dim") or 0)
-        X = np.frombuffer(b"".join(r[3] for r in rows), np.float32).reshape(len(rows), dim).copy()
-        return ids, [r[1] for r in rows], [r[2] for r in rows], X
-
-    def items(self, query: str) -> tuple[np.ndarray, list[str], np.ndarray]:
-        """``(ids (n,), texts, X (n, d) float32)`` of one query; ``KeyError`` if unknown."""
-        ids, _, texts, X = self._rows("WHERE query = ?", (str(query),))
-        if not len(ids):
-            raise KeyError(f"unknown query {query!r}; the catalog has {self.queries()}")
-        return ids, texts, X
-
-    def all(self) -> tuple[np.ndarray, list[str], list[str], np.ndarray]:
-        """``(ids, query of each item, texts, X)`` of the whole catalog (to build a learner)."""
-        return self._rows()
-
-
-def load_items(db: SQLiteDB | str | Path, folder: str | Path, embedding_dim: int = 384) -> int:
-    """Load a folder of query files into the catalog of ``db``; returns the item count."""
-    return SQLiteItems(db).load_folder(folder, embedding_dim=embedding_dim)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m streamml.stores.sqlite load FOLDER --db state.db``."""
-    parser = argparse.ArgumentParser(prog="python -m streamml.stores.sqlite", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    load = sub.add_parser("load", help="load a folder of query JSON files into the item catalog")
-    load.add_argument("folder")
-    load.add_argument("--db", default="state.db")
-    load.add_argument("--embedding-dim", type=int, default=384)
-    args = parser.parse_args(argv)
-    n = load_items(args.db, args.folder, args.embedding_dim)
-    print(f"loaded {n} items of {len(SQLiteItems(args.db).queries())} queries into {args.db}")
 
 
 if __name__ == "__main__":

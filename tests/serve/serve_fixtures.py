@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from tests.serve.serve_helpers import serve_cfg, write_queries
 from streamml import tracking
 from streamml.data import load_queries
 from streamml.offline.heads import LinearHeads
 from streamml.offline.losses import ranknet
 from streamml.offline.module import HeadLearner
+from tests.serve.serve_helpers import serve_cfg, write_queries
 
 
 def _fitted(data, seed: int) -> HeadLearner:
@@ -44,7 +44,7 @@ def served_models(tmp_path_factory):
     uris = []
     for seed in (0, 1):
         with mlflow.start_run():
-            model_uri = tracking.log_model(_fitted(data, seed), data.query_ids, data.X.shape[1])
+            tracking.log_model(_fitted(data, seed), data.query_ids, data.X.shape[1])
         run_id = mlflow.last_active_run().info.run_id
         uris.append(f"runs:/{run_id}/model")
     return items_dir, uri, uris

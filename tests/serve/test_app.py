@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import json
 import uuid
+from urllib.parse import quote
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from omegaconf import open_dict
 
-from tests.serve.serve_helpers import serve_cfg, vec
 from streamml.serve import events as events_mod
 from streamml.serve.app import create_app
+from streamml.serve.schemas import MAX_ID
+from tests.serve.serve_helpers import serve_cfg, vec
 
 QUERY = "topic_0"
 
@@ -85,7 +89,8 @@ def metric(client, name: str, labels: str = "") -> float:
 # ---------------------------------------------------------------- rank
 def test_rank_returns_event_scores_propensities_model_and_policy(client, user):
     out = rank(client, user, k=4)
-    assert len(out["event_id"]) == 32 and out["user"] == user and out["query"] == QUERY
+    assert len(out["event_id"]) in (32, 36) and int(out["event_id"], 16) >= 0  # 36 on Redis: + the user's slot
+    assert out["user"] == user and out["query"] == QUERY
     assert [s["position"] for s in out["items"]] == [0, 1, 2, 3]
     assert all(0 < s["propensity"] <= 1 for s in out["items"])
     assert all(s["text"].startswith("topic 0 sentence") for s in out["items"])
@@ -165,15 +170,37 @@ def test_reward_of_several_items_and_a_duplicate_inside_one_request(client, user
     assert [x["status"] for x in out["results"]] == ["applied", "applied", "duplicate"]
 
 
-def test_reward_on_raw_embeddings_needs_learn_vector(client, user):
-    ev = rank(client, user, k=2, embeddings=[vec(seed=1), vec(seed=2)])
+def test_a_reward_on_raw_embeddings_is_learned(client, user):
+    x = [vec(seed=1), vec(seed=2)]
+    ev = rank(client, user, k=2, embeddings=x)
+    before = {s["item"]: s["score"] for s in rank(client, user, k=2, embeddings=x)["items"]}
     r = client.post(f"/v1/events/{ev['event_id']}/reward", json={"rewards": [{"item": 0, "label": "accepted"}]})
-    learner = client.app.state.lifecycle.current.learner
-    if hasattr(learner, "learn_vector"):
-        assert r.status_code == 200 and r.json()["applied"] == 1
-    else:  # the learner of this branch has no learn_vector yet (interfaces.md §2)
-        assert r.status_code == 501 and "learn_vector" in r.json()["detail"]
-        assert residuals(client, user) == {}
+    assert r.status_code == 200 and r.json()["applied"] == 1
+    assert residuals(client, user)[QUERY] > 0
+    after = {s["item"]: s["score"] for s in rank(client, user, k=2, embeddings=x)["items"]}
+    assert after[0] > before[0]  # the accepted vector scores higher on the next request
+
+
+def test_a_learner_without_learn_vector_refuses_raw_rewards_with_501(client, user, monkeypatch):
+    served = client.app.state.lifecycle.current
+
+    class NoVectors:  # the learner as one without learn_vector would be (interfaces.md §2)
+        def __init__(self, learner):
+            self._learner = learner
+
+        def __getattr__(self, name):
+            if name == "learn_vector":
+                raise AttributeError(name)
+            return getattr(self._learner, name)
+
+    ev = rank(client, user, k=2, embeddings=[vec(seed=1), vec(seed=2)])
+    monkeypatch.setattr(served, "learner", NoVectors(served.learner))
+    r = client.post(f"/v1/events/{ev['event_id']}/reward", json={"rewards": [{"item": 0, "label": "accepted"}]})
+    assert r.status_code == 501 and "learn_vector" in r.json()["detail"]
+    body = {"user": user, "query": QUERY, "embedding": vec(seed=3), "label": "accepted", "event_id": user}
+    r = client.post("/v1/feedback", json=body)
+    assert r.status_code == 501 and "learn_vector" in r.json()["detail"]
+    assert residuals(client, user) == {}
 
 
 def test_late_reward_is_refused_with_410_and_changes_nothing(client, user, monkeypatch):
@@ -211,6 +238,37 @@ def test_bad_rewards_are_4xx_and_apply_nothing(client, user, body, status, messa
     assert residuals(client, user) == {}
 
 
+def test_out_of_range_integers_in_rewards_and_feedback_are_422(client, user):
+    ev = rank(client, user, k=2)
+    r = client.post(f"/v1/events/{ev['event_id']}/reward", json={"rewards": [{"item": 2**63, "label": "accepted"}]})
+    assert r.status_code == 422 and "less than or equal to 9223372036854775807" in r.text
+    body = {"user": user, "query": QUERY, "item": -(2**63) - 1, "label": "accepted", "event_id": user}
+    r = client.post("/v1/feedback", json=body)
+    assert r.status_code == 422 and "greater than or equal to" in r.text
+    assert residuals(client, user) == {}
+
+
+@pytest.mark.parametrize("rule", ["pointwise", "laplace"])
+def test_thompson_serves_through_policy_scores(served_models, rule, user):
+    """``explore=thompson`` ranks posterior draws (``policy_scores``, as the simulator does): with
+    a rule that keeps a posterior the propensities are Monte Carlo estimates; without one, Thompson
+    gets the scores as its one draw and shows the greedy slate."""
+    cfg = serve_cfg(*served_models[:2], overrides=["explore=thompson", f"rule={rule}"])
+    with TestClient(create_app(cfg)) as c:
+        out = rank(c, user, k=5)
+        assert out["policy"] == "Thompson(n_samples=100)" and len(out["items"]) == 5
+        props = [s["propensity"] for s in out["items"]]
+        assert all(0.01 <= p <= 1 for p in props)
+        if rule == "pointwise":
+            assert props == [1.0] * 5 and [s["score"] for s in out["items"]] == sorted((s["score"] for s in out["items"]), reverse=True)
+        else:  # a cold user's posterior is wide: the draws disagree on some positions
+            assert min(props) < 1.0
+        raw = rank(c, user, k=2, embeddings=[vec(seed=1), vec(seed=2), vec(seed=3)])
+        assert len(raw["items"]) == 2 and all(0 < s["propensity"] <= 1 for s in raw["items"])
+        r = c.post(f"/v1/events/{out['event_id']}/reward", json={"rewards": [{"item": out["items"][0]["item"], "label": "accepted"}]})
+        assert r.status_code == 200 and r.json()["applied"] == 1
+
+
 def test_unknown_event_is_404(client, user):
     r = client.post("/v1/events/nope/reward", json={"rewards": [{"item": 0, "label": "accepted"}]})
     assert r.status_code == 404 and "unknown or expired event 'nope'" in r.json()["detail"]
@@ -237,6 +295,10 @@ def _rank_cases():
         ({"user": ""}, 422, "user"),
         ({"user": 1.5}, 422, "user"),
         ({"colour": "red"}, 422, "Extra inputs are not permitted"),
+        ({"items": [9223372036854775808]}, 422, "less than or equal to 9223372036854775807"),  # was an OverflowError, 500
+        ({"items": [-9223372036854775809]}, 422, "greater than or equal to -9223372036854775808"),
+        ({"user": 2**64}, 422, "user"),
+        ({"k": 10**30}, 422, "k"),
     ]
 
 
@@ -280,6 +342,16 @@ def test_feedback_is_idempotent_on_the_client_event_id(client, user):
     assert client.post("/v1/feedback", json={**body, "event_id": user + "client-2"}).json()["status"] == "applied"
 
 
+def test_a_feedback_event_id_is_per_user_on_every_backend(client, user):
+    """User B reusing user A's event id is B's first feedback: applied, never dropped as A's duplicate."""
+    other = user + "-b"
+    body = {"user": user, "query": QUERY, "item": 3, "label": "accepted", "event_id": "shared-id"}
+    assert client.post("/v1/feedback", json=body).json()["status"] == "applied"
+    assert client.post("/v1/feedback", json={**body, "user": other}).json()["status"] == "applied"
+    assert residuals(client, other) == residuals(client, user) and residuals(client, other)[QUERY] > 0
+    assert client.post("/v1/feedback", json={**body, "user": other}).json()["status"] == "duplicate"
+
+
 @pytest.mark.parametrize("change, status, message", [
     ({"item": 999}, 404, "unknown item 999"),
     ({"query": "weather"}, 404, "unknown query"),
@@ -312,6 +384,28 @@ def test_get_and_delete_a_user(client, user):
     assert client.delete("/v1/users/never-seen").status_code == 200
 
 
+def test_an_item_the_user_just_rejected_is_not_shown_again_within_the_window(client, user):
+    """Neither an exploration slot nor a greedy one shows a reject of the reward window; another
+    user still sees the item, and forgetting the user forgets the rejects too."""
+    ev = rank(client, user, k=5)
+    by_reward = ev["items"][0]["item"]
+    r = client.post(f"/v1/events/{ev['event_id']}/reward", json={"rewards": [{"item": by_reward, "label": "rejected"}]})
+    assert r.status_code == 200 and r.json()["applied"] == 1
+    by_feedback = ev["items"][1]["item"]
+    body = {"user": user, "query": QUERY, "item": by_feedback, "label": "rejected", "event_id": user + "rej"}
+    assert client.post("/v1/feedback", json=body).json()["status"] == "applied"
+    for _ in range(15):  # 2 of 5 slots explore 35 candidates: 15 slates would show each item ~3 times
+        out = rank(client, user, k=5)
+        assert {by_reward, by_feedback}.isdisjoint(s["item"] for s in out["items"])
+        assert all(0 < s["propensity"] <= 1 for s in out["items"])
+    other = next(i for i in range(40) if i not in (by_reward, by_feedback))
+    shown = [s["item"] for s in rank(client, user, k=3, items=[by_reward, by_feedback, other])["items"]]
+    assert shown[0] == other and sorted(shown[1:]) == sorted([by_reward, by_feedback])  # only when nothing else is left
+    assert by_reward in {s["item"] for s in rank(client, user + "-other", k=40)["items"]}
+    assert client.delete("/v1/users", params={"user": user}).status_code == 200
+    assert {by_reward, by_feedback} <= {s["item"] for s in rank(client, user, k=40)["items"]}
+
+
 def test_integer_and_string_user_ids_are_one_user(client, user):
     client.post("/v1/feedback", json={"user": 42, "query": QUERY, "item": 1, "label": "accepted", "event_id": user + "i"})
     assert list(residuals(client, "42")) == [QUERY]
@@ -342,7 +436,7 @@ def test_bearer_token_guards_everything_but_health(cfg, monkeypatch):
         body = {"user": "a", "query": QUERY}
         for method, path, kw in [("post", "/v1/rank", {"json": body}), ("get", "/v1/users/a", {}),
                                  ("delete", "/v1/users/a", {}), ("get", "/metrics", {}),
-                                 ("post", "/v1/feedback", {"json": {}}), ("post", "/v1/admin/rollback", {}),
+                                 ("post", "/v1/feedback", {"json": {}}),
                                  ("post", "/v1/events/x/reward", {"json": {}}), ("get", "/v1/model", {})]:
             r = getattr(c, method)(path, **kw)
             assert r.status_code == 401, path
@@ -350,6 +444,21 @@ def test_bearer_token_guards_everything_but_health(cfg, monkeypatch):
             assert r.status_code == 401, path
         assert c.post("/v1/rank", json=body, headers={"Authorization": "Bearer s3cret"}).status_code == 200
         assert c.get("/healthz").status_code == 200 and c.get("/readyz").status_code == 200
+        r = c.post("/v1/admin/rollback", headers={"Authorization": "Bearer s3cret"})  # the user token is not an admin's
+        assert r.status_code == 403 and "STREAMML_ADMIN_TOKEN" in r.json()["detail"]
+
+
+def test_reload_and_rollback_need_the_admin_token(cfg, monkeypatch):
+    monkeypatch.setenv("STREAMML_TOKEN", "s3cret")
+    monkeypatch.setenv("STREAMML_ADMIN_TOKEN", "adm1n")
+    with TestClient(create_app(cfg)) as c:
+        for headers in ({}, {"Authorization": "Bearer s3cret"}, {"Authorization": "Bearer wrong"}):
+            for path in ("/v1/admin/rollback", "/v1/admin/reload"):
+                r = c.post(path, headers=headers)
+                assert r.status_code == 401 and "admin bearer token" in r.json()["detail"], (path, headers)
+        r = c.post("/v1/admin/rollback", headers={"Authorization": "Bearer adm1n"})
+        assert r.status_code == 409 and "no previous model" in r.json()["detail"]  # past the guard
+        assert c.get("/v1/model", headers={"Authorization": "Bearer s3cret"}).status_code == 200
 
 
 # ---------------------------------------------------------------- model lifecycle
@@ -424,3 +533,63 @@ def test_rank_raw_texts_through_the_embedder(client, user, monkeypatch):
     assert seen == ["a wildfire", "an election"]
     assert sorted(s["item"] for s in out["items"]) == [0, 1]
     assert {s["text"] for s in out["items"]} == {"a wildfire", "an election"}
+
+
+# ---------------------------------------------------------------- any accepted user id can be seen and forgotten
+ID_CHARS = st.characters(codec="utf-8")  # every character JSON and UTF-8 can carry (no lone surrogates)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(user=st.one_of(
+    st.text(ID_CHARS, min_size=1, max_size=MAX_ID),
+    st.sampled_from(["a/b", "/", "//x/", ".", "..", "../x", "a%2Fb", "?x=1#y", "ü/ß/ℤ", "x" * MAX_ID, " ", "\x00"]),
+))
+def test_any_accepted_user_id_round_trips_through_get_and_delete(client, user):
+    """A user id that rank and feedback accept can be read and forgotten: ``?user=`` carries
+    any of them, where a path segment cannot (``/``, ``..``, ``%2F`` are rewritten before routing)."""
+    body = {"user": user, "query": QUERY, "item": 3, "label": "accepted", "event_id": uuid.uuid4().hex}
+    assert client.post("/v1/feedback", json=body).json()["status"] == "applied"
+    got = client.get("/v1/users", params={"user": user})
+    assert got.status_code == 200, got.text
+    assert got.json()["user"] == user and [q["query"] for q in got.json()["queries"]] == [QUERY]
+    gone = client.delete("/v1/users", params={"user": user})
+    assert gone.status_code == 200 and gone.json() == {"user": user, "deleted": True}
+    assert client.get("/v1/users", params={"user": user}).json()["queries"] == []
+
+
+def test_the_user_path_route_carries_slashes_and_refuses_what_it_cannot(client):
+    user = f"team/{uuid.uuid4().hex}/ü"
+    body = {"user": user, "query": QUERY, "item": 3, "label": "accepted", "event_id": user}
+    assert client.post("/v1/feedback", json=body).json()["status"] == "applied"
+    path = "/v1/users/" + quote(user, safe="")  # a%2Fb: the server decodes it to a/b before routing
+    assert client.get(path).json()["user"] == user and client.get(path).json()["queries"] != []
+    assert client.delete(path).json() == {"user": user, "deleted": True}
+    assert client.get("/v1/users", params={"user": user}).json()["queries"] == []
+    too_long = client.get("/v1/users", params={"user": "x" * (MAX_ID + 1)})
+    assert too_long.status_code == 422 and "256" in too_long.text
+    assert client.get("/v1/users", params={"user": ""}).status_code == 422
+    assert client.get("/v1/users").status_code == 422  # no id: refused, not "every user"
+
+
+def test_readyz_on_sqlite_follows_the_write_lock(served_models, tmp_path):
+    """/readyz answers 503 exactly while requests would fail: here another process holds the
+    SQLite write lock past the busy timeout, so every rank (which logs its event) fails too."""
+    import sqlite3
+
+    cfg = serve_cfg(*served_models[:2], backend="sqlite")
+    with open_dict(cfg):
+        cfg.backend.path, cfg.backend.busy_timeout_s = str(tmp_path / "serve.db"), 0.2
+    with TestClient(create_app(cfg)) as c:
+        assert c.get("/readyz").json()["status"] == "ready"
+        holder = sqlite3.connect(tmp_path / "serve.db", isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        try:
+            ready = c.get("/readyz")
+            assert ready.status_code == 503 and "locked" in ready.json()["detail"]
+            r = c.post("/v1/rank", json={"user": "a", "query": QUERY})
+            assert r.status_code == 503 and "locked" in r.json()["detail"]
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        assert c.get("/readyz").json()["status"] == "ready"
+        assert c.post("/v1/rank", json={"user": "a", "query": QUERY}).status_code == 200

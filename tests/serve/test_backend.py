@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from streamml.serve.backend import MemoryBackend, SQLiteBackend
+from streamml.serve.backend import Backend, MemoryBackend, SQLiteBackend
 from streamml.stores import Field
+from streamml.stores.events import Catalog, EventLog
+from tests.stores.conformance import assert_conforms
 
 
 @pytest.fixture(params=["memory", "sqlite", "redis", pytest.param("cluster", marks=pytest.mark.slow)])
@@ -31,6 +33,9 @@ def _open(request, tmp_path):
 
 
 def test_catalog_state_namespaces_and_control(backend, served_models):
+    assert_conforms(backend, Backend)
+    assert_conforms(backend.events, EventLog)
+    assert_conforms(backend.catalog, Catalog)
     items_dir = served_models[0]
     assert backend.catalog.queries() == []
     assert backend.catalog.load_folder(items_dir) == 120
@@ -44,4 +49,4 @@ def test_catalog_state_namespaces_and_control(backend, served_models):
     assert backend.control.get() is None
     backend.control.set({"version": 1, "uri": "runs:/x/model", "previous": None})
     assert backend.control.get()["uri"] == "runs:/x/model"
-    backend.ping()
+    assert backend.health() == {"status": "ready"}

@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from tests.serve.serve_helpers import serve_cfg
 from streamml.serve.app import create_app
+from tests.serve.serve_helpers import serve_cfg
 
 pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -96,6 +96,46 @@ def test_demo_page_ranks_and_reranks_on_one_click(served_models, tmp_path):
             page.click("#forget")
             page.wait_for_function("document.querySelector('#status').textContent.includes('user forgotten')")
             assert [i for i, _, _ in rows(page)] == [i for i, _, _ in before]
+            browser.close()
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def test_demo_page_with_a_token_asks_for_it_then_works(served_models, tmp_path, monkeypatch):
+    """With STREAMML_TOKEN set: a clear message instead of a dead end, a clear one for a wrong
+    token, and with the right one the query list fills and the page ranks and rewards."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the dev extra)")
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium); CI installs it")
+    monkeypatch.setenv("STREAMML_TOKEN", "s3cret")
+    items_dir, tracking_uri, _ = served_models
+    server, thread, url = serve_in_thread(create_app(serve_cfg(items_dir, tracking_uri, overrides=["explore=greedy"])))
+    status = "document.querySelector('#status')"
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = launch(p, tmp_path)
+            page = browser.new_page()
+            page.goto(url + "/")
+            page.wait_for_function(f"{status}.textContent.includes('needs a token')")
+            assert page.get_attribute("#status", "class") == "error" and page.query_selector_all("#items li") == []
+
+            page.fill("#token", "wrong")
+            page.click("#rank")
+            page.wait_for_function(f"{status}.textContent.includes('wrong token')")
+            assert page.eval_on_selector("#query", "s => s.options.length") == 0
+
+            page.fill("#token", "s3cret")
+            page.click("#rank")
+            page.wait_for_selector("#items li")
+            page.wait_for_function(f"{status}.textContent.includes('event')")
+            assert page.eval_on_selector("#query", "s => [...s.options].map(o => o.value)") == ["topic_0", "topic_1", "topic_2"]
+            item = rows(page)[-1][0]
+            page.click(f"#items li[data-item='{item}'] .accept")
+            page.wait_for_function(f"{status}.textContent.includes('accepted item {item} (applied)')")
+            page.click("#forget")
+            page.wait_for_function(f"{status}.textContent.includes('user forgotten')")
+            assert page.get_attribute("#status", "class") == ""
             browser.close()
     finally:
         server.should_exit = True

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from streamml.serve import events
-from streamml.serve.backend import MemoryBackend, SQLiteBackend
+from streamml.serve.backend import MemoryBackend, SQLiteBackend, Update
 from streamml.stores import Field
+from streamml.stores.events import Claim
 
 
 def test_buckets_are_stable_salted_and_follow_the_shares():
@@ -77,30 +78,32 @@ def open_backend(request, tmp_path):
 def test_claim_and_apply_applies_once_and_not_at_all_when_the_update_fails(backend):
     store = backend.state(SCHEMA, "head0")
     backend.events.create("e1", {"user": "u"}, ttl_s=60)
-    bump = lambda: store.update_many(["u"], lambda s: {"n": s["n"] + 1})  # noqa: E731
-
-    def broken():
-        store.update_many(["u"], lambda s: (_ for _ in ()).throw(RuntimeError("backend gone")))
+    bump = Update(store, ["u"], lambda s: {"n": s["n"] + 1})
+    broken = Update(store, ["u"], lambda s: (_ for _ in ()).throw(RuntimeError("backend gone")))
 
     with pytest.raises(RuntimeError, match="backend gone"):
-        backend.claim_and_apply(("event", "e1", 3, None), broken)
-    assert backend.claim_and_apply(("event", "e1", 3, None), bump) is True  # the failed attempt left no claim
-    assert backend.claim_and_apply(("event", "e1", 3, None), bump) is False
-    assert backend.claim_and_apply(("event", "e1", 4, None), bump) is True
-    assert backend.claim_and_apply(("client", "c1", None, 60.0), bump) is True
-    assert backend.claim_and_apply(("client", "c1", None, 60.0), bump) is False
+        backend.claim_and_apply(Claim("event", "u", "e1", 3), broken)
+    assert backend.claim_and_apply(Claim("event", "u", "e1", 3), bump) is True  # the failed attempt left no claim
+    assert backend.claim_and_apply(Claim("event", "u", "e1", 3), bump) is False
+    assert backend.claim_and_apply(Claim("event", "u", "e1", 4), bump) is True
+    assert backend.claim_and_apply(Claim("client", "u", "c1", ttl_s=60.0), bump) is True
+    assert backend.claim_and_apply(Claim("client", "u", "c1", ttl_s=60.0), bump) is False
     assert int(store.get_many(["u"])["n"][0]) == 3
+    bump_v = Update(store, ["v"], lambda s: {"n": s["n"] + 1})
+    assert backend.claim_and_apply(Claim("client", "v", "c1", ttl_s=60.0), bump_v) is True  # client ids are per user
+    assert backend.claim_and_apply(Claim("client", "v", "c1", ttl_s=60.0), bump_v) is False
+    assert store.get_many(["u", "v"])["n"].tolist() == [3, 1]
 
 
 def _killed_during_update(open_backend, claim) -> None:
     """A worker that claims, then dies by SIGKILL while it computes the update."""
     backend = open_backend()
     store = backend.state(SCHEMA, "head0")
-    backend.claim_and_apply(claim, lambda: store.update_many(["u"], lambda s: os.kill(os.getpid(), signal.SIGKILL)))
+    backend.claim_and_apply(claim, Update(store, ["u"], lambda s: os.kill(os.getpid(), signal.SIGKILL)))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("claim", [("event", "e1", 3, None), ("client", "c1", None, 60.0)], ids=["reward", "feedback"])
+@pytest.mark.parametrize("claim", [Claim("event", "u", "e1", 3), Claim("client", "u", "c1", ttl_s=60.0)], ids=["reward", "feedback"])
 def test_a_worker_killed_during_its_update_leaves_no_claim_so_the_retry_applies_once(open_backend, claim):
     backend = open_backend()
     backend.events.create("e1", {"user": "u"}, ttl_s=60)
@@ -109,7 +112,7 @@ def test_a_worker_killed_during_its_update_leaves_no_claim_so_the_retry_applies_
     worker.start()
     worker.join(60)
     assert worker.exitcode == -signal.SIGKILL
-    bump = lambda: store.update_many(["u"], lambda s: {"n": s["n"] + 1})  # noqa: E731
+    bump = Update(store, ["u"], lambda s: {"n": s["n"] + 1})
     assert backend.claim_and_apply(claim, bump) is True  # the client's retry: the killed attempt left no claim
     assert backend.claim_and_apply(claim, bump) is False
     assert int(store.get_many(["u"])["n"][0]) == 1
@@ -137,7 +140,7 @@ def test_redis_going_away_during_an_update_leaves_no_claim_so_the_retry_applies_
         return {"n": state["n"] + 1}
 
     with pytest.raises(StoreUnavailable):
-        backend.claim_and_apply(("event", "e1", 3, None), lambda: store.update_many(["u"], stop_then_compute))
+        backend.claim_and_apply(Claim("event", "u", "e1", 3), Update(store, ["u"], stop_then_compute))
     server.start()  # same port, same append-only file (and nodes.conf)
     deadline = time.monotonic() + 30
     while True:
@@ -147,7 +150,41 @@ def test_redis_going_away_during_an_update_leaves_no_claim_so_the_retry_applies_
         except StoreUnavailable:
             assert time.monotonic() < deadline, "Redis did not come back within 30 s"
             time.sleep(0.2)
-    bump = lambda: store.update_many(["u"], lambda s: {"n": s["n"] + 1})  # noqa: E731
-    assert backend.claim_and_apply(("event", "e1", 3, None), bump) is True  # nor a claim
-    assert backend.claim_and_apply(("event", "e1", 3, None), bump) is False
+    bump = Update(store, ["u"], lambda s: {"n": s["n"] + 1})
+    assert backend.claim_and_apply(Claim("event", "u", "e1", 3), bump) is True  # nor a claim
+    assert backend.claim_and_apply(Claim("event", "u", "e1", 3), bump) is False
     assert int(store.get_many(["u"])["n"][0]) == 1
+
+
+def test_select_without_rejected_items_keeps_the_policys_exact_propensities():
+    from streamml.online.policies import EpsilonSlots
+
+    scores = np.array([5.0, 4.0, 3.0, 2.0, 1.0, 0.0])
+    rejected = np.array([True, False, False, True, False, False])  # the two best were rejected... one of them
+    policy = EpsilonSlots(n_explore=2, slots="random")
+    keep = np.flatnonzero(~rejected)
+    marginals = policy.marginals(scores[keep], 3)
+    for seed in range(50):
+        shown, props = events._select_without(policy, scores, scores, 3, np.random.default_rng(seed), rejected)
+        assert not rejected[shown].any() and len(shown) == 3
+        np.testing.assert_allclose(props, marginals[np.searchsorted(keep, shown), np.arange(3)])
+    # fewer candidates left than slots: the rejected fill the last ones, best first, deterministically
+    shown, props = events._select_without(policy, scores, scores, 5, np.random.default_rng(0), rejected)
+    assert sorted(shown[:4].tolist()) == keep.tolist() and shown[4:].tolist() == [0]
+    assert props[4:].tolist() == [1.0]
+    nothing = np.zeros(6, bool)  # no rejects: the policy's own slate
+    a = events._select_without(policy, scores, scores, 3, np.random.default_rng(1), nothing)
+    b = policy.select(scores, 3, np.random.default_rng(1))
+    assert a[0].tolist() == b.items.tolist() and a[1].tolist() == b.propensities.tolist()
+
+
+def test_select_without_rejected_items_ranks_thompson_draws_of_the_rest():
+    from streamml.online.policies import Thompson
+
+    draws = np.random.default_rng(0).normal(size=(50, 6))
+    rejected = np.array([False, True, False, False, True, False])
+    keep = np.flatnonzero(~rejected)
+    policy = Thompson(n_samples=50)
+    shown, props = events._select_without(policy, draws, draws.mean(0), 3, np.random.default_rng(0), rejected)
+    expected = policy.select(draws[:, keep], 3, np.random.default_rng(0))
+    assert shown.tolist() == keep[expected.items].tolist() and props.tolist() == expected.propensities.tolist()

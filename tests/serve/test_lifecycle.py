@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from hydra.utils import instantiate
 
-from tests.serve.serve_helpers import serve_cfg
 from streamml.serve.backend import MemoryBackend
 from streamml.serve.lifecycle import Lifecycle, bootstrap, prepare
 from streamml.serve.model import Head
+from tests.serve.serve_helpers import serve_cfg
 
 
 def test_prepare_refuses_a_head_that_cannot_serve_the_catalog(served_models):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from omegaconf import open_dict
 
-from tests.serve.serve_helpers import serve_cfg
 from streamml.serve.__main__ import load_items
 from streamml.serve.backend import SQLiteBackend
+from tests.serve.serve_helpers import serve_cfg
 
 
 def test_default_config_serves_sqlite_and_load_items_fills_its_catalog(served_models, tmp_path, capsys):
@@ -25,3 +25,20 @@ def test_redis_config_swaps_only_the_backend(served_models):
     cfg = serve_cfg(*served_models[:2], backend="redis")
     assert cfg.backend._target_ == "streamml.serve.backend.RedisBackend" and cfg.backend.timeout_s == 0.5
     assert cfg.online._target_ == "streamml.online.ResidualLearner"
+
+
+def test_serve_refuses_a_taken_port_before_loading_anything(served_models, monkeypatch):
+    import socket
+
+    import pytest
+
+    import streamml.serve.lifecycle
+    from streamml.serve.__main__ import serve
+
+    monkeypatch.setattr(streamml.serve.lifecycle, "bootstrap", lambda *a, **k: pytest.fail("the model was loaded"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        cfg = serve_cfg(*served_models[:2], overrides=[f"port={taken.getsockname()[1]}"])
+        with pytest.raises(SystemExit, match=f"cannot serve on 127.0.0.1:{taken.getsockname()[1]}: Address already in use"):
+            serve(cfg)

@@ -23,10 +23,9 @@ import numpy as np
 import pytest
 from hydra.utils import instantiate
 
+from streamml.serve.lifecycle import Lifecycle
 from tests.serve.serve_helpers import REPO, serve_cfg
 from tests.stores.redis_fixtures import RedisServer, need_redis
-from streamml.serve.backend import RedisBackend, SQLiteBackend
-from streamml.serve.lifecycle import Lifecycle
 
 pytestmark = pytest.mark.slow
 QUERY = "topic_0"

@@ -46,8 +46,8 @@ def need_redis():
 class RedisServer:
     """One ``redis-server`` process; ``stop()`` and ``start()`` again keep port and data (AOF)."""
 
-    def __init__(self, directory: Path, port: int | None = None, cluster: bool = False):
-        self.dir, self.cluster = Path(directory), cluster
+    def __init__(self, directory: Path, port: int | None = None, cluster: bool = False, extra: tuple[str, ...] = ()):
+        self.dir, self.cluster, self.extra = Path(directory), cluster, tuple(extra)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port(10000 if cluster else None)
         self.proc: subprocess.Popen | None = None
@@ -58,6 +58,7 @@ class RedisServer:
                 "--logfile", str(self.dir / "redis.log")]
         if self.cluster:
             args += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "5000"]
+        args += list(self.extra)  # later options win
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self._wait(lambda c: c.ping())
         return self
@@ -121,10 +122,11 @@ def _cluster_ok(client) -> bool:
 
 
 class RedisClusterServers:
-    """Three ``redis-server --cluster-enabled yes`` masters joined by ``redis-cli --cluster create``."""
+    """Three ``redis-server --cluster-enabled yes`` masters joined by ``redis-cli --cluster create``;
+    ``extra`` options go to every node (e.g. the service's settings, README "Redis Cluster")."""
 
-    def __init__(self, directory: Path):
-        self.nodes = [RedisServer(directory / f"node{i}", cluster=True) for i in range(3)]
+    def __init__(self, directory: Path, extra: tuple[str, ...] = ()):
+        self.nodes = [RedisServer(directory / f"node{i}", cluster=True, extra=extra) for i in range(3)]
 
     def start(self) -> RedisClusterServers:
         for n in self.nodes:
@@ -135,6 +137,12 @@ class RedisClusterServers:
         for n in self.nodes:
             n._wait(_cluster_ok, timeout=30)
         return self
+
+    def kill(self, node: RedisServer) -> None:
+        """SIGKILL one node, as a crash would (no shutdown, no final AOF rewrite)."""
+        node.proc.kill()
+        node.proc.wait()
+        node.proc = None
 
     def client(self, **kwargs):
         from redis.cluster import RedisCluster

@@ -1,4 +1,4 @@
-"""Contract of the event log and the item catalog, for SQLite and Redis (plain and cluster)."""
+"""Contract of the event log and the item catalog, for memory, SQLite and Redis (plain and cluster)."""
 
 from __future__ import annotations
 
@@ -11,13 +11,17 @@ import pytest
 
 from streamml.data import load_queries
 from streamml.stores import SQLiteEventLog, SQLiteItems
+from streamml.stores.events import Catalog, EventLog, MemoryCatalog, MemoryEventLog
+from tests.stores.conformance import assert_conforms
 
-KINDS = ["sqlite", "redis", "redis-cluster"]
+KINDS = ["memory", "sqlite", "redis", "redis-cluster"]
 
 
 @pytest.fixture(params=KINDS)
 def backend(request, tmp_path):
     """``(event log, item catalog)`` of one backend, empty."""
+    if request.param == "memory":
+        return MemoryEventLog(), MemoryCatalog()
     if request.param == "sqlite":
         path = tmp_path / "state.db"
         return SQLiteEventLog(path), SQLiteItems(path)
@@ -26,6 +30,14 @@ def backend(request, tmp_path):
 
     prefix = f"t{uuid.uuid4().hex[:8]}"
     return RedisEventLog(server.client(), prefix=prefix), RedisItems(server.client(), prefix=prefix)
+
+
+def wait_until(condition, what: str, timeout_s: float = 30.0) -> None:
+    """Poll ``condition`` until it holds: expiry is the store's clock's (Redis's own), not a sleep's guess."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {timeout_s:.0f} s for {what}"
+        time.sleep(0.02)
 
 
 RECORD = {"user": 7, "query": "q1", "items": [3, 5, 9], "propensities": [0.9, 0.05, 0.05],
@@ -62,24 +74,32 @@ def test_events_and_claims_expire(backend):
     log, _ = backend
     log.create("e1", RECORD, ttl_s=0.3)
     assert log.claim("e1", 3)
-    time.sleep(0.5)
-    assert log.get("e1") is None
+    wait_until(lambda: log.get("e1") is None, "the event to expire")
     with pytest.raises(KeyError):
         log.claim("e1", 3)
     log.create("e1", RECORD, ttl_s=60)  # an expired id can be reused, with fresh claims
     assert log.claim("e1", 3)
 
 
-def test_client_event_ids_are_idempotent_until_they_expire(backend):
+def test_is_an_event_log_and_a_catalog(backend):
+    log, items = backend
+    assert_conforms(log, EventLog)
+    assert_conforms(items, Catalog)
+
+
+def test_client_event_ids_are_idempotent_per_user_until_they_expire(backend):
     log, _ = backend
-    assert log.claim_client_event("c1", ttl_s=0.3)
-    assert not log.claim_client_event("c1", ttl_s=0.3)
-    log.release_client_event("c1")
-    assert log.claim_client_event("c1", ttl_s=0.3)
-    assert log.claim_client_event("c2", ttl_s=60)
-    time.sleep(0.5)
-    assert log.claim_client_event("c1", ttl_s=60)
-    assert not log.claim_client_event("c2", ttl_s=60)
+    assert log.claim_client_event("alice", "c1", ttl_s=0.3)
+    assert not log.claim_client_event("alice", "c1", ttl_s=0.3)
+    assert log.claim_client_event("bob", "c1", ttl_s=60)  # another user's id: bob's feedback counts
+    assert not log.claim_client_event("bob", "c1", ttl_s=60)
+    log.release_client_event("alice", "c1")
+    assert log.claim_client_event("alice", "c1", ttl_s=0.3)
+    assert not log.claim_client_event("bob", "c1", ttl_s=60)  # releasing alice's left bob's
+    assert log.claim_client_event("alice", "c2", ttl_s=60)
+    assert log.claim_client_event("a", "lice/c2", ttl_s=60)  # no spelling of (user, id) collides with another
+    wait_until(lambda: log.claim_client_event("alice", "c1", ttl_s=60), "alice's c1 to expire")
+    assert not log.claim_client_event("alice", "c2", ttl_s=60)
 
 
 def _claim_all(log, n, barrier, out):
@@ -90,6 +110,8 @@ def _claim_all(log, n, barrier, out):
 @pytest.mark.slow
 def test_concurrent_claims_have_one_winner(backend):
     log, _ = backend
+    if isinstance(log, MemoryEventLog):
+        pytest.skip("the memory event log lives in one process: there is no other process to race")
     log.create("e1", RECORD, ttl_s=60)
     ctx = multiprocessing.get_context("fork")
     n, barrier, out = 100, ctx.Barrier(2), ctx.Queue()
@@ -122,3 +144,25 @@ def test_item_catalog(backend, query_dir):
         items.items("topic_9")
     assert items.load_folder(query_dir) == 48  # reloading replaces, never duplicates
     assert len(items.all()[0]) == 48
+
+
+def test_rejected_items_are_listed_per_user_and_query_until_they_expire(backend):
+    log, _ = backend
+    assert log.rejected("alice", "q1") == set()
+    log.note_rejected("alice", "q1", 3, ttl_s=0.3)
+    log.note_rejected("alice", "q1", 5, ttl_s=60)
+    log.note_rejected("alice", "q2", 7, ttl_s=60)
+    log.note_rejected("bob", "q1", 9, ttl_s=60)
+    assert log.rejected("alice", "q1") == {3, 5} and log.rejected("alice", "q2") == {7} and log.rejected("bob", "q1") == {9}
+    wait_until(lambda: log.rejected("alice", "q1") == {5}, "the reject of item 3 to expire")
+    log.forget_rejected("alice")
+    assert log.rejected("alice", "q1") == set() and log.rejected("alice", "q2") == set() and log.rejected("bob", "q1") == {9}
+
+
+def test_new_event_ids_are_fresh_and_usable(backend):
+    log, _ = backend
+    ids = {log.new_event_id("alice") for _ in range(100)} | {log.new_event_id("bob")}
+    assert len(ids) == 101 and all(len(i) >= 32 and int(i, 16) >= 0 for i in ids)
+    event_id = log.new_event_id("alice/ü")
+    log.create(event_id, RECORD, ttl_s=60)
+    assert log.get(event_id)["items"] == RECORD["items"] and log.claim(event_id, 3) and not log.claim(event_id, 3)

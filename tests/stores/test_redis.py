@@ -16,7 +16,8 @@ redis_mod = pytest.importorskip("redis", reason="the redis package is in the ser
 from redis.crc import key_slot  # noqa: E402
 
 from streamml.stores.codec import encode_key  # noqa: E402
-from streamml.stores.redis import RedisEventLog, RedisStore, connect  # noqa: E402
+from streamml.stores.events import Claim  # noqa: E402
+from streamml.stores.redis import RedisEventLog, RedisStore  # noqa: E402
 
 SCHEMA = {"r": Field((4,), "float16"), "n": Field((), "int64")}
 
@@ -139,29 +140,64 @@ def test_a_claimed_update_writes_the_claim_and_the_state_together_in_the_users_s
     log = RedisEventLog(client, prefix=store.prefix)
     log.create("e1", {"user": "bob"}, ttl_s=60)
     keys = [("bob", "q1"), ("bob", "q2")]
-    claim = lambda item: lambda tag: (log.claim_key("event", "e1", item, tag), log.ttl_ms("e1"))  # noqa: E731
+    claim = lambda item: Claim("event", "bob", "e1", item)  # noqa: E731
     bump = lambda s: {"n": s["n"] + 1}  # noqa: E731
 
-    assert store.update_claimed(keys, bump, claim(3))
-    assert not store.update_claimed(keys, bump, claim(3))  # already claimed: nothing written
+    assert store.update_claimed(keys, bump, claim(3), log)
+    assert not store.update_claimed(keys, bump, claim(3), log)  # already claimed: nothing written
     assert store.get_many(keys)["n"].tolist() == [1, 1]
-    key = log.claim_key("event", "e1", 3, tag='"bob"')
+    key = log.claim_key(Claim("event", "bob", "e1", 3), tag='"bob"')
     assert key == f'{store.prefix}:claim:{{"bob"}}:e:"e1":3'
     assert key_slot(key.encode()) == key_slot(store.rkey(encode_key(("bob", "q1"))).encode())
-    assert 0 < client.pttl(key) <= client.pttl(f'{store.prefix}:ev:{{"e1"}}') + 50  # expires with its event
+    assert 0 < client.pttl(key) <= client.pttl(log._key("e1")) + 50  # expires with its event
     assert not log.claim("e1", 3, tag='"bob"')  # the event log sees the same claim
 
     with pytest.raises(ZeroDivisionError):  # a failed update leaves no claim
-        store.update_claimed(keys, lambda s: 1 / 0, claim(4))
-    assert store.update_claimed(keys, bump, claim(4))
+        store.update_claimed(keys, lambda s: 1 / 0, claim(4), log)
+    assert store.update_claimed(keys, bump, claim(4), log)
 
     def raced(state, done=[]):  # another client writes a key between the read and the write
         if not done:
             done.append(store.put_many([("bob", "q1")], {"r": np.zeros((1, 4)), "n": np.array([10])}))
         return bump(state)
 
-    assert store.update_claimed(keys, raced, claim(5))  # the update is computed again on the fresh value
+    assert store.update_claimed(keys, raced, claim(5), log)  # the update is computed again on the fresh value
     assert store.get_many(keys)["n"].tolist() == [11, 3]
-    with pytest.raises(ValueError, match="one user"):
-        store.update_claimed([("bob", "q1"), ("ann", "q1")], bump, claim(6))
+    with pytest.raises(ValueError, match="the claim.s user .bob."):
+        store.update_claimed([("bob", "q1"), ("ann", "q1")], bump, claim(6), log)
     assert log.claim("e1", 6, tag='"bob"')
+
+
+def test_an_event_its_claims_and_its_users_state_share_the_users_slot(redis_cluster):
+    """A reward touches one master: the one of its user's slot, found from the event id alone."""
+    from streamml.stores.redis import user_tag
+
+    client = redis_cluster.client()
+    prefix = _prefix()
+    store, log = RedisStore(SCHEMA, client, prefix=prefix), RedisEventLog(client, prefix=prefix)
+    for user in ["alice", "bob/ü", "7", "x" * 256]:
+        event_id = log.new_event_id(user)
+        slot = key_slot(store.rkey(encode_key((user, "q"))).encode())
+        assert int(event_id[32:], 16) == slot
+        log.create(event_id, {"user": user}, ttl_s=60)
+        assert key_slot(log._key(event_id).encode()) == slot
+        assert key_slot(log.claim_key(Claim("event", user, event_id, 3)).encode()) == slot
+        assert key_slot(log.claim_key(Claim("event", user, event_id, 3), user_tag(user)).encode()) == slot
+        assert key_slot(log.claim_key(Claim("client", user, "c1", ttl_s=1.0)).encode()) == slot
+        assert key_slot(log._rejected_key(user).encode()) == slot
+        assert log.claim(event_id, 3) and log.get(event_id) == {"user": user, "created": log.get(event_id)["created"]}
+
+
+def test_a_reward_claimed_through_the_store_is_the_event_logs_claim(redis_cluster):
+    """With an event id that names the user's slot, the store's claimed update and the event log
+    spell the claim the same way: the log sees it, and a release by the log frees it."""
+    client, prefix = redis_cluster.client(), _prefix()
+    store, log = RedisStore(SCHEMA, client, prefix=prefix), RedisEventLog(client, prefix=prefix)
+    event_id = log.new_event_id("carol")
+    log.create(event_id, {"user": "carol"}, ttl_s=60)
+    bump = lambda s: {"n": s["n"] + 1}  # noqa: E731
+    assert store.update_claimed([("carol", "q")], bump, Claim("event", "carol", event_id, 3), log)
+    assert not log.claim(event_id, 3)
+    log.release(event_id, 3)
+    assert store.update_claimed([("carol", "q")], bump, Claim("event", "carol", event_id, 3), log)
+    assert store.get_many([("carol", "q")])["n"].tolist() == [2]

@@ -10,8 +10,8 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -79,10 +79,10 @@ def test_a_writer_waits_for_the_write_lock_then_gives_up_after_the_busy_timeout(
     store.put_many([1], {"r": np.ones((1, 4)), "n": np.array([1])})  # waits for the lock, then writes
     assert store.get_many([1])["n"].tolist() == [1]
     impatient = SQLiteStore(SCHEMA, SQLiteDB(tmp_path / "s.db", busy_timeout_s=0.05))
-    hold(1.0)
+    holder.execute("BEGIN IMMEDIATE")  # held until this test lets go, whatever the machine's speed
     with pytest.raises(StoreUnavailable, match="locked"):
         impatient.put_many([2], {"r": np.ones((1, 4)), "n": np.array([2])})
-    time.sleep(1.1)
+    holder.execute("COMMIT")
     assert impatient.db.conn.execute("PRAGMA busy_timeout").fetchone()[0] == 50  # restored after the retries
     impatient.put_many([2], {"r": np.ones((1, 4)), "n": np.array([2])})
     assert store.get_many([1, 2])["n"].tolist() == [1, 2]

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from streamml.stores import Field, HeadMismatch, InMemoryStore, SQLiteStore, Store
+from tests.stores.conformance import assert_conforms
 
 SCHEMA = {
     "residual": Field((4,), "float16", fill=0),
@@ -71,7 +72,7 @@ KEYS = [1, 2**40, -5, "alice", "", "b{r}a:ce", (3, 7), (3, 8, 1), ("bob", 2), (1
 
 
 def test_is_a_store(store):
-    assert isinstance(store, Store)
+    assert_conforms(store, Store)
     assert dict(store.schema) == SCHEMA
 
 

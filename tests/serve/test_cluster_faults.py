@@ -1,0 +1,122 @@
+"""One master of a real 3-master Redis Cluster is killed under the service: the fault stays with
+the users of that master's slots, ``/readyz`` reports it, and a restart loses nothing acknowledged.
+
+The cluster runs with the settings README "Scale out with Redis" asks for:
+``cluster-require-full-coverage no`` (else a cluster with one failed master refuses every key),
+AOF with ``appendfsync always`` (the fixtures' default), and a 2 s node timeout."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+from fastapi.testclient import TestClient
+from omegaconf import open_dict
+
+from streamml.serve.app import create_app
+from tests.serve.serve_helpers import serve_cfg
+from tests.stores.redis_fixtures import RedisClusterServers, need_redis
+
+pytestmark = pytest.mark.slow
+QUERY = "topic_0"
+SETTINGS = ("--cluster-require-full-coverage", "no", "--cluster-node-timeout", "2000")
+
+
+def _app(served_models, cluster, prefix):
+    cfg = serve_cfg(*served_models[:2], backend="redis")
+    with open_dict(cfg):
+        cfg.backend.url, cfg.backend.cluster, cfg.backend.prefix = f"redis://127.0.0.1:{cluster.nodes[0].port}", True, prefix
+    return TestClient(create_app(cfg))
+
+
+def _port_of(client, key: str) -> int:
+    return client.get_node_from_key(key).port
+
+
+def _round(c, user, item_index=0):
+    """A rank and a reward of one of its items: the (status, event) of a user's round."""
+    r = c.post("/v1/rank", json={"user": user, "query": QUERY, "k": 3})
+    if r.status_code != 200:
+        return r.status_code, None
+    ev = r.json()
+    item = ev["items"][item_index]["item"]
+    r = c.post(f"/v1/events/{ev['event_id']}/reward", json={"rewards": [{"item": item, "label": "accepted"}]})
+    return r.status_code, (ev["event_id"], item)
+
+
+def _wait_until(condition, what: str, timeout_s: float = 60.0):
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout_s:.0f} s"
+        time.sleep(0.1)  # polling a condition, not a guess at how long it takes
+
+
+def test_one_master_down_stays_local_and_a_restart_loses_nothing(served_models, tmp_path):
+    need_redis()
+    cluster = RedisClusterServers(tmp_path / "cluster", extra=SETTINGS).start()
+    try:
+        # the service's shared records (catalog, control, each head's meta) must not be on the
+        # master we kill: this test is about users' records, so pick a prefix and a victim that allow it
+        for attempt in range(20):
+            app = _app(served_models, cluster, f"f{uuid.uuid4().hex[:6]}")
+            c = app.__enter__()
+            backend = c.app.state.backend
+            store = c.app.state.lifecycle.current.learner.store
+            shared = {_port_of(backend.client, k) for k in
+                      (backend.catalog._meta, backend.control._key, store._meta)}
+            free = [n for n in cluster.nodes if n.port not in shared]
+            if free:
+                break
+            app.__exit__(None, None, None)
+        else:
+            pytest.fail("no prefix left a master free of the service's shared records")
+        victim = free[0]
+        users = [f"u{i}/{uuid.uuid4().hex[:4]}" for i in range(30)]
+        dead = [u for u in users if _port_of(backend.client, store.rkey(f'"{u}"')) == victim.port]
+        healthy = [u for u in users if u not in dead]
+        assert dead and healthy
+
+        before = {}  # user -> (the event rewarded before the kill, its state)
+        for u in users:
+            status, shown = _round(c, u)
+            assert status == 200
+            before[u] = (shown, c.get("/v1/users", params={"user": u}).json()["queries"])
+        assert c.get("/readyz").json()["status"] == "ready"
+
+        cluster.kill(victim)
+        errors, rounds, slowest_503 = 0, 0, 0.0
+        start = time.monotonic()
+        while time.monotonic() - start < 4.0:  # across the 2 s node timeout: before and after the failure is detected
+            for u in healthy:
+                status, _ = _round(c, u, item_index=1)
+                rounds, errors = rounds + 1, errors + (status != 200)
+            for u in dead[:3]:
+                t0 = time.perf_counter()
+                r = c.post("/v1/rank", json={"user": u, "query": QUERY, "k": 3})
+                slowest_503 = max(slowest_503, time.perf_counter() - t0)
+                assert r.status_code == 503 and "unavailable" in r.json()["detail"]
+        assert errors == 0, f"{errors} of {rounds} rounds of users on healthy masters failed"
+        assert slowest_503 < 2 * backend.client.get_default_node().redis_connection.connection_pool.connection_kwargs[
+            "socket_timeout"] + 0.5  # fails fast: about one socket timeout, not a node timeout
+        for u in healthy:  # an event shown before the kill is still found, and its reward still counted once
+            (event_id, item), _ = before[u]
+            r = c.post(f"/v1/events/{event_id}/reward", json={"rewards": [{"item": item, "label": "accepted"}]})
+            assert r.status_code == 200 and r.json()["duplicates"] == 1
+        ready = c.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["status"] == "degraded"
+        assert f"127.0.0.1:{victim.port}" in ready.json()["unreachable"]
+        assert c.get("/v1/users", params={"user": dead[0]}).status_code == 503
+
+        victim.start()  # same port, nodes.conf and append-only file
+        _wait_until(lambda: c.get("/readyz").json()["status"] == "ready", "/readyz ready again")
+        _wait_until(lambda: c.post("/v1/rank", json={"user": dead[0], "query": QUERY}).status_code == 200,
+                    "the restarted master's users served again")
+        for u in dead:  # nothing acknowledged was lost: the state is back, the applied reward is a duplicate
+            (event_id, item), state = before[u]
+            assert c.get("/v1/users", params={"user": u}).json()["queries"] == state
+            r = c.post(f"/v1/events/{event_id}/reward", json={"rewards": [{"item": item, "label": "accepted"}]})
+            assert r.status_code == 200 and r.json()["duplicates"] == 1
+        app.__exit__(None, None, None)
+    finally:
+        cluster.stop()
