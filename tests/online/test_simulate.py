@@ -41,6 +41,28 @@ def learners(baselines_from_scratch=False):
     return out
 
 
+def test_honest_users_agree_shift_or_flip_answer_noisily_and_a_population_answers_part_of_the_items(data):
+    kinds = {"none": 2, "shift": 1, "flip_cluster": 1}
+    clean = scenarios.real_users(data, SklearnLR(), "tune", seed=0, users=kinds, n_population=6, population_answers=0.5)
+    noisy = scenarios.real_users(data, SklearnLR(), "tune", seed=0, users=kinds, label_noise=0.3)
+    assert {u.model for u in clean.users} == set(kinds)
+    for u in clean.users:  # without noise a user who agrees answers as the population does
+        if u.model == "none":
+            assert (u.pool_truth == data.y[u.pool]).all() and (u.probe_truth == data.y[u.probe]).all()
+    flipped = [np.mean(np.r_[u.pool_truth, u.probe_truth] != data.y[np.r_[u.pool, u.probe]])
+               for u in noisy.users if u.model == "none"]
+    assert 0.15 < np.mean(flipped) < 0.45  # about label_noise of the answers flipped
+    pop = clean.population
+    assert set(pop.columns) >= {"user", "query", "item", "label", "time"}
+    assert pop.user.nunique() == 6 * 2 * len(data.query_ids)  # per query half
+    assert not set(pop.user) & {u.name for u in clean.users}  # other people than the reported users
+    assert 0.3 < len(pop) / (6 * len(data.y)) < 0.7  # each answered about half of their half's items
+    assert (clean.item_query[pop.item] == pop["query"]).all()
+    assert noisy.population is None
+    with pytest.raises(ValueError, match="label_noise"):
+        scenarios.real_users(data, SklearnLR(), "tune", seed=0, users=kinds, label_noise=0.6)
+
+
 def test_split_probe_is_stratified_and_disjoint():
     truth = np.array([0] * 10 + [1] * 6)
     pool, probe = scenarios.split_probe(truth, 0.5, np.random.default_rng(0))
@@ -205,9 +227,12 @@ def test_coldstart_is_deterministic_and_learns(data):
     "experiment, overrides",
     [
         ("online_coldstart", ["scenario.n_orders=1", "scenario.test_scale=2"]),
-        ("online_personalize", ["scenario.users={flip_cluster: 1}", "scenario.n_rounds=2", "scenario.test_scale=2"]),
-        ("online_large_catalog", ["scenario.users={shift: 1}", "scenario.n_candidates=[200,300]",
+        ("online_personalize", ["scenario.users={none: 0, flip_cluster: 1, shift: 0}", "scenario.n_rounds=2",
+                                "scenario.test_scale=2"]),
+        ("online_large_catalog", ["scenario.users={none: 0, flip_cluster: 0, shift: 1}", "scenario.n_candidates=[200,300]",
                                   "scenario.n_population=100", "scenario.n_rounds=2", "scenario.test_scale=1"]),
+        ("mixed_personalize", ["scenario.users={none: 1, flip_cluster: 0, shift: 1}", "scenario.n_rounds=2",
+                               "scenario.test_scale=1", "scenario.n_population=4"]),
     ],
 )
 def test_online_experiments_log_their_metrics_curves_and_plot(mlflow_uri, experiment, overrides):
@@ -224,6 +249,7 @@ def test_online_experiments_log_their_metrics_curves_and_plot(mlflow_uri, experi
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     logged = runs[0].data.metrics
     baselines = ["river", "sklearn_refit"] + ([] if experiment == "online_coldstart" else ["head_only"])
+    assert metrics[key] == pytest.approx(logged[key])  # ours under the bare key, whichever learner it is
     for name in [key] + [f"{key}.{b}" for b in baselines]:
         assert np.isfinite(logged[name]) and logged[name] == pytest.approx(metrics[name])
     if experiment != "online_coldstart":
@@ -234,13 +260,14 @@ def test_online_experiments_log_their_metrics_curves_and_plot(mlflow_uri, experi
     if experiment == "online_coldstart":
         assert logged["streams"] == n_queries * sc.n_orders * 2
     else:
-        halves = 2 if experiment == "online_personalize" else 1
+        halves = 2 if experiment.endswith("personalize") else 1
         assert logged["users"] == n_queries * halves * sum(sc.users.values()) * sc.test_scale
     gap = "prequential_auc_gap" if experiment == "online_coldstart" else "probe_gap_at_5"
     assert logged[gap] == 0 and f"{gap}.river" in logged and f"{gap}_std.river" in logged
     params = runs[0].data.params
     assert "scenario.kind" in params and not any(p.startswith("cv.") for p in params)
     client = mlflow.MlflowClient(mlflow_uri)
-    curve = "curve.prequential_auc.residual" if experiment == "online_coldstart" else "curve.probe_auc.residual"
+    ours = "mixed" if experiment.startswith("mixed") else "residual"
+    curve = f"curve.prequential_auc.{ours}" if experiment == "online_coldstart" else f"curve.probe_auc.{ours}"
     assert len(client.get_metric_history(runs[0].info.run_id, curve)) > 1
     assert "plots/learning_curves.png" in {a.path for a in client.list_artifacts(runs[0].info.run_id, "plots")}
