@@ -75,16 +75,18 @@ class SQLiteBlobs:
     """Blobs in the ``blobs`` table of the backend's SQLite file."""
 
     def __init__(self, db):
-        self.db = db
-        with db.transaction() as conn:
-            conn.execute("CREATE TABLE IF NOT EXISTS blobs (name TEXT PRIMARY KEY, value BLOB NOT NULL)")
+        self.db = db  # the table is made by the first put_once: opening the backend takes no write lock
 
     def get(self, name: str) -> bytes | None:
-        row = self.db.conn.execute("SELECT value FROM blobs WHERE name = ?", (name,)).fetchone()
+        conn = self.db.conn
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'blobs'").fetchone() is None:
+            return None
+        row = conn.execute("SELECT value FROM blobs WHERE name = ?", (name,)).fetchone()
         return None if row is None else bytes(row[0])
 
     def put_once(self, name: str, value: bytes) -> bytes:
         with self.db.transaction() as conn:
+            conn.execute("CREATE TABLE IF NOT EXISTS blobs (name TEXT PRIMARY KEY, value BLOB NOT NULL)")
             conn.execute("INSERT OR IGNORE INTO blobs(name, value) VALUES (?, ?)", (name, sqlite3.Binary(value)))
             return bytes(conn.execute("SELECT value FROM blobs WHERE name = ?", (name,)).fetchone()[0])
 

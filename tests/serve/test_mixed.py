@@ -268,3 +268,27 @@ def test_a_population_round_trips_and_set_population_checks_its_shape(catalog):
     np.testing.assert_array_equal(fresh.score("u", "topic_0", ids), learner.score("u", "topic_0", ids))
     with pytest.raises(ValueError, match=r"this learner needs \(\d+, 5\)"):
         MixedLearner(X, q, k=5).set_population(back)
+
+
+def test_the_served_learner_has_the_replay_experiments_config(served_models, population_log):
+    from omegaconf import OmegaConf
+
+    from tests.conftest import compose_cfg
+
+    served = mixed_cfg(served_models, population_log, "memory")
+    replay = compose_cfg(["+experiment=online_replay"], tiny=False)
+    assert OmegaConf.to_container(served.online, resolve=True) == OmegaConf.to_container(replay.online, resolve=True)
+    assert served.online._target_ == "streamml.online.MixedLearner"
+
+
+def test_serve_refuses_a_malformed_population_before_loading_anything(served_models, population_log, tmp_path,
+                                                                    monkeypatch):
+    import streamml.serve.lifecycle
+    from streamml.serve.__main__ import serve
+
+    monkeypatch.setattr(streamml.serve.lifecycle, "bootstrap", lambda *a, **k: pytest.fail("the model was loaded"))
+    bad = tmp_path / "bad.csv"
+    pd.read_csv(population_log).drop(columns="time").to_csv(bad, index=False)
+    cfg = mixed_cfg(served_models, bad, "sqlite", tmp_path, overrides=["port=0"])
+    with pytest.raises(LogError, match=rf"{bad}: missing column\(s\) \['time'\]"):
+        serve(cfg)
