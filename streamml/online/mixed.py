@@ -266,6 +266,16 @@ class MixedLearner:
         self._set_population(pop)
         return self
 
+    def set_population(self, pop: Population) -> MixedLearner:
+        """Use ``pop``, a :meth:`fit_population` result on this catalog stored earlier (the
+        service keeps it with its head), instead of fitting again; returns ``self``."""
+        n, k = len(self.X), self.population.k
+        if pop.factors.shape != (n, k) or np.shape(pop.item_effect) != (n,) or np.shape(pop.prior_cov) != (k + 1, k + 1):
+            raise ValueError(f"the population has factors {pop.factors.shape}, item effects {np.shape(pop.item_effect)} "
+                             f"and prior {np.shape(pop.prior_cov)}; this learner needs ({n}, {k}), ({n},), ({k + 1}, {k + 1})")
+        self._set_population(pop)
+        return self
+
     # ---- checks
     def _query(self, query) -> int:
         q = self._query_index.get(_plain(query))

@@ -45,9 +45,14 @@ def serve(cfg: DictConfig) -> None:
     import uvicorn
 
     from streamml.serve.app import CONFIG_ENV
-    from streamml.serve.lifecycle import bootstrap
+    from streamml.serve.lifecycle import bootstrap, check_population
 
     check_port_free(cfg.host, cfg.port)
+    if cfg.get("population"):  # fail here, naming the file and row, rather than in every worker
+        from streamml.online.replay import read_log
+
+        check_population(instantiate(cfg.online), cfg.population)
+        read_log(cfg.population)
     backend = instantiate(cfg.backend)
     try:
         uri = bootstrap(cfg, backend, publish=True)

@@ -41,7 +41,7 @@ from starlette.exceptions import HTTPException
 
 from streamml.serve import events, metrics
 from streamml.serve.deps import Service
-from streamml.serve.lifecycle import Lifecycle, bootstrap
+from streamml.serve.lifecycle import Lifecycle, bootstrap, check_population
 from streamml.serve.routes import model, ops, rank, users
 
 __all__ = ["create_app", "factory"]
@@ -106,11 +106,13 @@ def _policies(cfg: DictConfig) -> list[tuple[str, float, object]]:
 
 def create_app(cfg: DictConfig, backend=None) -> FastAPI:
     """The service for ``cfg`` (``configs/serve/default.yaml``); ``backend`` overrides ``cfg.backend``."""
+    make_learner, population = instantiate(cfg.online), cfg.get("population")
+    check_population(make_learner, population)  # before the backend is opened
     backend = instantiate(cfg.backend) if backend is None else backend
     buckets = _policies(cfg)
     service = Service(
         backend=backend,
-        lifecycle=Lifecycle(backend, instantiate(cfg.online), cfg.tracking_uri, cfg.experiment),
+        lifecycle=Lifecycle(backend, make_learner, cfg.tracking_uri, cfg.experiment, population=population),
         limits=events.Limits(**cfg.limits, **cfg.events),
         policies={name: (policy, repr(policy)) for name, _, policy in buckets},
         shares=[(name, share) for name, share, _ in buckets],

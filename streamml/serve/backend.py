@@ -7,6 +7,9 @@
 - ``catalog``: the item catalog (each query's item ids, texts and embeddings).
 - ``control``: one small record saying which model every worker should serve, so a
   reload or rollback asked of one worker reaches the others.
+- ``blobs``: named byte strings written once (first writer wins), such as the mixed
+  learner's population fit stored with its head (:mod:`streamml.serve.population`), so every
+  worker on every host serves the same one.
 
 Every worker process opens the same backend; all cross-process consistency (atomic
 per-key updates, claims that succeed once) is the backend's: ``claim_and_apply(claim, update)``
@@ -33,7 +36,7 @@ import numpy as np
 from streamml.stores import InMemoryStore, Schema, Store
 from streamml.stores.events import Catalog, Claim, EventLog, MemoryCatalog, MemoryEventLog
 
-__all__ = ["Backend", "Update", "MemoryBackend", "MemoryCatalog", "MemoryEventLog", "SQLiteBackend", "RedisBackend"]
+__all__ = ["Backend", "Blobs", "Update", "MemoryBackend", "MemoryCatalog", "MemoryEventLog", "SQLiteBackend", "RedisBackend"]
 
 
 @dataclass(frozen=True)
@@ -49,12 +52,72 @@ class Update:
     fn: Callable[[dict[str, np.ndarray]], Mapping[str, np.ndarray]]
 
 
+class Blobs(Protocol):
+    """Named byte strings, each written once: ``put_once`` keeps the first value stored under
+    ``name`` and returns what is stored (so workers racing to write agree on one value)."""
+
+    def get(self, name: str) -> bytes | None: ...
+    def put_once(self, name: str, value: bytes) -> bytes: ...
+
+
+class MemoryBlobs:
+    def __init__(self):
+        self._values: dict[str, bytes] = {}
+
+    def get(self, name: str) -> bytes | None:
+        return self._values.get(name)
+
+    def put_once(self, name: str, value: bytes) -> bytes:
+        return self._values.setdefault(name, bytes(value))
+
+
+class SQLiteBlobs:
+    """Blobs in the ``blobs`` table of the backend's SQLite file."""
+
+    def __init__(self, db):
+        self.db = db  # the table is made by the first put_once: opening the backend takes no write lock
+
+    def get(self, name: str) -> bytes | None:
+        conn = self.db.conn
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'blobs'").fetchone() is None:
+            return None
+        row = conn.execute("SELECT value FROM blobs WHERE name = ?", (name,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def put_once(self, name: str, value: bytes) -> bytes:
+        with self.db.transaction() as conn:
+            conn.execute("CREATE TABLE IF NOT EXISTS blobs (name TEXT PRIMARY KEY, value BLOB NOT NULL)")
+            conn.execute("INSERT OR IGNORE INTO blobs(name, value) VALUES (?, ?)", (name, sqlite3.Binary(value)))
+            return bytes(conn.execute("SELECT value FROM blobs WHERE name = ?", (name,)).fetchone()[0])
+
+
+class RedisBlobs:
+    """Blobs as Redis strings ``<prefix>:blob:<name>`` (``SET NX``: the first writer wins)."""
+
+    def __init__(self, client, prefix: str):
+        self._client, self._prefix = client, prefix
+
+    def get(self, name: str) -> bytes | None:
+        from streamml.stores.redis_conn import guard
+
+        with guard("blob get"):
+            return self._client.get(f"{self._prefix}:blob:{name}")
+
+    def put_once(self, name: str, value: bytes) -> bytes:
+        from streamml.stores.redis_conn import guard
+
+        with guard("blob put"):
+            self._client.set(f"{self._prefix}:blob:{name}", value, nx=True)
+            return self._client.get(f"{self._prefix}:blob:{name}")
+
+
 @runtime_checkable
 class Backend(Protocol):
     """What the service needs from where it keeps its state (see the module docstring)."""
 
     events: EventLog
     catalog: Catalog
+    blobs: Blobs
     errors: tuple[type[BaseException], ...]
 
     def state(self, schema: Schema, namespace: str) -> Store: ...
@@ -81,6 +144,7 @@ class MemoryBackend:
 
     def __init__(self):
         self.events, self.catalog, self.control = MemoryEventLog(), MemoryCatalog(), MemoryControl()
+        self.blobs = MemoryBlobs()
         self._stores: dict[str, Store] = {}
 
     def claim_and_apply(self, claim: Claim, update: Update) -> bool:
@@ -132,7 +196,7 @@ class SQLiteBackend:
                            autocheckpoint=0 if background else 1000)
         self._checkpointer = Checkpointer(self.db, checkpoint_interval_s) if background else None
         self.events, self.catalog = SQLiteEventLog(self.db), SQLiteItems(self.db)
-        self.control = SQLiteControl(self.db)
+        self.control, self.blobs = SQLiteControl(self.db), SQLiteBlobs(self.db)
         self.errors = (StoreUnavailable, sqlite3.OperationalError)
 
     def state(self, schema: Schema, namespace: str) -> Store:
@@ -219,6 +283,7 @@ class RedisBackend:
         self.prefix = prefix.rstrip(":")
         self.events, self.catalog = RedisEventLog(self.client, self.prefix), RedisItems(self.client, self.prefix)
         self.control = RedisControl(self.client, f"{self.prefix}:control")
+        self.blobs = RedisBlobs(self.client, self.prefix)
         self.errors = (StoreUnavailable,)
 
     def state(self, schema: Schema, namespace: str) -> Store:

@@ -122,8 +122,12 @@ def rank(served: Served, req: schemas.RankRequest, limits: Limits, events, polic
         else:
             X = _vectors(served, req.embeddings, "embeddings")
         head = served.head.score(req.query, X)
-        ranked = _vector_policy_scores(policy, learner, user, req.query, X, head, rng)
-        scores = ranked if ranked.ndim == 1 else learner.score(user, req.query, X, head=head)
+        if served.raw_scores is not None:  # a learner of catalog items only: the global model (serve/population.py)
+            scores = served.raw_scores(req.query, head)
+            ranked = scores[None, :] if isinstance(policy, Thompson) else scores
+        else:
+            ranked = _vector_policy_scores(policy, learner, user, req.query, X, head, rng)
+            scores = ranked if ranked.ndim == 1 else learner.score(user, req.query, X, head=head)
         cand_ids, texts = np.arange(len(X)), req.texts
     else:
         if req.items is None:
@@ -244,9 +248,17 @@ def _item_update(served: Served, user: str, query: str, item: int, label: int) -
     return learner_update(served, lambda learner: learner.learn_one(user, query, served.row_of[item], label))
 
 
+def _no_raw_learning(served: Served) -> ServeError:
+    name = type(served.learner).__name__
+    if served.raw_scores is not None:
+        return ServeError(501, f"the online learner {name} learns catalog items only: raw candidates are ranked by the "
+                               "global model, and feedback on them is not learned (send catalog item ids)")
+    return ServeError(501, f"this online learner ({name}) cannot learn from raw embeddings (no learn_vector)")
+
+
 def _vector_update(served: Served, user: str, query: str, x: np.ndarray, head: float, label: int) -> Update:
     if not hasattr(served.learner, "learn_vector"):
-        raise ServeError(501, "this online learner cannot learn from raw embeddings (no learn_vector)")
+        raise _no_raw_learning(served)
     return learner_update(served, lambda learner: learner.learn_vector(user, query, x, head, label))
 
 
@@ -263,7 +275,7 @@ def reward(served: Served, event_id: str, req: schemas.RewardRequest, limits: Li
         if r.item not in shown:
             raise ServeError(422, f"item {r.item} was not shown in event {event_id!r} (rewards[{i}]); shown: {record['shown']}")
     if "vectors" in record and not hasattr(served.learner, "learn_vector"):
-        raise ServeError(501, "this online learner cannot learn from raw embeddings (no learn_vector)")
+        raise _no_raw_learning(served)
     if "vectors" not in record and record["query"] not in served.queries:
         raise ServeError(409, f"query {record['query']!r} of event {event_id!r} is no longer in the catalog")
     user, query = record["user"], record["query"]
@@ -304,7 +316,7 @@ def feedback(served: Served, req: schemas.FeedbackRequest, limits: Limits, backe
     else:
         x = _vectors(served, [req.embedding], "embedding")[0]
         if not hasattr(served.learner, "learn_vector"):
-            raise ServeError(501, "this online learner cannot learn from raw embeddings (no learn_vector)")
+            raise _no_raw_learning(served)
         head = float(served.head.score(req.query, x[None])[0])
         update = _vector_update(served, user, req.query, x, head, _label(req.label))
     if not backend.claim_and_apply(Claim("client", user, req.event_id, ttl_s=limits.client_event_ttl_s), update):
@@ -325,7 +337,8 @@ def _keys(served: Served, user: str) -> tuple[list, list[str]]:
 def user_state(served: Served, user: str, bucket: str) -> schemas.UserState:
     store = served.learner.store
     keys, names = _keys(served, user)
-    residual = store.get_many(keys)["residual"].astype(np.float32)
+    field = "residual" if "residual" in store.schema else "mean"  # the mixed learner's state: its random effect's mean
+    residual = store.get_many(keys)[field].astype(np.float32)
     norms = np.linalg.norm(residual, axis=1)
     stored = [schemas.QueryState(query=q, residual_norm=float(n)) for k, q, n in zip(keys, names, norms) if k in store]
     return schemas.UserState(user=user, model_version=served.version, bucket=bucket, queries=stored)

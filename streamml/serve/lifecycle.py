@@ -11,11 +11,16 @@ path, and only then swapped in; a head that fails the checks leaves the old one
 serving. The swap is published in the backend's control record (``uri``, ``previous``
 and a ``version`` counter); the other workers poll that record and load the same head.
 Rollback publishes the previous URI again.
+
+A learner fitted to a population (``population=PATH``, the mixed learner) is built and given
+its population fit when the head is prepared (:mod:`streamml.serve.population`), and its
+per-user state lives under the population's key (the head's fingerprint and the fit's digest).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -26,7 +31,7 @@ from streamml.serve.model import Head, load_head, resolve_model_uri
 if TYPE_CHECKING:
     from streamml.online.learner import ResidualLearner
 
-__all__ = ["Prepared", "Served", "Lifecycle", "bootstrap"]
+__all__ = ["Prepared", "Served", "Lifecycle", "bootstrap", "check_population"]
 
 
 @dataclass
@@ -46,6 +51,9 @@ class Prepared:
     head_scores: np.ndarray  # (N,)
     queries: dict[str, QueryItems]
     row_of: dict[int, int]
+    learner: object | None = None  # a learner fitted to a population, without its store yet
+    namespace: str | None = None  # where that learner's per-user state lives
+    raw_scores: Callable[[str, np.ndarray], np.ndarray] | None = None
 
 
 @dataclass
@@ -54,6 +62,8 @@ class Served:
     learner: ResidualLearner
     queries: dict[str, QueryItems]
     row_of: dict[int, int]
+    # a learner of catalog items only (the mixed learner): raw candidates' scores from their head scores
+    raw_scores: Callable[[str, np.ndarray], np.ndarray] | None = None
 
     @property
     def version(self) -> str:
@@ -108,6 +118,18 @@ def bootstrap(cfg, backend, publish: bool = False) -> str:
     return uri
 
 
+def check_population(make_learner, population: str | None) -> None:
+    """A learner with ``fit_population`` (the mixed learner) needs a population log; no other takes one."""
+    learner_type = getattr(make_learner, "func", make_learner)
+    name = getattr(learner_type, "__name__", repr(learner_type))
+    if hasattr(learner_type, "fit_population") and not population:
+        raise ValueError(f"the online learner {name} learns its prior and factors from a population: pass "
+                         "population=PATH, a log of user, query, item, label, time (CSV or Parquet)")
+    if population and not hasattr(learner_type, "fit_population"):
+        raise ValueError(f"population={population} is given, but the online learner {name} has no fit_population "
+                         "(serve online=mixed)")
+
+
 class Lifecycle:
     """Holds the served bundle of one worker and swaps it.
 
@@ -120,9 +142,15 @@ class Lifecycle:
         configured online learner (a Hydra partial of ``ResidualLearner``).
     tracking_uri
         Where MLflow URIs resolve.
+    population
+        A log of the population's feedback (:mod:`streamml.serve.population`), needed by and
+        only by learners with ``fit_population`` (the mixed learner).
     """
 
-    def __init__(self, backend, make_learner, tracking_uri: str, experiment: str = "default"):
+    def __init__(self, backend, make_learner, tracking_uri: str, experiment: str = "default",
+                 population: str | None = None):
+        check_population(make_learner, population)
+        self.population = population
         self.backend, self.make_learner = backend, make_learner
         self.tracking_uri, self.experiment = tracking_uri, experiment
         self.current: Served | None = None
@@ -132,16 +160,27 @@ class Lifecycle:
     # ---- staged: the slow part, safe off the request path (no store is touched)
     def prepare(self, uri: str | None) -> Prepared:
         uri = resolve_model_uri(uri, self.tracking_uri, self.experiment)
-        return prepare(load_head(uri, self.tracking_uri), self.backend.catalog)
+        p = prepare(load_head(uri, self.tracking_uri), self.backend.catalog)
+        if self.population:
+            from streamml.serve.population import RawScorer, attach_population
+
+            p.learner = self.make_learner(items=p.X, item_query=p.item_query, head_scores=p.head_scores, store=None)
+            p.namespace = attach_population(p.learner, self.population, p, self.backend.blobs)
+            p.raw_scores = RawScorer.of(p.learner.population, p.item_query, p.head_scores)
+        return p
 
     # ---- swap: quick, on the request thread
     def activate(self, p: Prepared) -> Served:
-        namespace = p.head.fingerprint[:16]
-        learner = self.make_learner(
-            items=p.X, item_query=p.item_query, head_scores=p.head_scores,
-            store=lambda schema: self.backend.state(schema, namespace),
-        )
-        self.current = Served(p.head, learner, p.queries, p.row_of)
+        if p.learner is not None:  # fitted in prepare; its state lives under its population's key
+            learner = p.learner
+            learner.store = self.backend.state(learner.schema, p.namespace)
+        else:
+            namespace = p.head.fingerprint[:16]
+            learner = self.make_learner(
+                items=p.X, item_query=p.item_query, head_scores=p.head_scores,
+                store=lambda schema: self.backend.state(schema, namespace),
+            )
+        self.current = Served(p.head, learner, p.queries, p.row_of, p.raw_scores)
         return self.current
 
     def publish(self, uri: str) -> dict:
