@@ -131,17 +131,18 @@ def run(cfg) -> dict[str, float]:
         tracking.log_metrics(metrics)
         tracking.log_table(rounds, "results/rounds.csv")
         tracking.log_table(summary, "results/summary.csv")
+        import mlflow
+
         command = "python -m streamml.train " + " ".join(sys.argv[1:])
+        commit = mlflow.get_run(active.info.run_id).data.tags.get("git_commit", "unknown")  # as the run began
         header = [f"# Replay of real feedback: {sc.source}, {sc.streams} users", "",
-                  f"- Command: `{command}`", f"- Commit: {tracking.git_commit()}", f"- Machine: {machine()}",
+                  f"- Command: `{command}`", f"- Commit: {commit}", f"- Machine: {machine()}",
                   f"- MLflow run: {active.info.run_id} in experiment `{cfg.name}`",
                   f"- Learners: `{OURS}` = {learners[OURS]!r}; {', '.join(f'`{n}` ({type(learners[n]).__name__})' for n in learners if n != OURS)}"]
         text = markdown(summary, control, header)
         out = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else "."
         with open(f"{out}/replay.md", "w") as fh:
             fh.write(text)
-        import mlflow
-
         mlflow.log_text(text, "replay.md")
     print(text)
     return metrics
