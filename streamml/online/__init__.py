@@ -1,4 +1,5 @@
-"""Online, per-user adaptation: residual learners over a frozen head, mixed effects over a population, replay of real logs, slate policies, the simulator."""
+"""Online, per-user adaptation: residual learners over a frozen head, mixed effects over a
+population, slate policies, the simulator and the replay of real logs."""
 
 from streamml.online.learner import ResidualLearner
 from streamml.online.mixed import MixedLearner

@@ -79,7 +79,8 @@ def read_movielens(directory: str | Path, n_genres: int = 8, accept_at: int = 4)
 
 
 def _labels(values: pd.Series, where: str) -> np.ndarray:
-    mapped = values.map(lambda v: {"accepted": 1, "rejected": 0, 1: 1, 0: 0, True: 1, False: 0, "1": 1, "0": 0}.get(v))
+    names = {"accepted": 1, "rejected": 0, 1: 1, 0: 0, "1": 1, "0": 0}  # True and False hash as 1 and 0
+    mapped = values.map(lambda v: names.get(v))
     bad = mapped.isna()
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])

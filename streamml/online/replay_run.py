@@ -138,7 +138,8 @@ def run(cfg) -> dict[str, float]:
         header = [f"# Replay of real feedback: {sc.source}, {sc.streams} users", "",
                   f"- Command: `{command}`", f"- Commit: {commit}", f"- Machine: {machine()}",
                   f"- MLflow run: {active.info.run_id} in experiment `{cfg.name}`",
-                  f"- Learners: `{OURS}` = {learners[OURS]!r}; {', '.join(f'`{n}` ({type(learners[n]).__name__})' for n in learners if n != OURS)}"]
+                  f"- Learners: `{OURS}` = {learners[OURS]!r}; "
+                  + ", ".join(f"`{n}` ({type(learners[n]).__name__})" for n in learners if n != OURS)]
         text = markdown(summary, control, header)
         out = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else "."
         with open(f"{out}/replay.md", "w") as fh:

@@ -251,7 +251,8 @@ def _run_name(cfg) -> str:
         settings = "-".join(f"{k}{v}" for k, v in cfg.online.items() if k in ("k", "factors", "trust", "gate", "prior_var"))
         return "-".join(p for p in (cfg.scenario.kind, cfg.scenario.streams, learner, settings, policy) if p)
     rule = cfg.rule._target_.rsplit(".", 1)[-1]
-    settings = "-".join(f"{k}{v}" for k, v in cfg.rule.items() if k in ("lr", "prior_var", "decay", "window", "newton_steps", "head_var") and v)
+    named = ("lr", "prior_var", "decay", "window", "newton_steps", "head_var")
+    settings = "-".join(f"{k}{v}" for k, v in cfg.rule.items() if k in named and v)
     features = "" if cfg.online.features == "standardized" else cfg.online.features
     interaction = f"head_interaction{cfg.online.head_interaction}" if cfg.online.get("head_interaction") else ""
     return "-".join(p for p in (cfg.scenario.kind, cfg.scenario.streams, rule, settings, features, interaction, policy) if p)

@@ -209,7 +209,8 @@ def test_window_map_takes_an_embedding_outside_the_catalog_without_keeping_it(to
 
 def test_rules_validate_their_hyperparameters():
     for bad in (lambda: PairwiseSGD(buffer_size=3), lambda: PointwiseSGD(max_norm=float("inf")),
-                lambda: PointwiseSGD(lr=0), lambda: DiagonalLaplace(prior_var=0), lambda: IsotropicLaplace(prior_var=-1), lambda: DiagonalLaplace(dtype="int8"),
+                lambda: PointwiseSGD(lr=0), lambda: DiagonalLaplace(prior_var=0), lambda: IsotropicLaplace(prior_var=-1),
+                lambda: DiagonalLaplace(dtype="int8"),
                 lambda: WindowMAP(window=0), lambda: WindowMAP(head_var=-1), lambda: WindowMAP(newton_steps=1.5)):
         with pytest.raises(ValueError):
             bad()

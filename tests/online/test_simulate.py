@@ -134,7 +134,7 @@ def test_tune_and_test_streams_are_disjoint(data):
 def test_interact_is_deterministic_under_a_seed(real):
     run = lambda seed: simulate.interact(real, learners(), EpsilonSlots(n_explore=2), k=4,  # noqa: E731
                                          n_rounds=3, seed=seed, progress=False)
-    (a, shown_a), (b, shown_b), (c, shown_c) = run(0), run(0), run(1)
+    (a, shown_a), (b, shown_b), (_, shown_c) = run(0), run(0), run(1)
     pd.testing.assert_frame_equal(a, b)
     pd.testing.assert_frame_equal(shown_a, shown_b)
     assert not shown_a["item"].equals(shown_c["item"])
