@@ -44,7 +44,9 @@ import numpy as np
 import pandas as pd
 from numba import njit
 
-from streamml.online.kernels import _FASTMATH, _in_parts, _my_events
+from streamml.online.kernel_support import FASTMATH as _FASTMATH
+from streamml.online.kernel_support import in_parts as _in_parts
+from streamml.online.kernel_support import my_events as _my_events
 from streamml.online.population import Population, fit_population, standardized_head
 from streamml.stores import Field, InMemoryStore, Schema, Store, as_key_list
 

@@ -164,7 +164,8 @@ def test_kernels_without_float16_instructions(tmp_path):
 import sys
 sys.argv = ["pytest"]
 from streamml.online import kernels
-assert not kernels.NATIVE_HALF
+from streamml.online import kernel_support
+assert not kernel_support.NATIVE_HALF
 import pytest
 sys.exit(pytest.main(["-q", "-x", "-p", "no:cacheprovider", "{test}", "-k",
                       "float16_conversions or event_by_event or (random_streams and 1-float16)"]))
