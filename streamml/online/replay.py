@@ -1,8 +1,8 @@
 """Replay of real logged feedback: the judge of online learning.
 
 A simulator shows what a learner does for the users we imagine; a replay shows what it does
-for people. Logged events (user, query, item, label, time) are read from one of three
-sources, all into the same :data:`LOG_COLUMNS` frame:
+for people. Logged events (user, query, item, label, time) are read from one of two
+sources, both into the same :data:`LOG_COLUMNS` frame:
 
 * :func:`read_movielens`: MovieLens 100k (GroupLens; research use only, never committed). A
   query is one of the largest genres, an item's text is the movie title, and a rating of
@@ -10,8 +10,10 @@ sources, all into the same :data:`LOG_COLUMNS` frame:
 * :func:`read_log`: a CSV or Parquet file with the columns ``user, query, item, label, time``
   and, where the texts must be embedded, ``text`` (the documented format; ``label`` is 1/0
   or ``accepted``/``rejected``; ``time`` is a number or an ISO timestamp).
-* the service's event log, through :func:`read_log` of what ``python -m streamml.loop export``
-  writes, or :func:`events_from_impressions` on rows that name catalog ids.
+
+Not yet the service's own event log: it keeps each event's shown items and propensities and
+which rewards were claimed, but not the rewards' labels, so there is nothing to replay from it
+until it does (issue 19 exports it).
 
 **The protocol** (:func:`replay`). Users are split at random into population, tuning and
 test users, all disjoint (:func:`split_users`). The head and whatever a learner fits from a
