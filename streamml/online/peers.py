@@ -95,7 +95,7 @@ class VowpalWabbitOnline(_HeadPeer):
         self.bits, self.lr, self.population, self.passes = int(bits), float(lr), bool(population), int(passes)
         self.base_ = self.z_.copy()
         self.features_ = [" ".join(f"{j}:{v:.6g}" for j, v in enumerate(row) if v != 0) for row in self.items]
-        self.vw_ = self._workspace(f"-q ue --ignore_linear e -l {self.lr}")
+        self.vw_ = self._workspace(f"{self._ARGS} -l {self.lr}")
         self.counter_ = 0
 
     def _workspace(self, args: str):
@@ -127,6 +127,38 @@ class VowpalWabbitOnline(_HeadPeer):
         ids = [self._item_ids(items[e:e + 1], q) for e, q in enumerate(queries.tolist())]  # all, before any learning
         for e, (u, q) in enumerate(zip(users.tolist(), queries.tolist())):
             self._learn_ids((u, q), ids[e], labels[e:e + 1])
+
+    _ARGS = "-q ue --ignore_linear e"
+
+    def __getstate__(self) -> dict:
+        """VW's weights travel as the bytes of its saved model (pyvw's Workspace cannot be pickled)."""
+        import tempfile
+
+        state = {k: v for k, v in self.__dict__.items() if k != "vw_"}
+        with tempfile.TemporaryDirectory() as tmp:
+            path = f"{tmp}/model.vw"
+            self.vw_.save(path)
+            with open(path, "rb") as fh:
+                state["vw_model_"] = fh.read()
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        import tempfile
+
+        model = state.pop("vw_model_")
+        self.__dict__.update(state)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = f"{tmp}/model.vw"
+            with open(path, "wb") as fh:
+                fh.write(model)
+            self.vw_ = self._workspace(f"{self._ARGS} -l {self.lr} -i {path}")
+
+    def __deepcopy__(self, memo):
+        import copy
+
+        clone = copy.copy(self)
+        clone.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return clone
 
     def _key_token(self, key) -> str:
         gen = self.generation_.setdefault(key, self.counter_)

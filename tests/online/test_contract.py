@@ -25,7 +25,6 @@ class Case:
     make: Callable  # (items, item_query, head_scores) -> learner
     has_head: bool = True
     adapts: bool = True
-    picklable: bool = True
 
 
 CASES = {
@@ -44,8 +43,7 @@ CASES = {
     "mixed-ungated": Case(lambda X, q, h: MixedLearner(X, q, h, k=3, gate=False)),
     "sklearn_refit_head": Case(SklearnRefitHead),
     "reference": Case(lambda X, q, h: ReferenceBayes(X, q, h, k=2).fit_population(population())),
-    # pyvw's Workspace is a C++ object that pickle cannot copy
-    "vw": Case(lambda X, q, h: VowpalWabbitOnline(X, q, h, bits=18), picklable=False),
+    "vw": Case(lambda X, q, h: VowpalWabbitOnline(X, q, h, bits=18)),
 }
 
 
@@ -155,8 +153,6 @@ def test_same_stream_same_scores(case):
 
 
 def test_pickle_and_deepcopy_round_trip(case):
-    if not case[1].picklable:
-        pytest.skip(f"{case[0]} holds a native object that cannot be pickled")
     learner = fresh(case)
     feed(learner, stream(5))
     for clone in (pickle.loads(pickle.dumps(learner)), copy.deepcopy(learner)):
