@@ -47,7 +47,7 @@ from numba import njit
 from streamml.online.kernel_support import FASTMATH as _FASTMATH
 from streamml.online.kernel_support import in_parts as _in_parts
 from streamml.online.kernel_support import my_events as _my_events
-from streamml.online.population import Population, fit_population, standardized_head
+from streamml.online.population import Population, embedding_factors, fit_population, standardized_head
 from streamml.stores import Field, InMemoryStore, Schema, Store, as_key_list
 
 __all__ = ["MixedLearner", "adf_step"]
@@ -143,20 +143,6 @@ def _events(mean, cov, bias, gain, rows, items, labels, F, PF, o, prior_b, part,
         bias[r, 1] -= s_b * s_b * lam_b / (1.0 + lam_b * s_b)
 
 
-def _principal_factors(X: np.ndarray, q_code: np.ndarray, k: int) -> np.ndarray:
-    """(n, k) each item's coordinates on its query's top ``k`` principal directions (centered per
-    query), scaled to unit root mean square norm per query: the factors before any population.
-    Keys are per (user, query), so each query may have directions of its own."""
-    V = np.zeros((len(X), k), np.float32)
-    for q in np.unique(q_code):
-        rows = q_code == q
-        Xc = X[rows].astype(np.float64) - X[rows].mean(0)
-        _, _, vt = np.linalg.svd(Xc, full_matrices=False)
-        P = Xc @ vt[:k].T
-        V[rows, : P.shape[1]] = P / max(np.sqrt((P**2).sum(1).mean()), 1e-12)
-    return V
-
-
 class MixedLearner:
     """Per-(user, query) random effects over a population model, with a no-harm gate.
 
@@ -222,7 +208,7 @@ class MixedLearner:
         self.z = np.zeros(len(X)) if head_scores is None else standardized_head(np.asarray(head_scores), self._q_code)
         if head_scores is not None and np.shape(head_scores) != (len(X),):
             raise ValueError(f"head_scores must have shape ({len(X)},), got {np.shape(head_scores)}")
-        V = _principal_factors(X, self._q_code, min(self.k, X.shape[1]))
+        V = embedding_factors(X, self._q_code, min(self.k, X.shape[1])).astype(np.float32)
         if self.trust:  # the head's log-odds as the first factor, as fit_population puts the global model's
             V = np.hstack([((self.z - self.z.mean()) / max(self.z.std(), 1e-12))[:, None], V]).astype(np.float32)
         self.population = Population(1.0, 0.0, np.zeros(len(X)), V, np.eye(1 + V.shape[1]) * prior_var, 0, "none")

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-__all__ = ["Population", "fit_population", "standardized_head", "text_ids"]
+__all__ = ["Population", "embedding_factors", "fit_population", "standardized_head", "text_ids"]
 
 
 @dataclass
@@ -141,6 +141,19 @@ def _svd_factors(users: np.ndarray, text: np.ndarray, labels: np.ndarray, n_text
 FACTORS = {"svd": _svd_factors, "als": _als_factors}
 
 
+def embedding_factors(X: np.ndarray, q_code: np.ndarray, k: int) -> np.ndarray:
+    """(n, k) each item's coordinates on its query's top ``k`` principal directions, scaled to unit
+    root mean square norm per query: the embedding in place of collaborative factors."""
+    V = np.zeros((len(X), k))
+    for q in np.unique(q_code):
+        rows = q_code == q
+        Xc = X[rows].astype(np.float64) - X[rows].mean(0)
+        _, _, vt = np.linalg.svd(Xc, full_matrices=False)
+        P = Xc @ vt[:k].T
+        V[rows, : P.shape[1]] = P / max(np.sqrt((P**2).sum(1).mean()), 1e-12)
+    return V
+
+
 def _key_posteriors(F: np.ndarray, y: np.ndarray, offset: np.ndarray, starts: np.ndarray, prior: np.ndarray,
                     m: np.ndarray, iters: int = 2):
     """Laplace posteriors (means (K, d), covariances (K, d, d)) of every key's random effect, by
@@ -162,7 +175,8 @@ def fit_population(events: pd.DataFrame, items: np.ndarray, item_query_code: np.
 
     ``events`` has columns ``user, query, item, label`` (``item`` a row of ``items``, whose
     query is ``item_query_code``); ``z`` is the standardised head of every item. ``factors``:
-    ``"svd"`` (of the labels) or ``"als"`` (``implicit``'s ALS on who answered what).
+    ``"svd"`` (of the labels), ``"als"`` (``implicit``'s ALS on who answered what) or
+    ``"embedding"`` (each query's principal directions of the texts: no collaborative signal).
     ``trust``: the global model's log-odds, standardised, becomes the first factor, so each
     key also learns how far it follows the population.
     """
@@ -179,10 +193,13 @@ def fit_population(events: pd.DataFrame, items: np.ndarray, item_query_code: np.
     beta, beta_var, beta_trace = _item_effects(ids, y, slope * z[ids] + intercept, len(items))
 
     text = text_ids(items)
-    if factors not in FACTORS:
-        raise ValueError(f"factors must be one of {sorted(FACTORS)}, got {factors!r}")
-    V_text = FACTORS[factors](events["user"].astype(str).to_numpy(), text[ids], y, text.max() + 1, k, seed)
-    V = V_text[text]
+    if factors not in (*FACTORS, "embedding"):
+        raise ValueError(f"factors must be one of {sorted((*FACTORS, 'embedding'))}, got {factors!r}")
+    if factors == "embedding":  # no collaborative signal: each query's top principal directions of its texts
+        V = embedding_factors(items, item_query_code, k)
+    else:
+        V_text = FACTORS[factors](events["user"].astype(str).to_numpy(), text[ids], y, text.max() + 1, k, seed)
+        V = V_text[text]
     seen_item = np.bincount(ids, minlength=len(items)) > 0
     seen_text = ~np.isnan(V[:, 0])
     if (~seen_text).any():  # unseen texts: factors from the embedding

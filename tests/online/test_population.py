@@ -81,3 +81,13 @@ def test_bad_populations_are_refused():
         fit_population(events.assign(label=1), X, q, z)
     with pytest.raises(ValueError, match="factors must be one of"):
         fit_population(events, X, q, z, factors="pca")
+
+
+def test_embedding_factors_are_each_querys_principal_directions():
+    events, X, q, z, _ = synthetic_population(seed=7)
+    pop = fit_population(events, X, q, z, k=3, factors="embedding")
+    Xc = X - X.mean(0)
+    _, _, vt = np.linalg.svd(Xc.astype(np.float64), full_matrices=False)
+    for j in range(3):  # each factor is a principal coordinate (up to sign), whatever the labels say
+        assert abs(np.corrcoef(pop.factors[:, j], Xc @ vt[j])[0, 1]) == pytest.approx(1.0, abs=1e-4)
+    assert np.sqrt((pop.factors.astype(np.float64) ** 2).sum(1).mean()) == pytest.approx(1.0, abs=1e-4)
