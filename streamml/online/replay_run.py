@@ -96,7 +96,7 @@ def run(cfg) -> dict[str, float]:
 
     sc = cfg.scenario
     events = load_events(sc)
-    catalog = R.build_catalog(events)
+    catalog = R.build_catalog(events, cache_dir=sc.get("cache_dir"))
     split = R.split_users(events.user.unique(), cfg.seed, sc.population, sc.tuning)
     population = events[events.user.astype(str).isin(split["population"])]
     users = split["tuning" if sc.streams == "tune" else "test"]
