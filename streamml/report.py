@@ -260,7 +260,9 @@ def report(experiment: str, out: str | Path, tracking_uri: str, command: str | N
     title = title or experiment
     commits = set(runs["tags.git_commit"].dropna()) if "tags.git_commit" in runs else set()
     if any(c.startswith("params.scenario") for c in runs):
-        body = online_table(runs, tables)
+        target = runs.get("params.online._target_", pd.Series(dtype=object)).dropna()
+        ours = "mixed" if target.str.endswith("MixedLearner").any() else "residual"
+        body = online_table(runs, tables, ours=ours)
     else:
         chosen = nested_selection(runs)
         parts = []
