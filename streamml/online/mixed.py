@@ -163,7 +163,8 @@ class MixedLearner:
     seed
         Seed of the population fit's factorisation.
     factors
-        ``"svd"`` or ``"als"``: how :meth:`fit_population` learns the factors (:mod:`~streamml.online.population`).
+        ``"svd"``, ``"als"`` or ``"embedding"``: how :meth:`fit_population` learns the factors
+        (:mod:`~streamml.online.population`).
     trust
         Also a factor for the global model's own log-odds: how far each key follows the population.
     adapt
@@ -197,6 +198,8 @@ class MixedLearner:
             raise ValueError(f"item_query must have shape ({len(X)},), got {self.item_query.shape}")
         if int(k) < 1 or not prior_var > 0:
             raise ValueError(f"k must be >= 1 and prior_var > 0, got k={k}, prior_var={prior_var}")
+        if factors not in ("svd", "als", "embedding"):
+            raise ValueError(f"factors must be 'svd', 'als' or 'embedding', got {factors!r}")
         self.X, self.k, self.gate, self.seed = X, int(k), bool(gate), int(seed)
         self.factors, self.trust, self.adapt = factors, bool(trust), bool(adapt)
         if int(threads) < 1:
@@ -225,7 +228,8 @@ class MixedLearner:
         self.store = store
 
     def __repr__(self) -> str:
-        return (f"MixedLearner(k={self.population.k}, gate={self.gate}, population={self.population.fingerprint!r}, "
+        return (f"MixedLearner(k={self.k}, factors={self.factors!r}, trust={self.trust}, gate={self.gate}, "
+                f"population={self.population.fingerprint!r}, "
                 f"n_items={len(self.X)}, store={type(self.store).__name__})")
 
     def _set_population(self, pop: Population) -> None:

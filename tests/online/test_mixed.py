@@ -105,10 +105,12 @@ def test_the_state_fits_the_budget():
     assert per_key == 4 * (18 + 18 * 19 // 2 + 2 + 1) <= 1024
 
 
-@pytest.mark.parametrize("kw", [dict(k=0), dict(prior_var=0)])
-def test_bad_settings_are_named(kw):
+@pytest.mark.parametrize("kw, message", [(dict(k=0), "k must be >= 1"), (dict(prior_var=0), "prior_var > 0"),
+                                         (dict(factors="pca"), "factors must be 'svd', 'als' or 'embedding'"),
+                                         (dict(threads=0), "threads must be >= 1")])
+def test_bad_settings_are_named(kw, message):
     X, q, head = world()
-    with pytest.raises(ValueError, match="k must be >= 1 and prior_var > 0"):
+    with pytest.raises(ValueError, match=message):
         MixedLearner(X, q, head, **kw)
 
 
