@@ -120,8 +120,11 @@ class _CatalogBaseline:
         return item_ids[np.argsort(-self.score(user, query, item_ids), kind="stable")]
 
     def learn_one(self, user: Hashable, query: Hashable, item: int, label: int) -> None:
-        ids = self._item_ids(np.array([item]), query)
-        self._learn((user, query), self.items[ids], self._labels([label]))
+        self._learn_ids((user, query), self._item_ids(np.array([item]), query), self._labels([label]))
+
+    def _learn_ids(self, key, ids: np.ndarray, labels: np.ndarray) -> None:
+        """Learn a key's checked catalog ids; a baseline that needs the ids, not the embeddings, overrides it."""
+        self._learn(key, self.items[ids], labels)
 
     def learn_many(self, users, queries, items, labels) -> None:
         users, queries = np.asarray(users, object), np.asarray(queries, object)
@@ -135,7 +138,7 @@ class _CatalogBaseline:
             order.setdefault(key, []).append(i)
         checked = {key: self._item_ids(items[idx], key[1]) for key, idx in order.items()}  # all, before any learning
         for key, idx in order.items():
-            self._learn(key, self.items[checked[key]], labels[idx])
+            self._learn_ids(key, checked[key], labels[idx])
 
     def learn_vector(self, user: Hashable, query: Hashable, x, head_score: float, label: int) -> None:
         x = np.asarray(x, np.float32).reshape(1, -1)

@@ -27,6 +27,7 @@ from collections.abc import Callable, Hashable
 import numpy as np
 
 from streamml.online import kernels
+from streamml.online.checks import CatalogChecks, plain
 from streamml.online.rules import Catalog, PairwiseSGD, Rule
 from streamml.stores import Field, InMemoryStore, Schema, Store, as_key_list
 
@@ -59,12 +60,9 @@ def _principal_basis(X: np.ndarray, q_code: np.ndarray, n_queries: int, k: int) 
     return basis
 
 
-def _plain(v):
-    """A numpy scalar as the plain Python value, for error messages."""
-    return v.item() if isinstance(v, np.generic) else v
 
 
-class ResidualLearner:
+class ResidualLearner(CatalogChecks):
     """Per-key residuals over a frozen head, learned from accept/reject feedback.
 
     Parameters
@@ -221,15 +219,8 @@ class ResidualLearner:
         return self._dim
 
     # ---- checks and keys
-    def _query(self, query: Hashable) -> int:
-        """Index of a known query; a clear error for an unknown one."""
-        q = self._query_index.get(_plain(query))
-        if q is None:
-            raise ValueError(f"query {_plain(query)!r} is unknown; known queries: {self.queries.tolist()}")
-        return q
-
     def _key(self, user: Hashable, query: Hashable) -> Hashable:
-        return _plain(user) if self.key == "user" else (_plain(user), _plain(query))
+        return plain(user) if self.key == "user" else (plain(user), plain(query))
 
     def _keys(self, users: np.ndarray, queries: np.ndarray):
         ints = users.dtype.kind in "iu" and (self.key == "user" or queries.dtype.kind in "iu")
@@ -238,31 +229,6 @@ class ResidualLearner:
         if ints:
             return np.stack([users, queries], 1).astype(np.int64)
         return list(zip(users.tolist(), queries.tolist()))
-
-    def _check_items(self, items: np.ndarray, queries) -> np.ndarray:
-        """Catalog ids of ``queries`` (one query, or one per item), as int64."""
-        if items.dtype.kind not in "iu":
-            if items.size == 0:
-                return items.astype(np.int64)
-            raise TypeError(f"item ids must be integers, got dtype {items.dtype}")
-        if items.size and (items.min() < 0 or items.max() >= len(self.item_query)):
-            bad = items[(items < 0) | (items >= len(self.item_query))][0]
-            raise IndexError(f"item {int(bad)} is not a catalog id: ids are in [0, {len(self.item_query)})")
-        wrong = self.item_query[items] != queries
-        if np.any(wrong):
-            i = int(np.flatnonzero(wrong)[0])
-            q = queries if np.ndim(queries) == 0 else np.asarray(queries)[i]
-            raise ValueError(f"item {int(items[i])} belongs to query {self._item_query_list[int(items[i])]!r}, "
-                             f"not {_plain(q)!r}")
-        return items.astype(np.int64)
-
-    @staticmethod
-    def _check_labels(labels) -> np.ndarray:
-        y = np.asarray(labels)
-        if not np.isin(y, (0, 1)).all():
-            bad = y[~np.isin(y, (0, 1))].ravel()[0]
-            raise ValueError(f"labels must be 1 (accepted) or 0 (rejected), got {_plain(bad)!r}")
-        return y.astype(bool)
 
     # ---- scoring
     def _state(self, user: Hashable, query: Hashable) -> dict[str, np.ndarray]:
@@ -353,16 +319,7 @@ class ResidualLearner:
 
     def learn_one(self, user: Hashable, query: Hashable, item: int, label: int) -> None:
         """One feedback event: ``user`` accepted (1) or rejected (0) catalog ``item`` shown for ``query``."""
-        if not isinstance(item, (int, np.integer)) or isinstance(item, bool):
-            raise TypeError(f"item must be a catalog id (int), got {item!r}")
-        item = int(item)
-        if not 0 <= item < len(self._item_query_list):
-            raise IndexError(f"item {item} is not a catalog id: ids are in [0, {len(self._item_query_list)})")
-        if self._item_query_list[item] != _plain(query):
-            self._query(query)
-            raise ValueError(f"item {item} belongs to query {self._item_query_list[item]!r}, not {_plain(query)!r}")
-        if label not in (0, 1):
-            raise ValueError(f"labels must be 1 (accepted) or 0 (rejected), got {_plain(label)!r}")
+        item = self._check_event(query, item, label)
         key = self._key(user, query)
         items, labels = np.array([item], np.int64), np.array([bool(label)])
         if self._in_memory():
@@ -431,7 +388,7 @@ class ResidualLearner:
         if not np.isfinite(x).all():
             raise ValueError("x contains NaN or infinite values")
         if label not in (0, 1):
-            raise ValueError(f"labels must be 1 (accepted) or 0 (rejected), got {_plain(label)!r}")
+            raise ValueError(f"labels must be 1 (accepted) or 0 (rejected), got {plain(label)!r}")
         z = np.zeros(1, np.float32) if head_score is None else self._head([head_score], 1, q)
         f = self._features(x[None], q, z)[0]
         z = float(z[0])
@@ -448,9 +405,9 @@ class ResidualLearner:
         if self.key == "user":
             if query is not None:
                 raise ValueError("key='user' shares one state across queries: forget the whole user")
-            self.store.delete_many([_plain(user)])
+            self.store.delete_many([plain(user)])
         elif query is None:
-            self.store.delete_many([(_plain(user), q) for q in self.queries.tolist()])
+            self.store.delete_many([(plain(user), q) for q in self.queries.tolist()])
         else:
             self._query(query)
-            self.store.delete_many([(_plain(user), _plain(query))])
+            self.store.delete_many([(plain(user), plain(query))])

@@ -44,6 +44,7 @@ import numpy as np
 import pandas as pd
 from numba import njit
 
+from streamml.online.checks import CatalogChecks, plain
 from streamml.online.kernel_support import FASTMATH as _FASTMATH
 from streamml.online.kernel_support import in_parts as _in_parts
 from streamml.online.kernel_support import my_events as _my_events
@@ -55,8 +56,6 @@ __all__ = ["MixedLearner", "adf_step"]
 _PROBIT = math.pi / 8  # the probit approximation of the logistic-Gaussian integral
 
 
-def _plain(v):
-    return v.item() if isinstance(v, np.generic) else v
 
 
 @njit(cache=True, nogil=True)
@@ -143,7 +142,7 @@ def _events(mean, cov, bias, gain, rows, items, labels, F, PF, o, prior_b, part,
         bias[r, 1] -= s_b * s_b * lam_b / (1.0 + lam_b * s_b)
 
 
-class MixedLearner:
+class MixedLearner(CatalogChecks):
     """Per-(user, query) random effects over a population model, with a no-harm gate.
 
     Parameters
@@ -269,45 +268,15 @@ class MixedLearner:
         return self
 
     # ---- checks
-    def _query(self, query) -> int:
-        q = self._query_index.get(_plain(query))
-        if q is None:
-            raise ValueError(f"query {_plain(query)!r} is unknown; known queries: {self.queries.tolist()}")
-        return q
-
-    def _check_items(self, items: np.ndarray, queries) -> np.ndarray:
-        items = np.asarray(items)
-        if items.size == 0:
-            return items.astype(np.int64).reshape(-1)
-        if items.dtype.kind not in "iu":
-            raise TypeError(f"item ids must be integers, got dtype {items.dtype}")
-        bad = items[(items < 0) | (items >= len(self.X))]
-        if len(bad):
-            raise IndexError(f"item {int(bad[0])} is not a catalog id: ids are in [0, {len(self.X)})")
-        wrong = self.item_query[items] != queries
-        if np.any(wrong):
-            i = int(np.flatnonzero(wrong)[0])
-            q = queries if np.ndim(queries) == 0 else np.asarray(queries)[i]
-            self._query(q)
-            raise ValueError(f"item {int(items[i])} belongs to query {self._item_query_list[int(items[i])]!r}, not {_plain(q)!r}")
-        return items.astype(np.int64)
-
-    @staticmethod
-    def _check_labels(labels) -> np.ndarray:
-        y = np.asarray(labels)
-        if not np.isin(y, (0, 1)).all():
-            raise ValueError(f"labels must be 1 (accepted) or 0 (rejected), got {_plain(y[~np.isin(y, (0, 1))].ravel()[0])!r}")
-        return y.astype(bool)
-
     # ---- scoring
     def _state(self, user, query) -> dict[str, np.ndarray]:
-        got = self.store.get_many([(_plain(user), _plain(query))])
+        got = self.store.get_many([(plain(user), plain(query))])
         return {name: v[0] for name, v in got.items()}
 
     def score(self, user: Hashable, query: Hashable, X) -> np.ndarray:
         """(n,) scores of catalog item ids ``X`` of ``query`` for ``user``, higher is better."""
         self._query(query)
-        ids = self._check_items(np.asarray(X), _plain(query))
+        ids = self._check_items(np.asarray(X), plain(query))
         state = self._state(user, query)
         w = state["mean"][1:].astype(np.float64)
         weight = 1 / (1 + math.exp(-float(state["gain"]))) if self.gate else 1.0
@@ -328,17 +297,8 @@ class MixedLearner:
 
     def learn_one(self, user: Hashable, query: Hashable, item: int, label: int) -> None:
         """``user`` accepted (1) or rejected (0) catalog ``item`` shown for ``query``."""
-        if not isinstance(item, (int, np.integer)) or isinstance(item, bool):
-            raise TypeError(f"item must be a catalog id (int), got {item!r}")
-        item = int(item)
-        if not 0 <= item < len(self._item_query_list):
-            raise IndexError(f"item {item} is not a catalog id: ids are in [0, {len(self._item_query_list)})")
-        if self._item_query_list[item] != _plain(query):
-            self._query(query)
-            raise ValueError(f"item {item} belongs to query {self._item_query_list[item]!r}, not {_plain(query)!r}")
-        if label not in (0, 1):
-            raise ValueError(f"labels must be 1 (accepted) or 0 (rejected), got {_plain(label)!r}")
-        key = (_plain(user), _plain(query))
+        item = self._check_event(query, item, label)
+        key = (plain(user), plain(query))
         items, labels = np.array([item], np.int64), np.array([bool(label)])
         if isinstance(self.store, InMemoryStore):  # one event: no batching, the kernel on the store's row
             self._apply(self.store.columns, np.array([self.store.row_for(key)], np.int64), items, labels)
@@ -373,7 +333,7 @@ class MixedLearner:
     def forget(self, user: Hashable, query: Hashable | None = None) -> None:
         """Drop a user's state for one query, or for all (``query=None``)."""
         if query is None:
-            self.store.delete_many([(_plain(user), q) for q in self.queries.tolist()])
+            self.store.delete_many([(plain(user), q) for q in self.queries.tolist()])
         else:
             self._query(query)
-            self.store.delete_many([(_plain(user), _plain(query))])
+            self.store.delete_many([(plain(user), plain(query))])

@@ -44,29 +44,13 @@ class _HeadPeer(_CatalogBaseline):
         super().__init__(items, item_query, head_scores)
         self.z_ = _z(self.items, self.item_query, head_scores)
 
-    # The base class passes embedding rows to _learn/_score; these peers need the catalog ids
-    # (two items may share a text, hence an embedding), so the public methods pass ids instead.
+    # These peers need the catalog ids (two items may share a text, hence an embedding): they
+    # learn through the base class's _learn_ids and score ids here.
     def score(self, user, query, X, head=None) -> np.ndarray:
         X = np.asarray(X)
         if X.ndim != 1 or head is not None:
             raise ValueError(f"{type(self).__name__} scores catalog item ids only, not new embeddings")
         return self._score_ids((user, query), self._item_ids(X, query))
-
-    def learn_one(self, user, query, item: int, label: int) -> None:
-        self._learn_ids((user, query), self._item_ids(np.array([item]), query), self._labels([label]))
-
-    def learn_many(self, users, queries, items, labels) -> None:
-        users, queries = np.asarray(users, object), np.asarray(queries, object)
-        items, labels = np.asarray(items), self._labels(labels)
-        if not (len(users) == len(queries) == len(items) == len(labels)):
-            raise ValueError(f"users, queries, items and labels must have one length, got "
-                             f"{len(users)}, {len(queries)}, {len(items)}, {len(labels)}")
-        order: dict = {}
-        for i, key in enumerate(zip(users.tolist(), queries.tolist())):
-            order.setdefault(key, []).append(i)
-        checked = {key: self._item_ids(items[idx], key[1]) for key, idx in order.items()}  # all, before any learning
-        for key, idx in order.items():
-            self._learn_ids(key, checked[key], labels[idx])
 
     def learn_vector(self, user, query, x, head_score, label) -> None:
         raise ValueError(f"{type(self).__name__} learns catalog items only, not new embeddings")
