@@ -30,6 +30,7 @@ from streamml.online import kernels
 from streamml.online.checks import CatalogChecks, plain
 from streamml.online.rules import Catalog, PairwiseSGD, Rule
 from streamml.stores import Field, InMemoryStore, Schema, Store, as_key_list
+from streamml.stores.base import store_for
 
 __all__ = ["ResidualLearner"]
 
@@ -199,13 +200,7 @@ class ResidualLearner(CatalogChecks):
             X = self._interact(P, z)
         self.catalog = Catalog(X, z)
         self.schema: dict[str, Field] = {"residual": Field((X.shape[1],), self.dtype, 0), **self.rule.fields(X.shape[1])}
-        if store is None:
-            store = InMemoryStore(self.schema)
-        elif not isinstance(store, Store) and callable(store):
-            store = store(self.schema)
-        if dict(store.schema) != self.schema:
-            raise ValueError(f"store schema {dict(store.schema)} does not match the learner's {self.schema}")
-        self.store = store
+        self.store = store_for(store, self.schema)
 
     def __repr__(self) -> str:
         interaction = f", head_interaction={self.head_interaction}" if self.head_interaction else ""

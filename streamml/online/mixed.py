@@ -50,6 +50,7 @@ from streamml.online.kernel_support import in_parts as _in_parts
 from streamml.online.kernel_support import my_events as _my_events
 from streamml.online.population import Population, embedding_factors, fit_population, standardized_head
 from streamml.stores import Field, InMemoryStore, Schema, Store, as_key_list
+from streamml.stores.base import store_for
 
 __all__ = ["MixedLearner", "adf_step"]
 
@@ -218,13 +219,7 @@ class MixedLearner(CatalogChecks):
         d = 1 + self.population.k
         self.schema: dict[str, Field] = {"mean": Field((d,), np.float32), "cov": Field((d * (d + 1) // 2,), np.float32),
                                          "bias": Field((2,), np.float32), "gain": Field((), np.float32)}
-        if store is None:
-            store = InMemoryStore(self.schema)
-        elif not isinstance(store, Store) and callable(store):
-            store = store(self.schema)
-        if dict(store.schema) != self.schema:
-            raise ValueError(f"store schema {dict(store.schema)} does not match the learner's {self.schema}")
-        self.store = store
+        self.store = store_for(store, self.schema)
 
     def __repr__(self) -> str:
         return (f"MixedLearner(k={self.k}, factors={self.factors!r}, trust={self.trust}, gate={self.gate}, "

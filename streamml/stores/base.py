@@ -21,7 +21,7 @@ from typing import Protocol, Union, runtime_checkable
 
 import numpy as np
 
-__all__ = ["Field", "Schema", "Store", "Keys", "as_key_list", "occurrences"]
+__all__ = ["Field", "Schema", "Store", "Keys", "as_key_list", "occurrences", "store_for"]
 
 _DUPLICATE_MSG = (
     "{} got the same key more than once in one batch; "
@@ -251,3 +251,18 @@ def _int_occurrences(k: np.ndarray) -> np.ndarray:
     return occ
 
 
+
+
+def store_for(store, schema: Mapping[str, Field]) -> "Store":
+    """The store a learner keeps ``schema``'s state in: ``store`` itself, ``store(schema)`` for a
+    factory (a Hydra partial), or a new in-memory one for ``None``; a store built for another
+    schema is refused, naming both."""
+    if store is None:
+        from streamml.stores.memory import InMemoryStore
+
+        store = InMemoryStore(schema)
+    elif not isinstance(store, Store) and callable(store):
+        store = store(schema)
+    if dict(store.schema) != dict(schema):
+        raise ValueError(f"store schema {dict(store.schema)} does not match the learner's {dict(schema)}")
+    return store
