@@ -14,6 +14,7 @@ sweeper) is tagged with its study and trial and nested under the study's parent 
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import tempfile
@@ -32,6 +33,26 @@ from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
 MAX_RUN_NAME = 250  # MLflow's limit on a run name
+
+
+class _DropNotices(logging.Filter):
+    """Drops MLflow's notices that say nothing about this run: each one is printed on every
+    run, and a user cannot act on it (the model *is* a Python object by design). Only these
+    messages go; any other MLflow warning still shows."""
+
+    NOTICES = (
+        "Creating initial MLflow database tables",  # a new mlflow.db
+        "Updating database tables",
+        "Passing a Python object as `python_model`",  # log_model of our QueryScorer
+        "Validating input example against model signature",
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.NOTICES)
+
+
+for _name in ("mlflow.store.db.utils", "mlflow.pyfunc"):  # filters see only their own logger's records
+    logging.getLogger(_name).addFilter(_DropNotices())
 
 
 def _flatten(node, prefix: str = "") -> dict[str, str]:

@@ -4,6 +4,7 @@ multirun with its summary and distinct run names, and the real data's target."""
 import dataclasses
 import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -115,9 +116,28 @@ def test_cli_run_is_quiet_and_its_log_lands_in_hydras_file(tmp_path):
     for noise in ("Add type hints", "litlogger", "LeafSpec", "GPU available", "TPU available"):
         assert noise not in result.stderr + result.stdout
     assert "cv: 100%" in result.stderr and "final fit: 100%" in result.stderr  # labelled progress bars
+    # stderr holds the progress bars and nothing else: no MLflow notice, no third-party warning
+    others = [part for part in re.split(r"[\r\n]", result.stderr) if part.strip() and not part.startswith(("cv:", "final fit:"))]
+    assert others == []
     log = (tmp_path / "out" / "train.log").read_text()
     assert "6 queries, 348 unique texts" in log and "mean over queries: auc" in log and "wildfires" in log
+    last = log.strip().splitlines()[-1]  # the run ends with where it is and its plot
+    assert "done: run linear-ranknet" in last and "plots/per_query_auc.png" in last
+    plot = last.rsplit(" plot ", 1)[1].removeprefix("file://")
+    assert os.path.isfile(os.path.join(tmp_path, plot)), plot
     assert "linear-ranknet[data.dir=…/queries,cv.n_folds=2,cv.n_repeats=1,trainer.max_epochs=3]" in log  # command order
+
+
+def test_the_optuna_plugin_without_optuna_is_silent_until_a_search_selects_it(tmp_path):
+    """Hydra imports every plugin on every run: without the `search` extra that must not warn."""
+    code = ("import sys; sys.modules['optuna'] = None\n"
+            "from hydra.core.plugins import Plugins; Plugins.instance()\n"
+            "from hydra_plugins.streamml_optuna_sweeper.optuna_sweeper import OptunaSweeper\n"
+            "OptunaSweeper('maximize', 1, 1, None, None, None, True, {}, None)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert "incompatible" not in result.stderr and "Warning" not in result.stderr
+    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == (
+        "ImportError: the Optuna sweeper (hparams_search=...) needs Optuna: pip install -e '.[search]'")
 
 
 @pytest.mark.slow
