@@ -45,13 +45,14 @@ class _DropNotices(logging.Filter):
         "Updating database tables",
         "Passing a Python object as `python_model`",  # log_model of our QueryScorer
         "Validating input example against model signature",
+        "Experiment with name",  # "... does not exist. Creating a new experiment."
     )
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith(self.NOTICES)
 
 
-for _name in ("mlflow.store.db.utils", "mlflow.pyfunc"):  # filters see only their own logger's records
+for _name in ("mlflow.store.db.utils", "mlflow.pyfunc", "mlflow.tracking.fluent"):  # filters see only their own logger's records
     logging.getLogger(_name).addFilter(_DropNotices())
 
 

@@ -15,7 +15,10 @@ well as the console.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
+import sys
 
 import hydra
 import pandas as pd
@@ -119,10 +122,46 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
+class _TeeToLogFiles(io.TextIOBase):
+    """``sys.stdout`` that also writes to the log files Hydra opened (``train.log``).
+
+    Some parts print their results (the online benchmark's table) rather than log them;
+    without this, ``train.log`` would miss what the console showed.
+    """
+
+    def __init__(self, console, files):
+        self.console, self.files = console, files
+
+    def write(self, text: str) -> int:
+        self.console.write(text)
+        for f in self.files:
+            f.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self.console.flush()
+        for f in self.files:
+            f.flush()
+
+    def __getattr__(self, name):  # isatty, fileno, encoding: the console's
+        return getattr(self.console, name)
+
+
+@contextlib.contextmanager
+def _stdout_to_log():
+    files = [h.stream for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    if not files:
+        yield
+        return
+    with contextlib.redirect_stdout(_TeeToLogFiles(sys.stdout, files)):
+        yield
+
+
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
 def main(cfg: DictConfig) -> float:
     try:
-        return train(cfg)[cfg.objective]
+        with _stdout_to_log():
+            return train(cfg)[cfg.objective]
     except StartupError as err:
         raise SystemExit(f"error: {err}") from None
 

@@ -128,6 +128,22 @@ def test_cli_run_is_quiet_and_its_log_lands_in_hydras_file(tmp_path):
     assert "linear-ranknet[data.dir=…/queries,cv.n_folds=2,cv.n_repeats=1,trainer.max_epochs=3]" in log  # command order
 
 
+def test_what_a_run_prints_also_lands_in_its_log_file(tmp_path, capsys):
+    """The online benchmark prints its table; train.log must hold it as the console did."""
+    from streamml.train import _stdout_to_log
+
+    handler = logging.FileHandler(tmp_path / "train.log")
+    logging.getLogger().addHandler(handler)
+    try:
+        with _stdout_to_log():
+            print("residual  0.846")
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+    assert capsys.readouterr().out == "residual  0.846\n"
+    assert (tmp_path / "train.log").read_text() == "residual  0.846\n"
+
+
 def test_the_optuna_plugin_without_optuna_is_silent_until_a_search_selects_it(tmp_path):
     """Hydra imports every plugin on every run: without the `search` extra that must not warn."""
     code = ("import sys; sys.modules['optuna'] = None\n"
