@@ -267,7 +267,7 @@ def online_plot(run: pd.Series, tracking_uri: str, ours: str = "residual") -> Fi
         for learner in sorted(lines, key=lambda name: (name != ours, name)):
             steps, values = zip(*sorted(lines[learner]))
             ax.plot(steps, values, marker="o", ms=3, label=learner, lw=2.5 if learner == ours else 1.2)
-        ax.set(title=title, xlabel="events (answers per user)", ylabel="AUC")
+        ax.set(title=title, xlabel="events (answers per user)", ylabel=title.split(",")[0])
         ax.grid(alpha=0.3)
     fig.axes[0].legend()
     fig.suptitle(str(run.get("tags.mlflow.runName", "")))
