@@ -78,20 +78,34 @@ def _short(value: str) -> str:
     return "…/" + value.rstrip("/").rsplit("/", 1)[-1] if "/" in value else value
 
 
+def _short_value(value: str) -> str:
+    """A float at 3 significant digits (an Optuna trial's ``0.012345678901234`` reads ``0.0123``);
+    a path cut to its last part; anything else as is. The params keep the full value."""
+    if any(c in value for c in ".eE") and "/" not in value:
+        try:
+            return f"{float(value):.3g}"
+        except ValueError:
+            pass
+    return _short(value)
+
+
 def run_name_with_overrides(base: str) -> str:
     """``base[key=value,...]`` with the command-line overrides that ``base`` does not already say.
 
-    An override of a config group (``learner=mlp``) is left out when ``base`` names it, and
-    paths are cut to their last part (``data.dir=…/queries``); outside Hydra, ``base`` as is.
+    Names must tell the runs of a sweep apart at a glance in ``mlflow ui``, so they are short:
+    an override of a config group (``learner=mlp``) is left out when ``base`` names it, a key
+    keeps its last two parts (``optimizer.lr``), floats get 3 significant digits, paths their
+    last part (``data.dir=…/queries``), and a trial shows its number, not its study (a tag).
+    Outside Hydra, ``base`` as is.
     """
     if not HydraConfig.initialized():
         return base
     shown = []
     for override in HydraConfig.get().overrides.task:
         key, _, value = override.lstrip("+~").partition("=")
-        if key in ("experiment", "name", "logger.run_name") or ("." not in key and value.lower() in base.lower()):
+        if key in ("experiment", "name", "logger.run_name", "optuna.study") or ("." not in key and value.lower() in base.lower()):
             continue
-        shown.append(f"{key}={_short(value)}")
+        shown.append(f"{'.'.join(key.split('.')[-2:])}={_short_value(value)}")
     name = f"{base}[{','.join(shown)}]" if shown else base
     return name if len(name) <= MAX_RUN_NAME else name[: MAX_RUN_NAME - 2] + "…]"
 

@@ -67,7 +67,12 @@ def test_run_names_carry_the_overrides_the_base_name_does_not_say(hydra_override
     hydra_overrides(["+experiment=linear_ranknet", "learner=linear", "learner.optimizer.weight_decay=0.1",
                      "data.dir=/home/me/shared/data/queries", "trainer=cpu"])
     assert tracking.run_name_with_overrides("linear-ranknet") == (
-        "linear-ranknet[learner.optimizer.weight_decay=0.1,data.dir=…/queries,trainer=cpu]")
+        "linear-ranknet[optimizer.weight_decay=0.1,data.dir=…/queries,trainer=cpu]")
+    # an Optuna trial: full-precision floats, its study and number; the params keep the full values
+    hydra_overrides(["learner.optimizer.lr=0.012345678901234", "learner.optimizer.weight_decay=1.23456789e-05",
+                     "trainer.max_epochs=87", "++optuna.study=offline_heads", "++optuna.trial=12"])
+    assert tracking.run_name_with_overrides("linear-ranknet") == (
+        "linear-ranknet[optimizer.lr=0.0123,optimizer.weight_decay=1.23e-05,trainer.max_epochs=87,optuna.trial=12]")
     hydra_overrides([f"cv.seed={'9' * 400}"])
     name = tracking.run_name_with_overrides("linear-ranknet")
     assert len(name) == tracking.MAX_RUN_NAME and name.endswith("…]")
