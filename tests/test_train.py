@@ -2,6 +2,7 @@
 multirun with its summary and distinct run names, and the real data's target."""
 
 import dataclasses
+import json
 import logging
 import os
 import re
@@ -128,6 +129,32 @@ def test_cli_run_is_quiet_and_its_log_lands_in_hydras_file(tmp_path):
     assert "linear-ranknet[data.dir=…/queries,cv.n_folds=2,cv.n_repeats=1,trainer.max_epochs=3]" in log  # command order
 
 
+BAD_DATA_RUN = """
+import runpy, sys
+sys.argv = ["streamml.train", *sys.argv[1:]]
+try:
+    runpy.run_module("streamml.train", run_name="__main__")
+finally:
+    print("heavy modules loaded:", sorted(m for m in ("lightning", "mlflow", "sklearn", "streamml.online") if m in sys.modules))
+"""
+
+
+def test_a_bad_data_file_fails_in_one_line_naming_file_and_row_before_the_heavy_imports(tmp_path):
+    """The check runs before Lightning, MLflow, sklearn and the simulator are imported (those
+    imports are what took 10-14 s); the time itself is measured in the README, not asserted."""
+    rows = [{"text": "a", "label": "accepted", "embedding": [0.0] * 384}, {"text": "b", "label": "liked", "embedding": [0.0] * 384}]
+    (tmp_path / "queries").mkdir()
+    (tmp_path / "queries" / "q.json").write_text(json.dumps(rows))
+    result = subprocess.run([sys.executable, "-c", BAD_DATA_RUN, f"data.dir={tmp_path / 'queries'}", f"hydra.run.dir={tmp_path / 'out'}"],
+                            cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [f"error: {tmp_path / 'queries' / 'q.json'} row 1 field 'label': unknown label 'liked', "
+                                          "expected one of ['accepted', 'rejected']"]
+    assert "heavy modules loaded: []" in result.stdout
+    assert "Traceback" in (tmp_path / "out" / "train.log").read_text()
+    assert not (tmp_path / "mlflow.db").exists()
+
+
 def test_what_a_run_prints_also_lands_in_its_log_file(tmp_path, capsys):
     """The online benchmark prints its table; train.log must hold it as the console did."""
     from streamml.train import _stdout_to_log
@@ -157,21 +184,25 @@ def test_the_optuna_plugin_without_optuna_is_silent_until_a_search_selects_it(tm
 
 
 @pytest.mark.slow
-def test_three_job_multirun_ends_with_a_summary_and_three_run_names(tmp_path):
-    result = run_cli(["-m", "learner=sklearn_lr", "learner.C=0.1,1,10", "name=three_jobs", f"data.dir={REPO / 'data' / 'queries'}",
-                      "cv.n_folds=2", "cv.n_repeats=1", f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path)
+def test_four_job_multirun_ends_with_a_sorted_summary_saved_in_the_sweep_folder(tmp_path):
+    result = run_cli(["-m", "learner=sklearn_lr", "learner.C=0.001,0.1,1,10", "name=four_jobs", f"data.dir={REPO / 'data' / 'queries'}",
+                      "cv.n_folds=2", "cv.n_repeats=1", "final_fit=false", f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path)
     assert result.returncode == 0, result.stderr
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=["three_jobs"])
-    assert len(runs) == 3 and set(runs.status) == {"FINISHED"}
-    assert sorted(runs["tags.mlflow.runName"]) == [f"sklearn_lr-ranknet[learner.C={c},data.dir=…/queries,cv.n_folds=2,cv.n_repeats=1]"
-                                                   for c in ("0.1", "1", "10")]
-    summary = result.stdout[result.stdout.index("multirun summary: 3 jobs"):].splitlines()
-    assert "every job: learner=sklearn_lr" in summary[0] and summary[1].split() == ["job", "auc", "overrides"]
+    runs = mlflow.search_runs(experiment_names=["four_jobs"])
+    assert len(runs) == 4 and set(runs.status) == {"FINISHED"}
+    assert sorted(runs["tags.mlflow.runName"]) == [f"sklearn_lr-ranknet[learner.C={c},data.dir=…/queries,cv.n_folds=2,cv.n_repeats=1,final_fit=False]"
+                                                   for c in ("0.001", "0.1", "1", "10")]
     by_c = {float(run["params.learner.C"]): run["metrics.auc"] for _, run in runs.iterrows()}
-    for line, c in zip(summary[2:5], (0.1, 1.0, 10.0)):
+    best_first = sorted(by_c, key=lambda c: -by_c[c])
+    summary = result.stdout[result.stdout.index("multirun summary: 4 jobs"):].splitlines()
+    assert "every job: learner=sklearn_lr" in summary[0] and summary[1].split() == ["job", "auc", "overrides"]
+    for line, c in zip(summary[2:6], best_first):
         job, auc, override = line.split()
         assert override == f"learner.C={c:g}" and float(auc) == pytest.approx(by_c[c], abs=1e-4)
+    rows = (tmp_path / "sweep" / "summary.md").read_text().splitlines()[-4:]
+    assert [row.split(" | ")[3].strip("` |") for row in rows] == [f"learner.C={c:g}" for c in best_first]
+    assert (tmp_path / "sweep" / "summary.csv").read_text().count("\n") == 5
 
 
 @pytest.mark.slow
