@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import re
 import shlex
 import sys
@@ -39,19 +38,10 @@ import mlflow
 import numpy as np
 import pandas as pd
 
+from streamml.provenance import machine
+
 BASELINES = {"SklearnLR", "RiverStack"}
 STUDY_TAG, ROLE_TAG = "optuna_study", "streamml.role"
-
-
-def machine() -> str:
-    """Cores, CPU model and the versions that move the figures."""
-    cpu = "?"
-    if Path("/proc/cpuinfo").exists():
-        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    import torch
-
-    return (f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, torch {torch.__version__}, "
-            f"numpy {np.__version__}, mlflow {mlflow.__version__}")
 
 
 def load_runs(experiment: str, tracking_uri: str, where: str = "") -> pd.DataFrame:

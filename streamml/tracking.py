@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
 import tempfile
 import time
 from contextlib import contextmanager
@@ -31,6 +30,8 @@ import pandas as pd
 from hydra.core.hydra_config import HydraConfig
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
+
+from streamml.provenance import git_commit
 
 MAX_RUN_NAME = 250  # MLflow's limit on a run name
 
@@ -63,15 +64,6 @@ def _flatten(node, prefix: str = "") -> dict[str, str]:
             out.update(_flatten(value, f"{prefix}{key}."))
         return out
     return {prefix[:-1]: str(node)}
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
-        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _short(value: str) -> str:

@@ -4,7 +4,6 @@ the pyfunc model (input checks, signature, where it is listed, serving) and load
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 
 from conftest import REPO, compose_cfg
+from tests.helpers import free_port
 from streamml import tracking
 from streamml.offline.baselines import SklearnLR
 
@@ -134,12 +134,6 @@ def test_load_model_names_the_store_it_searched_and_creates_none(mlflow_uri, tmp
         tracking.load_model("runs:/0123abc/model", tracking_uri=mlflow_uri)
     assert tracking.load_model(f"runs:/{run_id}/model", tracking_uri=mlflow_uri) is not None
     assert list(elsewhere.iterdir()) == []
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
