@@ -1,6 +1,7 @@
 """streamml.tracking: params, FAILED runs, run names, the experiment a fresh store shows,
 the pyfunc model (input checks, signature, where it is listed, serving) and load_model."""
 
+import contextlib
 import json
 import os
 import signal
@@ -132,7 +133,7 @@ def test_load_model_names_the_store_it_searched_and_creates_none(mlflow_uri, tmp
     assert list(elsewhere.iterdir()) == []
     with pytest.raises(LookupError, match=f"run 0123abc not found in the MLflow store {mlflow_uri}; .*MLFLOW_TRACKING_URI"):
         tracking.load_model("runs:/0123abc/model", tracking_uri=mlflow_uri)
-    assert tracking.load_model(f"runs:/{run_id}/model", tracking_uri=mlflow_uri) is not None
+    assert tracking.load_model(f"runs:/{run_id}/model", tracking_uri=mlflow_uri).metadata.run_id == run_id  # the run asked for
     assert list(elsewhere.iterdir()) == []
 
 
@@ -152,8 +153,10 @@ def test_mlflow_models_serve_answers_the_documented_request(mlflow_uri, query_di
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
                 break
             except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
-                time.sleep(1)
+                assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+                with contextlib.suppress(subprocess.TimeoutExpired):  # wait on the server, not a blind sleep:
+                    server.wait(timeout=1)                            # a server that dies ends the wait at once
+                assert server.poll() is None, (tmp_path / "serve.log").read_text()
         # the request the README documents
         body = {"dataframe_split": {"columns": ["query_id", "embedding"],
                                     "data": [[data.query_ids[1], data.X[0].tolist()], [data.query_ids[0], data.X[1].tolist()]]}}
