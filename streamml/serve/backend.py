@@ -277,6 +277,7 @@ class SQLiteBackend:
         self.errors = (StoreUnavailable, sqlite3.OperationalError)
 
     def state(self, schema: Schema, namespace: str) -> Store:
+        from streamml.stores import SQLiteStore
 
         store = _sqlite_claiming_store()(schema, self.db, table=f"state_{namespace}")
         store.bind_head(namespace, on_mismatch="error")

@@ -15,7 +15,7 @@ from numba import njit, types
 from numba.extending import intrinsic
 
 from streamml.stores.base import (
-    _C1, _C2, _DUPLICATE_MSG, _M64, _SEED, Field, Keys, Schema, Store, _hash64, _route,
+    _C1, _C2, _DUPLICATE_MSG, _INT64_MAX, _INT64_MIN, _M64, _SEED, Field, Keys, Schema, Store, _hash64, _route,
     _route_one, occurrences,
 )
 
