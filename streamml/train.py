@@ -158,9 +158,16 @@ class _TeeToLogFiles(io.TextIOBase):
         return getattr(self.console, name)
 
 
+def _log_files() -> list:
+    """The open streams of the root logger's file handlers (Hydra's ``train.log``); a handler
+    closed by an earlier run in the same process has no stream and is left out."""
+    return [h.stream for h in logging.getLogger().handlers
+            if isinstance(h, logging.FileHandler) and h.stream is not None and not h.stream.closed]
+
+
 @contextlib.contextmanager
 def _stdout_to_log():
-    files = [h.stream for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    files = _log_files()
     if not files:
         yield
         return
@@ -175,10 +182,9 @@ def main(cfg: DictConfig) -> float:
             return train(cfg)[cfg.objective]
     except (StartupError, DataValidationError, FileNotFoundError) as err:
         # the user's input, not a bug: one line on the console, the traceback in train.log
-        for handler in logging.getLogger().handlers:
-            if isinstance(handler, logging.FileHandler):
-                handler.stream.write(traceback.format_exc())
-                handler.flush()
+        for stream in _log_files():
+            stream.write(traceback.format_exc())
+            stream.flush()
         raise SystemExit(f"error: {err}") from None
 
 

@@ -159,14 +159,18 @@ def test_what_a_run_prints_also_lands_in_its_log_file(tmp_path, capsys):
     """The online benchmark prints its table; train.log must hold it as the console did."""
     from streamml.train import _stdout_to_log
 
+    closed = logging.FileHandler(tmp_path / "earlier.log")  # left behind by an earlier run in this process
+    closed.close()
     handler = logging.FileHandler(tmp_path / "train.log")
+    logging.getLogger().addHandler(closed)
     logging.getLogger().addHandler(handler)
     try:
         with _stdout_to_log():
             print("residual  0.846")
     finally:
-        logging.getLogger().removeHandler(handler)
-        handler.close()
+        for h in (closed, handler):
+            logging.getLogger().removeHandler(h)
+            h.close()
     assert capsys.readouterr().out == "residual  0.846\n"
     assert (tmp_path / "train.log").read_text() == "residual  0.846\n"
 
@@ -207,10 +211,13 @@ def test_four_job_multirun_ends_with_a_sorted_summary_saved_in_the_sweep_folder(
 
 @pytest.mark.slow
 def test_linear_ranknet_ties_sklearn_lr_on_real_data(mlflow_uri, shared_queries):
-    """The heads tie tuned LR on the shared data (experiments/README.md): never worse by more than the spread over splits."""
+    """The heads tie tuned LR on the shared data (experiments/README.md): never worse by more than the spread over splits.
+
+    One repeat of the 5 folds (not 3): the claim is about the spread over splits, which 5 splits
+    show, and it takes a third of the time (126 s of the full suite before)."""
     results = {}
     for overrides in (["+experiment=linear_ranknet"], ["learner=sklearn_lr", "learner.C=100"]):
-        cfg = compose_cfg([*overrides, f"data.dir={shared_queries}", "final_fit=false"], tiny=False)
+        cfg = compose_cfg([*overrides, f"data.dir={shared_queries}", "final_fit=false", "cv.n_repeats=1"], tiny=False)
         with open_dict(cfg):
             cfg.trainer.enable_progress_bar = False
         results[overrides[0]] = train(cfg)
