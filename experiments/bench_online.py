@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,6 +25,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from streamml.online import DiagonalLaplace, IsotropicLaplace, PairwiseSGD, PointwiseSGD, ResidualLearner, WindowMAP
+from streamml.provenance import git_commit, machine
 from streamml.stores import InMemoryStore
 
 def experiment_setting(name: str):
@@ -118,25 +116,6 @@ def bench_rule(name: str, args, progress) -> dict:
     return out
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores visible, load average {os.getloadavg()[0]:.1f} at the end of the run"
-
-
-def commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout
-        return sha + (" (with uncommitted changes)" if dirty.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def markdown(rows: list[dict], args, command: str) -> str:
     threads = args.threads
     head = ["rule", "state bytes/key", "store bytes/key", "learn_one median µs", "learn_one p99 µs",
@@ -149,7 +128,7 @@ def markdown(rows: list[dict], args, command: str) -> str:
     return f"""# Online learner benchmark
 
 Command (from the repository root): `{command}`
-Commit: {commit()}. Date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC.
+Commit: {git_commit(short=True)}. Date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC.
 Machine: {machine()}. The cores are shared with other jobs running at the same time, so
 every figure is a median (over {args.single:,} `learn_one` calls, over {args.repeats} `learn_many`
 batches of {args.batch:,} events) and still carries that load.

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -20,13 +19,9 @@ from pathlib import Path
 
 import optuna
 
+from streamml.provenance import git_commit, machine
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return f"{os.cpu_count()} cores ({cpu}), {platform.system()} {platform.release()}, Python {platform.python_version()}"
 
 
 def main() -> None:
@@ -44,7 +39,7 @@ def main() -> None:
                f"hydra.sweeper.n_trials={args.n_trials}", f"hydra.sweeper.storage={args.storage}",
                f"hydra.sweeper.study_name={args.study}", *args.overrides]
     shown = "python " + shlex.join(command[1:])
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    commit = git_commit(short=True, cwd=REPO)
     load_before = os.getloadavg()
     if not args.summarize_only:
         start = time.perf_counter()

@@ -28,10 +28,8 @@ import argparse
 import asyncio
 import gc
 import os
-import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,33 +40,10 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # tests.helpers
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
-                           text=True).stdout.strip()
-    return out + ("-dirty" if dirty else "")
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = os.getloadavg()
-    return (f"{platform.system()} {platform.release()}, {os.cpu_count()} cores ({cpu}), Python {platform.python_version()}; "
-            f"load average at start {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}")
+from streamml.provenance import git_commit, machine  # noqa: E402
+from tests.helpers import free_port  # noqa: E402
 
 
 def make_catalog(root: Path, n_queries: int, n_items: int, dim: int = 384) -> tuple[Path, str]:
@@ -296,7 +271,7 @@ def main(argv=None):
     if args.candidates > args.items:
         p.error("--candidates must be <= --items")
     command = "python experiments/bench_serve.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    header = [f"- command: `{command.strip()}`", f"- commit: {commit()}", f"- machine: {machine()}",
+    header = [f"- command: `{command.strip()}`", f"- commit: {git_commit(short=True, cwd=REPO)}", f"- machine: {machine()}",
               f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"]
     rng = np.random.default_rng(0)
     rows, loads = [], []

@@ -19,10 +19,7 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import shutil
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -36,6 +33,9 @@ from tqdm import tqdm
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from streamml.provenance import git_commit, machine  # noqa: E402
+from tests.helpers import free_port  # noqa: E402
+
 
 def learner_schema(overrides: list[str]) -> dict:
     from hydra import compose, initialize_config_dir
@@ -48,12 +48,6 @@ def learner_schema(overrides: list[str]) -> dict:
     dim = int(cfg.data.embedding_dim) if "data" in cfg and "embedding_dim" in cfg.data else 384
     learner = make(items=rng.standard_normal((20, dim)).astype(np.float32), item_query=np.zeros(20, int), head_scores=None)
     return dict(learner.schema)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_redis(directory: Path) -> tuple[subprocess.Popen, int]:
@@ -164,20 +158,6 @@ def bench_redis(schema, args, tmp: Path) -> dict:
         proc.wait(30)
 
 
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return (f"{platform.system()} {platform.release()}, {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}; "
-            f"load average at the end {load}")
-
-
-def commit() -> str:
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=REPO).stdout
-    return head + (" (with uncommitted changes)" if dirty.strip() else "")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-users", type=int, default=1_000_000)
@@ -192,7 +172,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "experiments" / "stores_benchmark.md"))
     args = parser.parse_args()
 
-    at_commit = commit()  # before the run: what was measured
+    at_commit = git_commit(short=True, cwd=REPO)  # before the run: what was measured
     rows, schemas = [], {}
     for rule in args.rules:
         overrides = args.overrides + ([f"rule={rule}"] if rule else [])

@@ -2,8 +2,10 @@
 
 A folder holds one JSON file per search query (the query id is the file stem), each a
 list of ``{"text", "label": "accepted"|"rejected", "embedding": [D floats]}``. Bad input
-fails loudly, naming the file, the row and the field, because a silently dropped row
-changes every metric downstream.
+fails loudly, naming the file (as a path), the row and the field, because a silently
+dropped row changes every metric downstream. This module imports numpy and pandas only
+(sklearn waits for the splits), so the training entry validates the data before its
+heavy imports and a bad file fails within seconds.
 
 Exact duplicate texts inside a query are merged before anything else: the copies carry
 the same embedding, so leaving them in would let one text sit on both sides of a split.
@@ -20,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import RepeatedStratifiedKFold, StratifiedKFold
 
 LABELS = {"accepted": 1, "rejected": 0}
 
@@ -69,12 +70,12 @@ def _read_rows(path: Path, embedding_dim: int) -> list[tuple[str, int, np.ndarra
     try:
         rows = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise DataValidationError(f"{path.name}: not valid JSON ({err})") from err
+        raise DataValidationError(f"{path}: not valid JSON ({err})") from err
     if not isinstance(rows, list):
-        raise DataValidationError(f"{path.name}: expected a JSON list of rows, got {type(rows).__name__}")
+        raise DataValidationError(f"{path}: expected a JSON list of rows, got {type(rows).__name__}")
     out = []
     for i, row in enumerate(rows):
-        where = f"{path.name} row {i}"
+        where = f"{path} row {i}"
         if not isinstance(row, dict):
             raise DataValidationError(f"{where}: expected an object, got {type(row).__name__}")
         for field in ("text", "label", "embedding"):
@@ -109,7 +110,7 @@ def _merge_duplicates(path: Path, rows: list[tuple[str, int, np.ndarray]]) -> pd
             j = first[text]
             if rows[j][1] != label:
                 raise DataValidationError(
-                    f"{path.name} rows {j} and {i} field 'label': duplicate text with conflicting labels: {text[:60]!r}"
+                    f"{path} rows {j} and {i} field 'label': duplicate text with conflicting labels: {text[:60]!r}"
                 )
             copies[text] += 1
         else:
@@ -150,7 +151,7 @@ def load_queries(directory: str | Path, embedding_dim: int = 384, min_per_class:
         for name, value in LABELS.items():
             n = int(counts.get(value, 0))
             if n == 0:
-                raise DataValidationError(f"{path.name}: query has no {name} sentence; it cannot be ranked")
+                raise DataValidationError(f"{path}: query has no {name} sentence; it cannot be ranked")
             if n < min_per_class:
                 warnings.warn(f"{path.name}: only {n} {name} sentences (< {min_per_class})", stacklevel=2)
         frames.append(frame.assign(query_id=path.stem, query=q))
@@ -172,6 +173,8 @@ def cv_splits(data: QueryData, n_folds: int = 5, n_repeats: int = 3, seed: int =
     list of (train_idx, test_idx)
         ``n_folds * n_repeats`` pairs of row indices into ``data.frame``.
     """
+    from sklearn.model_selection import RepeatedStratifiedKFold  # here: validating a file must not wait for sklearn
+
     y, query = data.y, data.query
     n_splits = n_folds * n_repeats
     train: list[list[np.ndarray]] = [[] for _ in range(n_splits)]
@@ -207,6 +210,8 @@ def nested_splits(
     inner : list of list of (train_idx, test_idx)
         ``inner[k]`` holds ``inner_folds`` pairs partitioning ``outer[k][0]``.
     """
+    from sklearn.model_selection import StratifiedKFold
+
     outer = cv_splits(data, n_folds, n_repeats, seed)
     y, query = data.y, data.query
     inner = []

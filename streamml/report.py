@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
+import re
 import shlex
 import sys
 from datetime import datetime, timezone
@@ -38,19 +38,10 @@ import mlflow
 import numpy as np
 import pandas as pd
 
+from streamml.provenance import machine
+
 BASELINES = {"SklearnLR", "RiverStack"}
 STUDY_TAG, ROLE_TAG = "optuna_study", "streamml.role"
-
-
-def machine() -> str:
-    """Cores, CPU model and the versions that move the figures."""
-    cpu = "?"
-    if Path("/proc/cpuinfo").exists():
-        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    import torch
-
-    return (f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, torch {torch.__version__}, "
-            f"numpy {np.__version__}, mlflow {mlflow.__version__}")
 
 
 def load_runs(experiment: str, tracking_uri: str, where: str = "") -> pd.DataFrame:
@@ -241,6 +232,46 @@ def _learner_table(run: pd.Series, metrics: list[str], ours: str) -> str:
     return "\n".join(lines)
 
 
+SUBGROUP = re.compile(r"^metrics\.(probe_auc|prequential_auc)_at_(\d+)_(.+?)(?:\.(.+))?$")
+
+
+def online_plot(run: pd.Series, tracking_uri: str, ours: str = "residual") -> Figure | None:
+    """AUC against events for one online run, one line per learner: the run's learning curves
+    (``curve.<metric>.<learner>``, all users) and, per kind of simulated user, the probe AUC at
+    each checkpoint (``probe_auc_at_<c>_<user model>``), so a subgroup that pays shows."""
+    client = mlflow.MlflowClient(tracking_uri)
+    panels: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for key in sorted(k for k in run.index if k.startswith("metrics.curve.") and pd.notna(run[k])):
+        metric, learner = key.removeprefix("metrics.curve.").split(".", 1)
+        history = client.get_metric_history(run["run_id"], key.removeprefix("metrics."))
+        panels.setdefault(f"{metric}, all users", {})[learner] = sorted((m.step, m.value) for m in history)
+    for key, value in run.items():
+        match = SUBGROUP.match(str(key))
+        if match and pd.notna(value) and not match[3].endswith("std"):
+            metric, events, group, learner = match[1], int(match[2]), match[3], match[4] or ours
+            panels.setdefault(f"{metric}, users: {group}", {}).setdefault(learner, []).append((events, float(value)))
+    if not panels:
+        return None
+    fig = Figure(figsize=(4.5 * len(panels), 3.5))
+    for ax, (title, lines) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels.items()):
+        for learner in sorted(lines, key=lambda name: (name != ours, name)):
+            steps, values = zip(*sorted(lines[learner]))
+            ax.plot(steps, values, marker="o", ms=3, label=learner, lw=2.5 if learner == ours else 1.2)
+        ax.set(title=title, xlabel="events (answers per user)", ylabel=title.split(",")[0])
+        ax.grid(alpha=0.3)
+    fig.axes[0].legend()
+    fig.suptitle(str(run.get("tags.mlflow.runName", "")))
+    fig.tight_layout()
+    return fig
+
+
+def _save(fig: Figure, out: Path) -> Path:
+    png = out.with_suffix(".png")
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    return png
+
+
 def store_label(tracking_uri: str) -> str:
     """The store as the results file names it: a path inside the repository, never one outside it."""
     if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_absolute():
@@ -251,7 +282,7 @@ def store_label(tracking_uri: str) -> str:
 def report(experiment: str, out: str | Path, tracking_uri: str, command: str | None = None,
            title: str | None = None, top: int = 5, reference: str = "SklearnLR",
            tables: list[list[str]] | None = None, invocation: str | None = None, where: str = "") -> str:
-    """Write ``out`` (Markdown) and, for offline experiments, ``out`` with ``.png``; returns the Markdown.
+    """Write ``out`` (Markdown) and its plot, ``out`` with ``.png``; returns the Markdown.
 
     ``tables``: the metrics of each online table (default: one table of every scalar metric)."""
     out = Path(out)
@@ -263,6 +294,9 @@ def report(experiment: str, out: str | Path, tracking_uri: str, command: str | N
         target = runs.get("params.online._target_", pd.Series(dtype=object)).dropna()
         ours = "mixed" if target.str.endswith("MixedLearner").any() else "residual"
         body = online_table(runs, tables, ours=ours)
+        fig = online_plot(runs.iloc[0], tracking_uri)  # the newest run
+        if fig is not None:
+            body += f"\n\n![AUC against events, per kind of user, newest run]({_save(fig, out).name})"
     else:
         chosen = nested_selection(runs)
         parts = []
@@ -273,11 +307,7 @@ def report(experiment: str, out: str | Path, tracking_uri: str, command: str | N
                       "is scored on the split's held-out rows; ± is the std over outer splits. Δ is paired split by split. "
                       "See `streamml/report.py` for the residual leak through a sampler's guidance.", ""]
         parts += ["## Leaderboard", "", leaderboard(runs, top)]
-        fig = plot(runs, chosen, title)
-        png = out.with_suffix(".png")
-        png.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(png, dpi=110)
-        parts += ["", f"![held-out AUC per family]({png.name})"]
+        parts += ["", f"![held-out AUC per family]({_save(plot(runs, chosen, title), out).name})"]
         body = "\n".join(parts)
     header = [f"# {title}", ""]
     if command:

@@ -14,8 +14,8 @@ sweeper) is tagged with its study and trial and nested under the study's parent 
 
 from __future__ import annotations
 
+import logging
 import os
-import subprocess
 import tempfile
 import time
 from contextlib import contextmanager
@@ -31,7 +31,30 @@ from hydra.core.hydra_config import HydraConfig
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
+from streamml.provenance import git_commit
+
 MAX_RUN_NAME = 250  # MLflow's limit on a run name
+
+
+class _DropNotices(logging.Filter):
+    """Drops MLflow's notices that say nothing about this run: each one is printed on every
+    run, and a user cannot act on it (the model *is* a Python object by design). Only these
+    messages go; any other MLflow warning still shows."""
+
+    NOTICES = (
+        "Creating initial MLflow database tables",  # a new mlflow.db
+        "Updating database tables",
+        "Passing a Python object as `python_model`",  # log_model of our QueryScorer
+        "Validating input example against model signature",
+        "Experiment with name",  # "... does not exist. Creating a new experiment."
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.NOTICES)
+
+
+for _name in ("mlflow.store.db.utils", "mlflow.pyfunc", "mlflow.tracking.fluent"):  # filters see only their own logger's records
+    logging.getLogger(_name).addFilter(_DropNotices())
 
 
 def _flatten(node, prefix: str = "") -> dict[str, str]:
@@ -43,33 +66,38 @@ def _flatten(node, prefix: str = "") -> dict[str, str]:
     return {prefix[:-1]: str(node)}
 
 
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
-        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def _short(value: str) -> str:
     return "…/" + value.rstrip("/").rsplit("/", 1)[-1] if "/" in value else value
+
+
+def _short_value(value: str) -> str:
+    """A float at 3 significant digits (an Optuna trial's ``0.012345678901234`` reads ``0.0123``);
+    a path cut to its last part; anything else as is. The params keep the full value."""
+    if any(c in value for c in ".eE") and "/" not in value:
+        try:
+            return f"{float(value):.3g}"
+        except ValueError:
+            pass
+    return _short(value)
 
 
 def run_name_with_overrides(base: str) -> str:
     """``base[key=value,...]`` with the command-line overrides that ``base`` does not already say.
 
-    An override of a config group (``learner=mlp``) is left out when ``base`` names it, and
-    paths are cut to their last part (``data.dir=…/queries``); outside Hydra, ``base`` as is.
+    Names must tell the runs of a sweep apart at a glance in ``mlflow ui``, so they are short:
+    an override of a config group (``learner=mlp``) is left out when ``base`` names it, a key
+    keeps its last two parts (``optimizer.lr``), floats get 3 significant digits, paths their
+    last part (``data.dir=…/queries``), and a trial shows its number, not its study (a tag).
+    Outside Hydra, ``base`` as is.
     """
     if not HydraConfig.initialized():
         return base
     shown = []
     for override in HydraConfig.get().overrides.task:
         key, _, value = override.lstrip("+~").partition("=")
-        if key in ("experiment", "name", "logger.run_name") or ("." not in key and value.lower() in base.lower()):
+        if key in ("experiment", "name", "logger.run_name", "optuna.study") or ("." not in key and value.lower() in base.lower()):
             continue
-        shown.append(f"{key}={_short(value)}")
+        shown.append(f"{'.'.join(key.split('.')[-2:])}={_short_value(value)}")
     name = f"{base}[{','.join(shown)}]" if shown else base
     return name if len(name) <= MAX_RUN_NAME else name[: MAX_RUN_NAME - 2] + "…]"
 

@@ -7,21 +7,28 @@ false, as in searches), and records everything
 in MLflow. It returns the run's metrics; ``main`` returns ``cfg.objective`` for sweepers.
 
 A config that cannot run here (``trainer=gpu`` without a GPU) fails before any data is
-loaded or any MLflow run is opened, with one line; the heavy imports (Lightning, MLflow,
-the simulator) wait until after that check, so it answers in seconds. The run's lines go
+loaded or any MLflow run is opened, and a malformed data file before Lightning, MLflow or
+the simulator is imported: each with one line naming the cause (file and row), in
+seconds, and its traceback in ``train.log``. The run's lines go
 through ``logging``, so Hydra writes them to ``train.log`` in the run's output folder as
 well as the console.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
+import sys
+import traceback
 
 import hydra
 import pandas as pd
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig
+
+from streamml.data import DataValidationError, load_queries  # numpy and pandas only
 
 log = logging.getLogger("streamml.train")  # not __main__ under python -m
 
@@ -30,12 +37,9 @@ class StartupError(RuntimeError):
     """The config cannot run on this machine; raised before any data or MLflow run."""
 
 
-def check_trainer(cfg: DictConfig) -> None:
-    """Fail if the configured accelerator is missing: torch answers for a GPU, then Lightning
-    builds the configured ``Trainer`` once, which rejects any other setting the machine lacks."""
-    if "trainer" not in cfg:
-        return
-    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+def check_gpu(cfg: DictConfig) -> None:
+    """Fail if the configured accelerator is a GPU that torch does not see (torch alone: fast)."""
+    accelerator = str(cfg.trainer.get("accelerator", "auto")) if "trainer" in cfg else "auto"
     if accelerator in ("gpu", "cuda", "mps"):
         import torch
 
@@ -43,6 +47,14 @@ def check_trainer(cfg: DictConfig) -> None:
             raise StartupError(
                 f"trainer.accelerator={accelerator} but torch sees no GPU on this machine; "
                 "use trainer=cpu, or trainer.accelerator=auto to use a GPU only when one is visible")
+
+
+def check_trainer(cfg: DictConfig) -> None:
+    """Fail if the configured accelerator is missing: torch answers for a GPU, then Lightning
+    builds the configured ``Trainer`` once, which rejects any other setting the machine lacks."""
+    if "trainer" not in cfg:
+        return
+    check_gpu(cfg)
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     try:
@@ -85,14 +97,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
     A config with a ``scenario`` (the ``online_*`` experiments) runs the user simulator.
     """
     _quiet_lightning()
+    check_gpu(cfg)
+    # The data is read and validated before Lightning, MLflow and the simulator are imported:
+    # a bad file then fails in about a second, naming the file and the row, not after 10-14 s.
+    data = load_queries(cfg.data.dir, cfg.data.embedding_dim, cfg.data.min_per_class)
     check_trainer(cfg)
     from streamml import tracking
-    from streamml.data import load_queries
     from streamml.offline.evaluate import evaluate, summarize
 
     if "scenario" in cfg:  # an online scenario names its runner (the simulator unless it says otherwise)
         return get_method(cfg.scenario.get("run", "streamml.online.simulate.run"))(cfg)
-    data = load_queries(cfg.data.dir, cfg.data.embedding_dim, cfg.data.min_per_class)
     log.info(f"{len(data.query_ids)} queries, {len(data.frame)} unique texts ({data.n_duplicates} duplicates merged) from {cfg.data.dir}")
     tags = {"data_fingerprint": data.fingerprint, "data_dir": str(cfg.data.dir)}
     cv_learner, final_learner = instantiate(cfg.learner), instantiate(cfg.learner)  # config errors fail before the run
@@ -113,14 +127,63 @@ def train(cfg: DictConfig) -> dict[str, float]:
             log.info(f"nested CV: tuning auc (inner folds) {metrics['tuning_auc']:.3f}, held-out auc (outer folds) {metrics['auc']:.3f}")
         if cfg.final_fit:
             log.info(f"model: runs:/{run.info.run_id}/model (serve: mlflow models serve -m runs:/{run.info.run_id}/model --env-manager local)")
+    log.info(f"done: run {run.info.run_name} ({run.info.run_id}) in MLflow experiment '{cfg.name}' at {cfg.logger.tracking_uri} "
+             f"(mlflow ui); plot {run.info.artifact_uri}/plots/per_query_auc.png")
     return metrics
+
+
+class _TeeToLogFiles(io.TextIOBase):
+    """``sys.stdout`` that also writes to the log files Hydra opened (``train.log``).
+
+    Some parts print their results (the online benchmark's table) rather than log them;
+    without this, ``train.log`` would miss what the console showed.
+    """
+
+    def __init__(self, console, files):
+        self.console, self.files = console, files
+
+    def write(self, text: str) -> int:
+        self.console.write(text)
+        for f in self.files:
+            f.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self.console.flush()
+        for f in self.files:
+            f.flush()
+
+    def __getattr__(self, name):  # isatty, fileno, encoding: the console's
+        return getattr(self.console, name)
+
+
+def _log_files() -> list:
+    """The open streams of the root logger's file handlers (Hydra's ``train.log``); a handler
+    closed by an earlier run in the same process has no stream and is left out."""
+    return [h.stream for h in logging.getLogger().handlers
+            if isinstance(h, logging.FileHandler) and h.stream is not None and not h.stream.closed]
+
+
+@contextlib.contextmanager
+def _stdout_to_log():
+    files = _log_files()
+    if not files:
+        yield
+        return
+    with contextlib.redirect_stdout(_TeeToLogFiles(sys.stdout, files)):
+        yield
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
 def main(cfg: DictConfig) -> float:
     try:
-        return train(cfg)[cfg.objective]
-    except StartupError as err:
+        with _stdout_to_log():
+            return train(cfg)[cfg.objective]
+    except (StartupError, DataValidationError, FileNotFoundError) as err:
+        # the user's input, not a bug: one line on the console, the traceback in train.log
+        for stream in _log_files():
+            stream.write(traceback.format_exc())
+            stream.flush()
         raise SystemExit(f"error: {err}") from None
 
 

@@ -61,3 +61,12 @@ def test_compare_runs_reads_a_tiny_experiment(notebook_env, monkeypatch):
     nb = execute(REPO / "notebooks" / "compare_runs.ipynb")
     table = nb.cells[2].outputs[0]["data"]["text/plain"]
     assert "sklearn_lr" in table and "river_stack" in table
+
+
+@pytest.mark.slow
+def test_compare_runs_on_an_empty_store_says_what_to_run_first(notebook_env):
+    """eda needs only the shipped data and online_demo makes its own runs; compare_runs needs a store."""
+    nb = execute(REPO / "notebooks" / "compare_runs.ipynb")
+    printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "no runs yet in experiment 'sweep_learners'" in printed
+    assert "python -m streamml.train -m +experiment=sweep_learners" in printed

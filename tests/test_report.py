@@ -140,3 +140,28 @@ def test_a_sweep_of_online_runs_gets_one_row_per_run_with_exactly_the_chosen_met
     text = report("online_where", tmp_path / "sweep.md", store, tables=[["probe_auc_at_5", "probe_auc_at_5.river"]])
     assert "| run | probe_auc_at_5 | probe_auc_at_5.river |\n|---|---|---|\n| personalize-tune | 0.9900 | 0.6600 |" in text
     assert "| personalize-test | 0.7500 | 0.6600 |" in text
+
+
+def test_an_online_report_gets_a_png_of_auc_against_events_per_kind_of_user(store, tmp_path):
+    client = mlflow.MlflowClient(store)
+    eid = client.create_experiment("online_png", artifact_location=str(tmp_path / "artifacts"))
+    rid = client.create_run(eid, tags={"mlflow.runName": "personalize"}).info.run_id
+    client.log_param(rid, "scenario.kind", "personalize")
+    for step, value in [(0, 0.7), (5, 0.8), (10, 0.85)]:
+        client.log_metric(rid, "curve.probe_auc.residual", value, step=step)
+        client.log_metric(rid, "curve.probe_auc.river", value - 0.1, step=step)
+    for key, value in {"probe_auc_at_5": 0.8, "probe_auc_at_5_none": 0.9, "probe_auc_at_10_none": 0.88,
+                       "probe_auc_at_5_none.river": 0.6, "probe_auc_at_5_std": 0.1, "probe_auc_at_5_none_std": 0.1}.items():
+        client.log_metric(rid, key, value)
+    client.set_terminated(rid)
+    text = report("online_png", tmp_path / "online.md", store)
+    assert "![AUC against events, per kind of user, newest run](online.png)" in text
+    assert (tmp_path / "online.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    from streamml.report import load_runs, online_plot
+
+    fig = online_plot(load_runs("online_png", store).iloc[0], store)
+    panels = {ax.get_title(): {line.get_label(): list(line.get_xydata().tolist()) for line in ax.get_lines()} for ax in fig.axes}
+    assert panels == {"probe_auc, all users": {"residual": [[0, 0.7], [5, 0.8], [10, 0.85]],
+                                               "river": [[0, pytest.approx(0.6)], [5, pytest.approx(0.7)], [10, pytest.approx(0.75)]]},
+                      "probe_auc, users: none": {"residual": [[5, 0.9], [10, 0.88]], "river": [[5, 0.6]]}}

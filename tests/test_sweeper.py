@@ -200,15 +200,21 @@ def tiny_search_args(query_dir, storage, sweep_dir, n_trials, study="tiny"):
 def test_offline_search_records_every_trial_under_the_study_run(tmp_path):
     query_dir = write_queries(tmp_path / "queries")
     storage, tracking = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
-    run_sweep(tiny_search_args(query_dir, storage, tmp_path / "multirun", n_trials=3), tmp_path,
-              {"MLFLOW_TRACKING_URI": tracking})
+    out = run_sweep(tiny_search_args(query_dir, storage, tmp_path / "multirun", n_trials=4), tmp_path,
+                    {"MLFLOW_TRACKING_URI": tracking})
 
     study = optuna.load_study(study_name="tiny", storage=storage)
-    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 3
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 4
+    # the trials ran in joblib workers; the sweep still ends with their table, best first, saved
+    assert "multirun summary: 4 jobs" in out.stdout
+    rows = (tmp_path / "multirun" / "summary.md").read_text().splitlines()[-4:]
+    values = [float(row.split(" | ")[2]) for row in rows]
+    assert values == sorted(values, reverse=True) == pytest.approx(sorted((t.value for t in study.trials), reverse=True), abs=1e-4)
+    assert [int(row.split(" | ")[1]) for row in rows][0] == study.best_trial.number
     parents, trials = search_records(tracking, "offline_search", "tiny")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert parents[0].data.metrics["best_value"] == pytest.approx(study.best_value)
-    assert sorted(int(r.data.tags["optuna_trial"]) for r in trials) == [0, 1, 2]
+    assert sorted(int(r.data.tags["optuna_trial"]) for r in trials) == [0, 1, 2, 3]
     assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {parents[0].info.run_id}
     for run in trials:
         trial = study.trials[int(run.data.tags["optuna_trial"])]

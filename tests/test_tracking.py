@@ -1,10 +1,10 @@
 """streamml.tracking: params, FAILED runs, run names, the experiment a fresh store shows,
 the pyfunc model (input checks, signature, where it is listed, serving) and load_model."""
 
+import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +18,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 
 from conftest import REPO, compose_cfg
+from tests.helpers import free_port
 from streamml import tracking
 from streamml.offline.baselines import SklearnLR
 
@@ -67,7 +68,12 @@ def test_run_names_carry_the_overrides_the_base_name_does_not_say(hydra_override
     hydra_overrides(["+experiment=linear_ranknet", "learner=linear", "learner.optimizer.weight_decay=0.1",
                      "data.dir=/home/me/shared/data/queries", "trainer=cpu"])
     assert tracking.run_name_with_overrides("linear-ranknet") == (
-        "linear-ranknet[learner.optimizer.weight_decay=0.1,data.dir=…/queries,trainer=cpu]")
+        "linear-ranknet[optimizer.weight_decay=0.1,data.dir=…/queries,trainer=cpu]")
+    # an Optuna trial: full-precision floats, its study and number; the params keep the full values
+    hydra_overrides(["learner.optimizer.lr=0.012345678901234", "learner.optimizer.weight_decay=1.23456789e-05",
+                     "trainer.max_epochs=87", "++optuna.study=offline_heads", "++optuna.trial=12"])
+    assert tracking.run_name_with_overrides("linear-ranknet") == (
+        "linear-ranknet[optimizer.lr=0.0123,optimizer.weight_decay=1.23e-05,trainer.max_epochs=87,optuna.trial=12]")
     hydra_overrides([f"cv.seed={'9' * 400}"])
     name = tracking.run_name_with_overrides("linear-ranknet")
     assert len(name) == tracking.MAX_RUN_NAME and name.endswith("…]")
@@ -127,14 +133,8 @@ def test_load_model_names_the_store_it_searched_and_creates_none(mlflow_uri, tmp
     assert list(elsewhere.iterdir()) == []
     with pytest.raises(LookupError, match=f"run 0123abc not found in the MLflow store {mlflow_uri}; .*MLFLOW_TRACKING_URI"):
         tracking.load_model("runs:/0123abc/model", tracking_uri=mlflow_uri)
-    assert tracking.load_model(f"runs:/{run_id}/model", tracking_uri=mlflow_uri) is not None
+    assert tracking.load_model(f"runs:/{run_id}/model", tracking_uri=mlflow_uri).metadata.run_id == run_id  # the run asked for
     assert list(elsewhere.iterdir()) == []
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -153,8 +153,10 @@ def test_mlflow_models_serve_answers_the_documented_request(mlflow_uri, query_di
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
                 break
             except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
-                time.sleep(1)
+                assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+                with contextlib.suppress(subprocess.TimeoutExpired):  # wait on the server, not a blind sleep:
+                    server.wait(timeout=1)                            # a server that dies ends the wait at once
+                assert server.poll() is None, (tmp_path / "serve.log").read_text()
         # the request the README documents
         body = {"dataframe_split": {"columns": ["query_id", "embedding"],
                                     "data": [[data.query_ids[1], data.X[0].tolist()], [data.query_ids[0], data.X[1].tolist()]]}}

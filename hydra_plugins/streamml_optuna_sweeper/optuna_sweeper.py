@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import optuna
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import IntervalSweep, Override, RangeSweep, Transformer
 from hydra.core.plugins import Plugins
@@ -29,9 +28,18 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+
+try:
+    import optuna
+    from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+except ImportError:  # the `search` extra is missing
+    # Hydra imports every plugin module at start-up, for every run; a failing import here would
+    # print its "incompatible or buggy plugin" warning on each plain `python -m streamml.train`.
+    # The sweeper says what to install when a search actually selects it (OptunaSweeper below).
+    optuna = None
 
 log = logging.getLogger(__name__)
+MISSING_OPTUNA = "the Optuna sweeper (hparams_search=...) needs Optuna: pip install -e '.[search]'"
 
 
 def distribution(override: Override) -> BaseDistribution:
@@ -160,6 +168,8 @@ class OptunaSweeper(Sweeper):
     def __init__(self, direction: str, n_trials: int, n_jobs: int, sampler: Any, storage: str | None,
                  study_name: str | None, load_if_exists: bool, params: dict[str, str] | None, mlflow: Any,
                  conditions: Any = None) -> None:
+        if optuna is None:
+            raise ImportError(MISSING_OPTUNA)
         if direction not in ("minimize", "maximize"):
             raise ValueError(f"hydra.sweeper.direction must be 'minimize' or 'maximize'; got {direction!r}")
         if n_trials < 1 or n_jobs < 1:

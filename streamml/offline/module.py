@@ -138,7 +138,11 @@ class HeadLearner:
             head_kwargs["blocks"] = torch.as_tensor(_block_of_group(groups, blocks, self.groups_, first))
         module = RankingModule(self.head(**head_kwargs), self.loss, self.optimizer)
         data = RankingDataModule(X, y, np.searchsorted(self.groups_, groups), self.batch_size, self.seed)
-        self.trainer(callbacks=callbacks or []).fit(module, datamodule=data)
+        callbacks = list(callbacks or [])
+        # Lightning's own bar counts batches: a full-batch fit shows "1/1" for each of its epochs,
+        # which says nothing. A caller that wants a bar passes one over the epochs (EpochProgress).
+        quiet = {} if any(isinstance(c, ProgressBar) for c in callbacks) else {"enable_progress_bar": False}
+        self.trainer(callbacks=callbacks, **quiet).fit(module, datamodule=data)
         self.heads_ = module.heads.cpu().eval()
         return self
 

@@ -91,6 +91,21 @@ def test_epoch_bar_counts_epochs_under_its_label(capsys):
     learner.fit(X, np.tile([0, 1], 10), np.zeros(20, dtype=int), callbacks=[EpochProgress("final fit")])
     err = capsys.readouterr().err
     assert "final fit: 100%" in err and "3/3" in err and "train_loss=" in err
+
+
+def test_a_fit_without_an_epoch_bar_prints_no_lightning_bar(capfd):
+    """The online scenarios fit a head with the default trainer (bars on) and no callbacks:
+    Lightning's batch bar ("Epoch 299/299 ... 1/1") must not appear."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(20, 4)).astype("float32")
+    trainer = partial(L.Trainer, max_epochs=3, logger=False, enable_checkpointing=False, enable_model_summary=False,
+                      enable_progress_bar=True, accelerator="cpu")
+    learner = HeadLearner(partial(LinearHeads, dim=4), get_loss("ranknet"), partial(torch.optim.Adam, lr=0.1), trainer)
+    learner.fit(X, np.tile([0, 1], 10), np.zeros(20, dtype=int))
+    out, err = capfd.readouterr()
+    assert "Epoch" not in out + err and "it/s" not in out + err
+
+
 def test_multitask_shares_within_a_block_and_learns_nothing_from_another_block():
     X, y, g = two_groups(0)
     X2, y2, g2 = two_groups(1)
