@@ -28,6 +28,7 @@ from streamml.online import DiagonalLaplace, IsotropicLaplace, PairwiseSGD, Poin
 from streamml.provenance import git_commit, machine
 from streamml.stores import InMemoryStore
 
+
 def experiment_setting(name: str):
     """The rule and the learner's feature settings exactly as ``+experiment=<name>`` configures them
     (the rule's Newton steps and head weight set the cost; the features set what the kernel reads)."""
@@ -138,10 +139,12 @@ window of events, so that every timed event solves the largest system); 100 quer
 384-d; float16 residuals; the in-memory store. State bytes/key: the schema's fields (residual,
 plus the pairwise buffer, the Laplace evidence (D floats or one), or WindowMAP's window, coefficients, packed
 Gram matrix and head weight); store bytes/key adds the store's spare rows
-and its hash table. `window` is WindowMAP's defaults ({WindowMAP().newton_steps} joint Newton step(s), no head weight), `window_head` the same with a head weight, and
+and its hash table. `window` is WindowMAP's defaults ({WindowMAP().newton_steps} joint Newton step(s), no head weight),
+`window_head` the same with a head weight, and
 `window@<experiment>` the rule and the features (`features`, `head_interaction`) as `+experiment=online_<experiment>` configures them;
 `mixed@replay` is the mixed learner as `+experiment=online_replay` configures it (its state: mean, packed covariance,
-the bias-only model and the gain, float32; its kernel runs on one thread, so both thread columns show one). Budget (issue 6): <= 1 KB per key (2 KB with a posterior whose gain is
+the bias-only model and the gain, float32; both thread columns split its batch by key over threads).
+Budget (issue 6): <= 1 KB per key (2 KB with a posterior whose gain is
 shown), `learn_one` <= 20 µs, `learn_many` >= 1M events/s on 2 cores.
 
 {chr(10).join(lines)}

@@ -186,7 +186,8 @@ def main() -> None:
             rows.append(row)
             print(row, flush=True)
 
-    cols = ["schema (payload)", "backend", "bytes/key", "write keys/s", "get keys/s", "update keys/s", "1-key get p50/p99 ms", "1-key update p50/p99 ms"]
+    cols = ["schema (payload)", "backend", "bytes/key", "write keys/s", "get keys/s", "update keys/s",
+            "1-key get p50/p99 ms", "1-key update p50/p99 ms"]
     fmt = lambda v: f"{v:,.0f}" if isinstance(v, float) else str(v)  # noqa: E731
     fields = "; ".join(f"`{label}`: " + ", ".join(f"{n} {f.shape} {f.dtype}" for n, f in sch.items())
                        for label, sch in schemas.items())

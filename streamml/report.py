@@ -33,10 +33,10 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from matplotlib.figure import Figure  # not pyplot: no global backend switch, no figure registry to close
 import mlflow
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure  # not pyplot: no global backend switch, no figure registry to close
 
 from streamml.provenance import machine
 
@@ -111,7 +111,8 @@ def leaderboard(runs: pd.DataFrame, top: int = 5) -> str:
     """Markdown: the best ``top`` runs of each family by held-out AUC, ours and baselines together."""
     nested = "metrics.tuning_auc" in runs and runs["metrics.tuning_auc"].notna().any()
     ranked = runs.sort_values("metrics.auc", ascending=False).groupby("family", sort=False).head(top)
-    head = "| run | family | kind | " + ("tuning AUC (inner) | " if nested else "") + "held-out AUC (mean ± std over splits) | NDCG@5 | MAP |"
+    head = ("| run | family | kind | " + ("tuning AUC (inner) | " if nested else "")
+            + "held-out AUC (mean ± std over splits) | NDCG@5 | MAP |")
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for _, r in ranked.iterrows():
         tuning = f"{r['metrics.tuning_auc']:.4f} | " if nested and pd.notna(r.get("metrics.tuning_auc")) else ("– | " if nested else "")
@@ -128,7 +129,8 @@ def nested_table(runs: pd.DataFrame, chosen: pd.DataFrame, reference: str = "Skl
     ref_family = next((f for f in chosen.family.unique() if set(runs.learner[runs.run_id.isin(_members(runs, f))]) == {reference}), None)
     ref = chosen[chosen.family == ref_family].set_index("split")["auc"] if ref_family else None
     lines = ["| family | kind | candidates | tuning AUC (inner, chosen) | **held-out AUC (outer, nested)** | "
-             f"Δ held-out vs {ref_family or reference} (mean ± std over splits) | Δ > std? | best trial by mean tuning AUC: tuning / held-out |",
+             f"Δ held-out vs {ref_family or reference} (mean ± std over splits) | Δ > std? "
+             "| best trial by mean tuning AUC: tuning / held-out |",
              "|---" * 8 + "|"]
     order = chosen.groupby("family", sort=False)["auc"].mean().sort_values(ascending=False).index
     for family in order:

@@ -23,11 +23,11 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import lightning as L
-from matplotlib.figure import Figure  # not pyplot: no global backend switch, no figure registry to close
 import mlflow
 import numpy as np
 import pandas as pd
 from hydra.core.hydra_config import HydraConfig
+from matplotlib.figure import Figure  # not pyplot: no global backend switch, no figure registry to close
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
@@ -355,10 +355,10 @@ def load_model(model_uri: str, tracking_uri: str | None = None):
 
     Examples
     --------
-    >>> load_model("runs:/0123/model", tracking_uri="sqlite:////nonexistent/mlflow.db")
+    >>> load_model("runs:/0123/model", tracking_uri="sqlite:////nonexistent/mlflow.db")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    FileNotFoundError: no MLflow store at /nonexistent/mlflow.db (tracking URI sqlite:////nonexistent/mlflow.db); run from the folder that holds mlflow.db, or set MLFLOW_TRACKING_URI=sqlite:////absolute/path/to/mlflow.db
+    FileNotFoundError: no MLflow store at /nonexistent/mlflow.db (tracking URI sqlite:////nonexistent/mlflow.db); run from ...
     """
     tracking_uri = tracking_uri or mlflow.get_tracking_uri()
     hint = "run from the folder that holds mlflow.db, or set MLFLOW_TRACKING_URI=sqlite:////absolute/path/to/mlflow.db"

@@ -126,7 +126,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if "tuning_auc" in metrics:
             log.info(f"nested CV: tuning auc (inner folds) {metrics['tuning_auc']:.3f}, held-out auc (outer folds) {metrics['auc']:.3f}")
         if cfg.final_fit:
-            log.info(f"model: runs:/{run.info.run_id}/model (serve: mlflow models serve -m runs:/{run.info.run_id}/model --env-manager local)")
+            uri = f"runs:/{run.info.run_id}/model"
+            log.info(f"model: {uri} (serve: mlflow models serve -m {uri} --env-manager local)")
     log.info(f"done: run {run.info.run_name} ({run.info.run_id}) in MLflow experiment '{cfg.name}' at {cfg.logger.tracking_uri} "
              f"(mlflow ui); plot {run.info.artifact_uri}/plots/per_query_auc.png")
     return metrics

@@ -37,7 +37,8 @@ def valid_rows(n=3):
         ([row(), row("", "rejected")], r"bad\.json row 1 field 'text'"),
         ([row("a", "accepted"), row("b", "accepted")], r"bad\.json: query has no rejected sentence"),
         ([row("a", "rejected"), row("b", "rejected")], r"bad\.json: query has no accepted sentence"),
-        ([row("a", "accepted"), row("b", "rejected"), row("a", "rejected")], r"bad\.json rows 0 and 2 field 'label': duplicate text with conflicting labels"),
+        ([row("a", "accepted"), row("b", "rejected"), row("a", "rejected")],
+         r"bad\.json rows 0 and 2 field 'label': duplicate text with conflicting labels"),
     ],
 )
 def test_validation_errors_name_file_row_and_field(tmp_path, rows, message):

@@ -154,7 +154,8 @@ def test_readme_commands_run_in_order_on_a_fresh_copy(tmp_path):
         if server is not None and server.poll() is None:
             os.killpg(server.pid, signal.SIGTERM)
             server.wait(timeout=60)
-    assert ran[:3] == ["python -m streamml.train", "python -m streamml.serve", readme_commands()[readme_commands().index("python -m streamml.serve") + 1]]
+    after_serve = readme_commands()[readme_commands().index("python -m streamml.serve") + 1]
+    assert ran[:3] == ["python -m streamml.train", "python -m streamml.serve", after_serve]
     assert "python -m streamml.register" in ran and any("@champion" in c for c in ran)
 
 

@@ -119,7 +119,8 @@ def test_online_tables_show_mean_pm_std_over_users_and_where_filters_runs(store,
           "--metrics", "probe_auc_at_0,probe_auc_at_5", "--metrics", "probe_auc_at_5_none"])
     text = out.read_text()
     assert "personalize-test" in text and "0.990" not in text
-    assert "| learner | probe_auc_at_0 | probe_auc_at_5 |\n|---|---|---|\n| residual | 0.700 | 0.750 ± 0.250 |\n| river |  | 0.660 ± 0.200 |" in text
+    assert ("| learner | probe_auc_at_0 | probe_auc_at_5 |\n|---|---|---|\n"
+            "| residual | 0.700 | 0.750 ± 0.250 |\n| river |  | 0.660 ± 0.200 |") in text
     assert "| learner | probe_auc_at_5_none |\n|---|---|\n| residual | 0.900 |" in text  # a second table, no std logged
     assert "(1 finished runs)" in text and "_gap" not in text
     main(["online_where", "--out", str(out), "--tracking-uri", store, "--where", "tags.streams = 'test'",

@@ -14,6 +14,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, JobStatus
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
+from conftest import REPO, write_queries
 from hydra_plugins.streamml_optuna_sweeper.optuna_sweeper import (
     check_conditions,
     distribution,
@@ -22,8 +23,6 @@ from hydra_plugins.streamml_optuna_sweeper.optuna_sweeper import (
     suggest,
     trial_value,
 )
-
-from conftest import REPO, write_queries
 
 
 def parse(*lines):

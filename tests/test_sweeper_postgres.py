@@ -17,9 +17,9 @@ from pathlib import Path
 import mlflow
 import optuna
 import pytest
+from test_sweeper import search_records, tiny_search_args
 
 from conftest import write_queries
-from test_sweeper import search_records, tiny_search_args
 
 psycopg2 = pytest.importorskip("psycopg2", reason="PostgreSQL storage needs psycopg2: pip install -e '.[search]'")
 

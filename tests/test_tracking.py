@@ -18,9 +18,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 
 from conftest import REPO, compose_cfg
-from tests.helpers import free_port
 from streamml import tracking
 from streamml.offline.baselines import SklearnLR
+from tests.helpers import free_port
 
 
 def test_flatten_nested_config():
@@ -117,7 +117,8 @@ def test_the_model_has_a_signature_an_example_and_is_listed_with_the_run(mlflow_
     info = mlflow.models.get_model_info(f"runs:/{run_id}/model")
     assert info.signature.inputs.input_names() == ["query_id", "embedding"]
     assert [mlflow.get_logged_model(m.model_id).name for m in client.search_logged_models(["0"])] == ["model"]
-    scores = tracking.load_model(f"runs:/{run_id}/model").predict(pd.DataFrame({"query_id": data.frame.query_id, "embedding": list(data.X)}))
+    rows = pd.DataFrame({"query_id": data.frame.query_id, "embedding": list(data.X)})
+    scores = tracking.load_model(f"runs:/{run_id}/model").predict(rows)
     np.testing.assert_allclose(scores, learner.score_rows(data.X, data.query), rtol=1e-6)
 
 

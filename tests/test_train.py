@@ -195,8 +195,9 @@ def test_four_job_multirun_ends_with_a_sorted_summary_saved_in_the_sweep_folder(
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["four_jobs"])
     assert len(runs) == 4 and set(runs.status) == {"FINISHED"}
-    assert sorted(runs["tags.mlflow.runName"]) == [f"sklearn_lr-ranknet[learner.C={c},data.dir=…/queries,cv.n_folds=2,cv.n_repeats=1,final_fit=False]"
-                                                   for c in ("0.001", "0.1", "1", "10")]
+    assert sorted(runs["tags.mlflow.runName"]) == [
+        f"sklearn_lr-ranknet[learner.C={c},data.dir=…/queries,cv.n_folds=2,cv.n_repeats=1,final_fit=False]"
+        for c in ("0.001", "0.1", "1", "10")]
     by_c = {float(run["params.learner.C"]): run["metrics.auc"] for _, run in runs.iterrows()}
     best_first = sorted(by_c, key=lambda c: -by_c[c])
     summary = result.stdout[result.stdout.index("multirun summary: 4 jobs"):].splitlines()

@@ -6,8 +6,8 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from conftest import write_queries
-from streamml.offline.baselines import SklearnLR
 from streamml.data import cv_splits, load_queries, nested_splits
+from streamml.offline.baselines import SklearnLR
 from streamml.offline.evaluate import METRICS, cross_validate, evaluate, nested_cross_validate, summarize
 
 
