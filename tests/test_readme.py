@@ -34,7 +34,9 @@ MARKS = [
     (r"^python -m pip install", "install: the set-up this suite runs in (.ci/run runs exactly it)"),
     (r"10\.0\.0\.5|@db:5432|mlflow-host|^mlflow server|/shared/", "cluster: other machines (Redis, PostgreSQL, an MLflow server)"),
     (r"\.\./shared/data/queries|nested_offline\.sh", "shared data: the problem owner's data, not shipped"),
-    (r"EXPERIMENT|<run_id>|<id>|1323b8\.\.\.|my_texts", "placeholder: your experiment, run id, event id or files"),
+    (r"EXPERIMENT|<run_id>|<id>|1323b8\.\.\.|my_texts|my_events|population=population",
+     "placeholder: your experiment, run id, event id or files"),
+    (r"\+experiment=online_replay", "shared data: real users' logged feedback (MovieLens 100k in ../shared), not shipped"),
 ]
 LONG = [  # run only with STREAMML_README_ALL=1: minutes each on 2 cores
     r"^python -m streamml\.train (-m )?\+experiment=",
