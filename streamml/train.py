@@ -100,7 +100,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     check_gpu(cfg)
     # The data is read and validated before Lightning, MLflow and the simulator are imported:
     # a bad file then fails in about a second, naming the file and the row, not after 10-14 s.
-    data = load_queries(cfg.data.dir, cfg.data.embedding_dim, cfg.data.min_per_class)
+    # A scenario with a runner of its own (the replay) reads its own data, not the query files.
+    own_data = "scenario" in cfg and cfg.scenario.get("run") is not None
+    data = None if own_data else load_queries(cfg.data.dir, cfg.data.embedding_dim, cfg.data.min_per_class)
     check_trainer(cfg)
     from streamml import tracking
     from streamml.offline.evaluate import evaluate, summarize
