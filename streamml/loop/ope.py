@@ -188,24 +188,19 @@ def doubly_robust(log: SlateLog, target: Sequence[np.ndarray], rhat: Sequence[np
 
 
 # --------------------------------------------------------------------------- pseudo-inverse
-def _indicators(slates: np.ndarray, m: int) -> np.ndarray:
-    """(S, m * k) 0/1 rows: slate ``s`` shows item ``slates[s, p]`` at ``p`` (index ``item * k + p``)."""
-    S, k = slates.shape
-    out = np.zeros((S, m * k))
-    out[np.repeat(np.arange(S), k), (slates * k + np.arange(k)).ravel()] = 1.0
-    return out
-
-
 def slate_moments(slates: np.ndarray, probs: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
     """``(marginals (m, k), Gamma (m k, m k))`` of a law over slates: ``probs[s]`` of slate ``slates[s]``.
 
-    ``Gamma[(i, p), (j, p')]`` is the probability of ``i`` at ``p`` together with ``j`` at ``p'``.
+    ``Gamma[(i, p), (j, p')]`` is the probability of ``i`` at ``p`` together with ``j`` at ``p'``
+    (entry index ``item * k + position``).
     """
     slates = np.asarray(slates, np.int64)
     probs = np.asarray(probs, np.float64)
-    ind = _indicators(slates, m)  # (S, m k)
-    gamma = ind.T @ (ind * probs[:, None])
-    return (probs @ ind).reshape(m, slates.shape[1]), gamma
+    S, k = slates.shape
+    idx = slates * k + np.arange(k)  # (S, k) entries shown
+    pairs = (idx[:, :, None] * (m * k) + idx[:, None, :]).reshape(S, -1)  # (S, k * k)
+    gamma = np.bincount(pairs.ravel(), np.repeat(probs, k * k), minlength=(m * k) ** 2).reshape(m * k, m * k)
+    return np.diag(gamma).reshape(m, k).copy(), gamma
 
 
 def _epsilon_slates(policy, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -255,11 +250,15 @@ def logging_moments(policy, scores: np.ndarray, k: int, n_draws: int = 4000, rng
 def pi_weights(gamma: np.ndarray, shown: np.ndarray) -> np.ndarray:
     """``Gamma^+ 1_s`` (m k,): the target-free part of a slate's PI weight, computed once per logged slate;
     the weight of any target ``q`` is then ``q.ravel() @ pi_weights(...)``."""
-    m_k = gamma.shape[0]
     k = len(shown)
-    ind = np.zeros(m_k)
+    ind = np.zeros(gamma.shape[0])
     ind[np.asarray(shown) * k + np.arange(k)] = 1.0
-    return np.linalg.pinv(gamma, rcond=1e-10, hermitian=True) @ ind
+    # entries the logging policy never shows have zero rows and columns in Gamma, and zero
+    # entries in its pseudo-inverse: invert the rest only (much smaller under epsilon slots)
+    live = np.flatnonzero(np.diag(gamma) > 0)
+    out = np.zeros(gamma.shape[0])
+    out[live] = np.linalg.pinv(gamma[np.ix_(live, live)], rcond=1e-10, hermitian=True) @ ind[live]
+    return out
 
 
 def pseudo_inverse(log: SlateLog, target: Sequence[np.ndarray], gammas: Sequence[np.ndarray] | None = None,
