@@ -45,7 +45,7 @@ from itertools import combinations, permutations
 import numpy as np
 
 __all__ = ["SlateLog", "Terms", "ips", "snips", "pseudo_inverse", "doubly_robust", "estimate", "bootstrap_ci",
-           "slate_moments", "logging_moments", "pi_weights", "ESTIMATORS"]
+           "slate_moments", "logging_moments", "pi_weights", "slate_log_from_export", "ESTIMATORS"]
 
 
 @dataclass
@@ -282,6 +282,38 @@ def pseudo_inverse(log: SlateLog, target: Sequence[np.ndarray], gammas: Sequence
 
 
 ESTIMATORS = {"ips": ips, "snips": snips, "pi": pseudo_inverse, "dr": doubly_robust}
+
+
+def slate_log_from_export(df, candidates: Sequence[np.ndarray] | None = None, source: str = "the export") -> SlateLog:
+    """A :class:`SlateLog` from rows of the exported dataset (:mod:`streamml.loop.export`, a pandas frame).
+
+    The reward of a shown item is 1 if it was accepted and 0 otherwise (rejected or no
+    answer: accepts per slate count accepts only). ``candidates[n]`` lists the candidate ids of
+    row ``n`` that the target's marginals index; None: the shown items themselves (positions
+    within the slate). A reward whose label the log did not keep is an error naming the event:
+    an estimate would silently count it as no accept.
+    """
+    shown, rewards = [], []
+    for n, row in enumerate(df.itertuples(index=False)):
+        items = np.asarray(row.items, np.int64)
+        r = np.zeros(len(items))
+        for x in row.rewards:
+            if x["label"] is None or (isinstance(x["label"], float) and np.isnan(x["label"])):
+                raise ValueError(f"{source}, event {row.event_id!r}: the reward of item {x['item']} has no label; the "
+                                 "event log did not keep it (see streamml.loop.export), so accepts cannot be counted")
+            r[int(x["position"])] = float(x["label"] == 1)
+        if candidates is None:
+            idx = np.arange(len(items))
+        else:
+            where = {int(c): i for i, c in enumerate(np.asarray(candidates[n]).tolist())}
+            missing = [int(i) for i in items if int(i) not in where]
+            if missing:
+                raise ValueError(f"{source}, event {row.event_id!r}: shown items {missing} are not among its candidates")
+            idx = np.array([where[int(i)] for i in items], np.int64)
+        shown.append(idx)
+        rewards.append(r)
+    return SlateLog(shown, rewards, [np.asarray(p, np.float64) for p in df["propensities"]],
+                    groups=df["user"].to_numpy(), source=source)
 
 
 # --------------------------------------------------------------------------- reduction
