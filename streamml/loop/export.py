@@ -1,0 +1,231 @@
+"""Export the service's event log to a partitioned Parquet dataset: one row per served slate.
+
+``python -m streamml.loop export source.path=streamml.db out=exports/events`` (``configs/loop/export.yaml``).
+
+Why Parquet, why this shape: off-policy evaluation and retraining read whole columns
+(propensities, rewards) of millions of slates; Arrow data partitioned by day is what any
+engine (pandas, DuckDB, Dask, Spark) reads one partition at a time.
+
+**Schema** (version :data:`SCHEMA_VERSION`, also stored in each file's metadata and in
+``_export_state.json``), one row per impression (a served slate):
+
+==================  ==============================  =============================================
+column              type                            meaning
+==================  ==============================  =============================================
+event_id            string                          the service's event id (rank response)
+user                string                          the user the slate was served to
+query               string                          the query
+created             float64                         rank time, epoch seconds (UTC)
+policy              string                          slate policy name (``epsilon_slots`` ...)
+bucket              string                          A/B bucket
+head                string                          fingerprint (12 hex) of the head that scored it
+raw_candidates      bool                            candidates were raw embeddings: ``items`` are
+                                                    indices into the request, not catalog ids
+items               list<int64>                     shown items in display order
+positions           list<int32>                     their positions (0 = top)
+propensities        list<float64>                   logging P(item at that position)
+rewards             list<struct<item: int64,        one entry per rewarded shown item; ``label``
+                    position: int32, label: int8,   1 accepted, 0 rejected; ``label``/``time`` are
+                    time: float64>>                 null when the log does not keep them (below)
+n_rewards           int32                           ``len(rewards)``; 0: no reward in the window
+schema_version      int32                           :data:`SCHEMA_VERSION`
+date                string (partition)              ``YYYY-MM-DD`` of ``created`` (UTC); the
+                                                    folder ``date=YYYY-MM-DD``
+==================  ==============================  =============================================
+
+An event with no reward is exported with ``rewards = []`` and ``n_rewards = 0``, never dropped:
+its unshown alternatives and zero accepts are what off-policy estimates are made of.
+
+**Settled events only.** An event is exported once its reward window has closed
+(``created <= now - settle_s``, ``settle_s`` = the service's ``events.window_s``): before that a
+reward may still come, and an exported "no reward" would be wrong forever. Events are kept by
+the service for ``events.retention_s`` only, so export at least that often.
+
+**Chunks and resuming.** Settled events are read in ``(created, event_id)`` order, ``chunk``
+at a time; each chunk is written as one file per date partition (``part-<chunk>.parquet``, via a
+temporary name and a rename), then ``_export_state.json`` records the cursor. A rerun continues
+after the cursor; a run killed between the two rewrites the same file names, so nothing is
+duplicated.
+
+**What the SQLite log keeps of a reward.** The service records which shown items were rewarded
+(the first-wins ``claims`` table), but not the label nor the reward's time: ``label`` and
+``time`` are exported as null. If the ``claims`` table has ``label`` and ``time`` columns
+(the hook proposed in issue 19) they are exported. Redis and Redis Cluster sources are not
+implemented yet: their events have no time order to resume by without a scan of every key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+__all__ = ["SCHEMA_VERSION", "SCHEMA", "SQLiteSource", "export", "read_state"]
+
+SCHEMA_VERSION = 1
+REWARD = pa.struct([("item", pa.int64()), ("position", pa.int32()), ("label", pa.int8()), ("time", pa.float64())])
+SCHEMA = pa.schema([
+    ("event_id", pa.string()), ("user", pa.string()), ("query", pa.string()), ("created", pa.float64()),
+    ("policy", pa.string()), ("bucket", pa.string()), ("head", pa.string()), ("raw_candidates", pa.bool_()),
+    ("items", pa.list_(pa.int64())), ("positions", pa.list_(pa.int32())), ("propensities", pa.list_(pa.float64())),
+    ("rewards", pa.list_(REWARD)), ("n_rewards", pa.int32()), ("schema_version", pa.int32()), ("date", pa.string()),
+], metadata={"streamml.schema_version": str(SCHEMA_VERSION)})
+STATE = "_export_state.json"
+
+
+@dataclass
+class Event:
+    """One settled event as the source stores it."""
+
+    event_id: str
+    created: float
+    record: dict
+    rewards: list[tuple[int, int | None, float | None]]  # (item, label, time)
+
+
+class SQLiteSource:
+    """Settled events of the service's SQLite file, read-only, in ``(created, event_id)`` order.
+
+    Reads the tables of :class:`streamml.stores.sqlite_events.SQLiteEventLog` (``events``,
+    ``claims``) directly: the event log's interface has no scan, and export must not take the
+    service's write lock.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise FileNotFoundError(f"no SQLite event log at {self.path}")
+        self.conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+        tables = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "events" not in tables:
+            raise ValueError(f"{self.path} has no 'events' table: is it the service's database (backend.path)?")
+        columns = {r[1] for r in self.conn.execute("PRAGMA table_info(claims)")} if "claims" in tables else set()
+        self._claims = "claims" in tables
+        self._labels = {"label", "time"} <= columns
+
+    def count(self, after: tuple[float, str], until: float) -> int:
+        return self.conn.execute("SELECT COUNT(*) FROM events WHERE (created, event_id) > (?, ?) AND created <= ?",
+                                 (*after, until)).fetchone()[0]
+
+    def chunks(self, after: tuple[float, str], until: float, size: int) -> Iterator[list[Event]]:
+        """Events with ``(created, event_id) > after`` and ``created <= until``, ``size`` at a time."""
+        while True:
+            rows = self.conn.execute(
+                "SELECT event_id, created, record FROM events WHERE (created, event_id) > (?, ?) AND created <= ? "
+                "ORDER BY created, event_id LIMIT ?", (*after, until, size)).fetchall()
+            if not rows:
+                return
+            rewards = self._rewards([r[0] for r in rows])
+            out = []
+            for event_id, created, text in rows:
+                try:
+                    record = json.loads(text)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{self.path}, events row {event_id!r}: the record is not JSON ({err})") from None
+                out.append(Event(event_id, float(created), record, rewards.get(event_id, [])))
+            yield out
+            after = (float(rows[-1][1]), rows[-1][0])
+
+    def _rewards(self, ids: list[str]) -> dict[str, list]:
+        if not self._claims:
+            return {}
+        cols = "event_id, item, label, time" if self._labels else "event_id, item, NULL, NULL"
+        marks = ",".join("?" * len(ids))
+        out: dict[str, list] = {}
+        for event_id, item, label, t in self.conn.execute(f"SELECT {cols} FROM claims WHERE event_id IN ({marks})", ids):
+            out.setdefault(event_id, []).append((json.loads(item), label, t))
+        return out
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def _row(ev: Event, source: str) -> dict:
+    """An event as a row of :data:`SCHEMA`; a record missing a field is an error naming the event."""
+    rec = ev.record
+    try:
+        shown = [int(i) for i in rec["shown"]]
+        props = [float(p) for p in rec["propensities"]]
+        user, query = str(rec["user"]), str(rec["query"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{source}, event {ev.event_id!r}: not a served slate ({type(err).__name__}: {err})") from None
+    if len(shown) != len(props):
+        raise ValueError(f"{source}, event {ev.event_id!r}: {len(shown)} shown items but {len(props)} propensities")
+    position = {item: p for p, item in enumerate(shown)}
+    rewards = []
+    for item, label, t in sorted(ev.rewards, key=lambda r: position.get(r[0], len(shown))):
+        if item not in position:
+            raise ValueError(f"{source}, event {ev.event_id!r}: a reward names item {item!r}, which was not shown")
+        rewards.append({"item": int(item), "position": position[item],
+                        "label": None if label is None else int(label), "time": None if t is None else float(t)})
+    return {"event_id": ev.event_id, "user": user, "query": query, "created": ev.created,
+            "policy": rec.get("policy"), "bucket": rec.get("bucket"), "head": rec.get("model"),
+            "raw_candidates": "vectors" in rec, "items": shown, "positions": list(range(len(shown))),
+            "propensities": props, "rewards": rewards, "n_rewards": len(rewards), "schema_version": SCHEMA_VERSION,
+            "date": datetime.fromtimestamp(ev.created, timezone.utc).strftime("%Y-%m-%d")}
+
+
+def read_state(out: str | Path) -> dict:
+    """The export's cursor: ``{"after": [created, event_id], "chunks": n, "rows": n, "schema_version": v}``."""
+    path = Path(out) / STATE
+    if not path.exists():
+        return {"after": [float("-inf"), ""], "chunks": 0, "rows": 0, "schema_version": SCHEMA_VERSION}
+    state = json.loads(path.read_text())
+    if state.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(f"{path}: written with schema version {state.get('schema_version')}, this code writes "
+                         f"{SCHEMA_VERSION}; export to a new folder")
+    return state
+
+
+def _write_state(out: Path, state: dict) -> None:
+    tmp = out / (STATE + ".tmp")
+    tmp.write_text(json.dumps(state))
+    os.replace(tmp, out / STATE)
+
+
+def _write_chunk(out: Path, rows: list[dict], chunk: int) -> None:
+    table = pa.Table.from_pylist(rows, schema=SCHEMA)
+    for date in sorted(set(table.column("date").to_pylist())):
+        part = table.filter(pc.equal(table.column("date"), date)).drop_columns(["date"])
+        folder = out / f"date={date}"
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".part-{chunk:06d}.parquet.tmp"
+        pq.write_table(part, tmp)
+        os.replace(tmp, folder / f"part-{chunk:06d}.parquet")
+
+
+def export(source, out: str | Path, chunk: int = 10_000, settle_s: float = 600.0, now: float | None = None,
+           max_chunks: int | None = None, progress: bool = True) -> dict:
+    """Export ``source``'s settled events after the saved cursor into ``out``; returns the new state.
+
+    ``max_chunks`` stops after that many chunks (a bounded run; the next one resumes).
+    """
+    from tqdm.auto import tqdm
+
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = read_state(out)
+    until = (time.time() if now is None else now) - float(settle_s)
+    after = (float(state["after"][0]), str(state["after"][1]))
+    name = str(getattr(source, "path", source))
+    with tqdm(total=source.count(after, until), unit="event", desc="export", disable=not progress) as bar:
+        for n, events in enumerate(source.chunks(after, until, chunk)):
+            if max_chunks is not None and n >= max_chunks:
+                break
+            _write_chunk(out, [_row(ev, name) for ev in events], state["chunks"])
+            state = {"after": [events[-1].created, events[-1].event_id], "chunks": state["chunks"] + 1,
+                     "rows": state["rows"] + len(events), "schema_version": SCHEMA_VERSION, "source": name}
+            _write_state(out, state)
+            bar.update(len(events))
+    return state
