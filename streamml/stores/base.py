@@ -72,7 +72,7 @@ Schema = Mapping[str, Field]
 class Store(Protocol):
     """What the online learner needs from per-key state.
 
-    Semantics every implementation follows (checked by ``tests/stores/test_contract.py``):
+    Semantics every implementation follows (checked by ``tests/stores/test_store_contract.py``):
 
     - ``get_many(keys)`` returns ``{field: array}`` with leading dim ``len(keys)``
       and the schema's dtype; a key that is not stored reads as the fill values.
