@@ -22,7 +22,7 @@ def plain(v):
 
 
 class CatalogChecks:
-    """``_query``, ``_check_items``, ``_check_labels`` and ``_check_event`` over a catalog."""
+    """``_query``, ``_check_items``, ``_check_labels``, ``_check_batch`` and ``_check_event`` over a catalog."""
 
     queries: np.ndarray
     item_query: np.ndarray
@@ -62,6 +62,17 @@ class CatalogChecks:
             bad = y[~np.isin(y, (0, 1))].ravel()[0]
             raise ValueError(f"labels must be 1 (accepted) or 0 (rejected), got {plain(bad)!r}")
         return y.astype(bool)
+
+    def _check_batch(self, users, queries, items, labels):
+        """A batch of events as arrays ``(users, queries, items int64, labels bool)``, all checked
+        before any is learned, so a bad one changes nothing."""
+        users, queries, items = np.asarray(users), np.asarray(queries), np.asarray(items)
+        if not (users.shape == queries.shape == items.shape == np.shape(labels)) or users.ndim != 1:
+            raise ValueError("users, queries, items and labels must be 1-D and of equal length, got shapes "
+                             f"{users.shape}, {queries.shape}, {items.shape}, {np.shape(labels)}")
+        for q in np.unique(queries).tolist() if len(queries) else []:
+            self._query(q)
+        return users, queries, self._check_items(items, queries), self._check_labels(labels)
 
     def _check_event(self, query: Hashable, item, label) -> int:
         """One event's catalog id, checked in plain Python (cheaper than numpy for one event)."""

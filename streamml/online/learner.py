@@ -343,14 +343,7 @@ class ResidualLearner(CatalogChecks):
         events go in chunks of ``chunk_size``: one ``update_many`` of a chunk's distinct
         keys, inside which the kernel applies the chunk's events in order.
         """
-        users, queries, items = np.asarray(users), np.asarray(queries), np.asarray(items)
-        if not (users.shape == queries.shape == items.shape == np.shape(labels)) or users.ndim != 1:
-            raise ValueError("users, queries, items and labels must be 1-D and of equal length, got shapes "
-                             f"{users.shape}, {queries.shape}, {items.shape}, {np.shape(labels)}")
-        for q in np.unique(queries).tolist() if len(queries) else []:
-            self._query(q)
-        items = self._check_items(items, queries)
-        labels = self._check_labels(labels)
+        users, queries, items, labels = self._check_batch(users, queries, items, labels)
         keys = self._keys(users, queries)
         if self._in_memory():
             rows = self.store.rows_for(keys)

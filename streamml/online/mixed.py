@@ -306,14 +306,7 @@ class MixedLearner(CatalogChecks):
 
     def learn_many(self, users, queries, items, labels) -> None:
         """Many events, as :meth:`learn_one` on each in order."""
-        users, queries, items = np.asarray(users), np.asarray(queries), np.asarray(items)
-        if not (users.shape == queries.shape == items.shape == np.shape(labels)) or users.ndim != 1:
-            raise ValueError("users, queries, items and labels must be 1-D and of equal length, got shapes "
-                             f"{users.shape}, {queries.shape}, {items.shape}, {np.shape(labels)}")
-        for q in np.unique(queries).tolist() if len(queries) else []:
-            self._query(q)
-        items = self._check_items(items, queries)
-        labels = self._check_labels(labels)
+        users, queries, items, labels = self._check_batch(users, queries, items, labels)
         if users.dtype.kind in "iu" and queries.dtype.kind in "iu":  # integer keys: no Python tuple per event
             keys = np.stack([users, queries], 1).astype(np.int64)
         else:

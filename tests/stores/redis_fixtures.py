@@ -8,33 +8,18 @@ when ``redis-server`` or the ``redis`` Python package is missing; CI installs bo
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import free_port
+
 REDIS_SERVER = shutil.which("redis-server")
 REDIS_CLI = shutil.which("redis-cli")
 
 
-def free_port(bus_offset: int | None = None) -> int:
-    """A free loopback port (and, for cluster nodes, ``port + bus_offset`` free too)."""
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if bus_offset is None:
-            return port
-        if port + bus_offset < 65536:
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", port + bus_offset))
-                except OSError:
-                    continue
-            return port
-    raise RuntimeError("no free loopback port found")
 
 
 def need_redis():
