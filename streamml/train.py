@@ -110,7 +110,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if "scenario" in cfg:  # an online scenario names its runner (the simulator unless it says otherwise)
         return get_method(cfg.scenario.get("run", "streamml.online.simulate.run"))(cfg)
     log.info(f"{len(data.query_ids)} queries, {len(data.frame)} unique texts ({data.n_duplicates} duplicates merged) from {cfg.data.dir}")
-    tags = {"data_fingerprint": data.fingerprint, "data_dir": str(cfg.data.dir)}
+    tags = {"data_fingerprint": data.fingerprint, "data_dir": str(cfg.data.dir), **cfg.get("run_tags", {})}  # run_tags: the loop's retrain
     cv_learner, final_learner = instantiate(cfg.learner), instantiate(cfg.learner)  # config errors fail before the run
     example = pd.DataFrame({"query_id": [data.query_ids[q] for q in data.query[:2]], "embedding": data.X[:2].tolist()})
     with tracking.start_run(cfg, tags=tags, run_name=_run_name(cfg)) as run:

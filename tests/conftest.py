@@ -48,10 +48,11 @@ def mlflow_uri(tmp_path, monkeypatch):
     return uri
 
 
-def compose_cfg(overrides=(), tiny=True):
-    """The training config as `python -m streamml.train` would build it, made tiny."""
+def compose_cfg(overrides=(), tiny=True, config="train"):
+    """The training config as `python -m streamml.train` would build it (or another config of
+    ``configs/`` built on it, such as ``loop/retrain``), made tiny."""
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        cfg = compose("train", overrides=list(overrides))
+        cfg = compose(config, overrides=list(overrides))
     if tiny:
         with open_dict(cfg):
             cfg.cv.n_folds, cfg.cv.n_repeats = 2, 1

@@ -1,7 +1,10 @@
 """``python -m streamml.loop COMMAND [key=value ...]``: the learning loop's commands.
 
-``export``: the service's event log to Parquet (``configs/loop/export.yaml``, :mod:`streamml.loop.export`).
-The command picks the config; the rest of the line is Hydra's, as for ``streamml.train``.
+Each command is one config of ``configs/loop/`` and one function; the rest of the line is
+Hydra's, as for ``streamml.train``:
+
+- ``export``: the service's event log to Parquet (``loop/export.yaml``, :mod:`streamml.loop.export`);
+- ``retrain``: a head trained from the exported log (``loop/retrain.yaml``, :mod:`streamml.loop.retrain`).
 """
 
 from __future__ import annotations
@@ -11,8 +14,6 @@ import sys
 import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig
-
-COMMANDS = ("export",)
 
 
 def export(cfg: DictConfig) -> dict:
@@ -29,17 +30,23 @@ def export(cfg: DictConfig) -> dict:
     return state
 
 
-@hydra.main(version_base="1.3", config_path="../../configs/loop", config_name="export")
-def _export_main(cfg: DictConfig) -> None:
-    export(cfg)
+def retrain(cfg: DictConfig) -> dict:
+    """Train a head from the exported log (``configs/loop/retrain.yaml``); returns its metrics and run id."""
+    from streamml.loop.retrain import retrain as run
+
+    return run(cfg)
+
+
+COMMANDS = {"export": ("loop/export", export), "retrain": ("loop/retrain", retrain)}  # name: (config, function)
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
         raise SystemExit(f"usage: python -m streamml.loop {{{','.join(COMMANDS)}}} [key=value ...]; got {argv[:1]}")
+    config, fn = COMMANDS[argv[0]]
     sys.argv = [f"streamml.loop {argv[0]}", *argv[1:]]
-    _export_main()
+    hydra.main(version_base="1.3", config_path="../../configs", config_name=config)(fn)()
 
 
 if __name__ == "__main__":

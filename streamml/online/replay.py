@@ -43,7 +43,7 @@ from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
 __all__ = ["LOG_COLUMNS", "CHECKPOINTS", "Catalog", "Key", "read_movielens", "read_log", "split_users",
-           "build_catalog", "head_labels", "make_keys", "replay", "summarize", "clustered_se", "shuffle_labels"]
+           "build_catalog", "head_labels", "median_labels", "make_keys", "replay", "summarize", "clustered_se", "shuffle_labels"]
 
 LOG_COLUMNS = ("user", "query", "item", "label", "time")
 CHECKPOINTS = (5, 10, 20, 40)
@@ -181,11 +181,23 @@ def build_catalog(events: pd.DataFrame, embed=None, cache_dir: str | Path | None
 
 def head_labels(events: pd.DataFrame, catalog: Catalog) -> tuple[np.ndarray, np.ndarray]:
     """The head's training rows from the population's events: ``(ids, y)``, one row per catalog
-    item with any event, accepted when its accept rate is at or above the median accept rate
-    of its query's items (so each query's head sees both classes in about equal numbers)."""
+    item with any event, labelled by :func:`median_labels`."""
     ids = events.apply(lambda r: catalog.index[(r["query"], r["item"])], axis=1).to_numpy() if len(events) else np.array([], int)
-    rate = pd.Series(events.label.to_numpy(np.float64)).groupby(ids).mean()
-    query = catalog.item_query[rate.index.to_numpy()]
+    return median_labels(ids, events.label.to_numpy(np.float64), catalog.item_query)
+
+
+def median_labels(ids: np.ndarray, labels: np.ndarray, item_query: np.ndarray,
+                  weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The rule that turns feedback into a head's labels: ``(items, y)``, one row per item with
+    any answer, accepted when its accept rate is at or above the median accept rate of its
+    query's items (so each query's head sees both classes in about equal numbers).
+
+    ``weights`` (default 1) make each item's rate a weighted mean, ``sum w*label / sum w``: the
+    learning loop passes inverse propensities (:mod:`streamml.loop.retrain`)."""
+    w = np.ones(len(ids)) if weights is None else np.asarray(weights, np.float64)
+    num = pd.Series(w * np.asarray(labels, np.float64)).groupby(np.asarray(ids)).sum()
+    rate = num / pd.Series(w).groupby(np.asarray(ids)).sum()
+    query = np.asarray(item_query)[rate.index.to_numpy()]
     median = rate.groupby(query).transform("median")
     return rate.index.to_numpy(np.int64), (rate >= median).astype(np.int8).to_numpy()
 
