@@ -4,7 +4,9 @@ Each command is one config of ``configs/loop/`` and one function; the rest of th
 Hydra's, as for ``streamml.train``:
 
 - ``export``: the service's event log to Parquet (``loop/export.yaml``, :mod:`streamml.loop.export`);
-- ``retrain``: a head trained from the exported log (``loop/retrain.yaml``, :mod:`streamml.loop.retrain`).
+- ``retrain``: a head trained from the exported log (``loop/retrain.yaml``, :mod:`streamml.loop.retrain`);
+- ``migrate``: every user's state re-solved against a new head from the log (``loop/migrate.yaml``,
+  :mod:`streamml.loop.migrate`).
 """
 
 from __future__ import annotations
@@ -37,7 +39,15 @@ def retrain(cfg: DictConfig) -> dict:
     return run(cfg)
 
 
-COMMANDS = {"export": ("loop/export", export), "retrain": ("loop/retrain", retrain)}  # name: (config, function)
+def migrate(cfg: DictConfig) -> dict:
+    """Re-solve every user's state against the head ``cfg.model`` from the log ``cfg.log``."""
+    from streamml.loop.migrate import run
+
+    return run(cfg)
+
+
+COMMANDS = {"export": ("loop/export", export), "retrain": ("loop/retrain", retrain),  # name: (config, function)
+            "migrate": ("loop/migrate", migrate)}  # name: (config, function)
 
 
 def main(argv: list[str] | None = None) -> None:
