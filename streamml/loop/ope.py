@@ -45,7 +45,8 @@ from itertools import combinations, permutations
 import numpy as np
 
 __all__ = ["SlateLog", "Terms", "ips", "snips", "pseudo_inverse", "doubly_robust", "estimate", "bootstrap_ci",
-           "slate_moments", "logging_moments", "pi_weights", "slate_log_from_export", "ESTIMATORS"]
+           "slate_moments", "logging_moments", "pi_weights", "slate_log_from_export", "ESTIMATORS",
+           "snips_raw", "fill_empty_positions"]
 
 
 @dataclass
@@ -158,14 +159,25 @@ def snips(log: SlateLog, target: Sequence[np.ndarray]) -> Terms:
     A position where every logged weight is 0 (the target never puts a logged item there)
     adds nothing rather than 0/0.
     """
+    terms = snips_raw(log, target)
+    return Terms(terms.num, fill_empty_positions(terms.den))
+
+
+def snips_raw(log: SlateLog, target: Sequence[np.ndarray], k: int | None = None) -> Terms:
+    """SNIPS's per-slate terms before :func:`fill_empty_positions`: what a partition of the log
+    contributes (``k`` pads every partition to the same number of positions)."""
     target = _check_target(log, target)
     w = _weights(log, target)
-    k = max((len(s) for s in log.shown), default=0)
-    num = _per_position([wi * r for wi, r in zip(w, log.rewards)], k)
-    den = _per_position(w, k)
-    empty = den.sum(0) == 0
-    den[:, empty] = 1.0 / max(len(log), 1)  # 0 / 1: nothing observed at that position
-    return Terms(num, den)
+    k = max((len(s) for s in log.shown), default=0) if k is None else k
+    return Terms(_per_position([wi * r for wi, r in zip(w, log.rewards)], k), _per_position(w, k))
+
+
+def fill_empty_positions(den: np.ndarray) -> np.ndarray:
+    """A position where every weight is 0 (the target never puts a logged item there) adds
+    nothing rather than 0/0: its denominators become ``1/n`` (0 / 1)."""
+    den = den.copy()
+    den[:, den.sum(0) == 0] = 1.0 / max(len(den), 1)
+    return den
 
 
 def doubly_robust(log: SlateLog, target: Sequence[np.ndarray], rhat: Sequence[np.ndarray]) -> Terms:

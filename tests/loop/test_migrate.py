@@ -60,40 +60,59 @@ def test_items_outside_the_catalog_and_missing_columns_are_named(served_models):
         migrate(learner, ev.drop(columns="label"), progress=False)
 
 
-def test_the_command_writes_the_new_heads_states_into_the_services_backend(served_models, tmp_path):
+def service_with_log(served_models, tmp_path, name="state.db", n_slates=40):
+    """A SQLite service database that served head 0 (catalog loaded, head published), an export of
+    ``n_slates`` labelled slates, and the ``loop/migrate`` config that moves it to head 1."""
     items_dir, tracking_uri, uris = served_models
-    db = tmp_path / "state.db"
     cfg = serve_cfg(items_dir, tracking_uri, overrides=[f"model={uris[0]}"], backend="sqlite")
     with open_dict(cfg):
-        cfg.backend.path = str(db)
+        cfg.backend.path = str(tmp_path / name)
     backend = instantiate(cfg.backend)
     bootstrap(cfg, backend, publish=True)  # the service's first start: catalog loaded, head 0 published
-    ids, _, _, _ = backend.catalog.all()
     query = backend.catalog.queries()[0]
     qids, _, _ = backend.catalog.items(query)
     backend.close()
     rng = np.random.default_rng(3)
     rows = []
-    for n in range(40):
+    for n in range(n_slates):
         shown = rng.choice(qids, 3, replace=False).tolist()
         rows.append(slate(f"e{n:03d}", f"user{n % 4}", query, shown, [0.5, 0.3, 0.2],
-                          [(shown[0], int(rng.random() < 0.5)), (shown[2], 1)], 1_700_000_000.0 + n))
-    _write_chunk(tmp_path / "export", rows, 0)
+                          [(shown[0], int(rng.random() < 0.5)), (shown[2], 1)], 1_700_000_000.0 + 40_000 * n))
+    export = tmp_path / "export"
+    if not export.exists():
+        _write_chunk(export, [dict(r, date=f"2023-11-{14 + n // 10:02d}") for n, r in enumerate(rows)], 0)
     with open_dict(cfg):
-        cfg.model, cfg.log, cfg.progress = uris[1], str(tmp_path / "export"), False
+        cfg.model, cfg.log, cfg.progress = uris[1], str(export), False
+    return cfg, rows, query, qids
+
+
+def scores_under(cfg, uri, query, qids, users):
+    """Each user's scores on ``qids`` as the service serving ``uri`` from ``cfg``'s backend sees them."""
+    backend = instantiate(cfg.backend)
+    try:
+        lc = Lifecycle(backend, instantiate(cfg.online), cfg.tracking_uri)
+        served = lc.activate(lc.prepare(uri))
+        probe = np.array([served.row_of[i] for i in qids])
+        return {u: served.learner.score(u, query, probe) for u in users}
+    finally:
+        backend.close()
+
+
+def test_the_command_writes_the_new_heads_states_into_the_services_backend(served_models, tmp_path):
+    cfg, rows, query, qids = service_with_log(served_models, tmp_path)
     result = run(cfg)
-    assert result["users"] == 4 and result["events"] == 80
+    assert (result["users"], result["events"]) == (4, 80) and len(result["head"]) == 12
     # the service, activating head 1, finds the states; a fresh learner of head 1 fed the same events agrees
-    backend = SQLiteBackend(db)
-    lc = Lifecycle(backend, instantiate(cfg.online), tracking_uri)
-    prepared = lc.prepare(uris[1])
-    served = lc.activate(prepared)
+    backend = SQLiteBackend(cfg.backend.path)
+    lc = Lifecycle(backend, instantiate(cfg.online), cfg.tracking_uri)
+    prepared = lc.prepare(cfg.model)
     reference = instantiate(cfg.online)(items=prepared.X, item_query=prepared.item_query, head_scores=prepared.head_scores)
+    backend.close()
     for r in rows:
         for x in r["rewards"]:
-            reference.learn_one(r["user"], query, served.row_of[x["item"]], x["label"])
-    probe = np.array([served.row_of[i] for i in qids])
+            reference.learn_one(r["user"], query, prepared.row_of[x["item"]], x["label"])
+    served = scores_under(cfg, cfg.model, query, qids, ["user0", "user3", "nobody"])
+    probe = np.array([prepared.row_of[i] for i in qids])
     for u in ("user0", "user3"):
-        np.testing.assert_allclose(served.learner.score(u, query, probe), reference.score(u, query, probe), rtol=1e-5, atol=1e-6)
-        assert not np.allclose(served.learner.score(u, query, probe), served.learner.score("nobody", query, probe))
-    backend.close()
+        np.testing.assert_allclose(served[u], reference.score(u, query, probe), rtol=1e-5, atol=1e-6)
+        assert not np.allclose(served[u], served["nobody"])
