@@ -14,12 +14,22 @@ import numpy as np
 from redis.crc import key_slot
 
 from streamml.stores.codec import encode_key, to_json
-from streamml.stores.events import Claim, read_catalog
-from streamml.stores.redis_conn import check_prefix, client_of, dumps, guard, ms, slot_tag, user_tag
+from streamml.stores.events import Claim, Reward, read_catalog, shown_rewards
+from streamml.stores.redis_conn import check_prefix, client_of, dumps, guard, is_cluster, ms, slot_tag, user_tag
 
 __all__ = ["RedisEventLog", "RedisItems"]
 
 _EVENT_ID = re.compile(r"[0-9a-f]{32}([0-9a-f]{4})")
+
+# an event and its time index entry: KEYS[1] the event, KEYS[2] its slot's index; ARGV: record, TTL (ms),
+# created, event id, the oldest created kept (index entries before it belong to expired events). 1: created.
+_CREATE = """
+if not redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
+redis.call('zadd', KEYS[2], ARGV[3], ARGV[4])
+redis.call('zremrangebyscore', KEYS[2], '-inf', '(' .. ARGV[5])
+if redis.call('pttl', KEYS[2]) < tonumber(ARGV[2]) then redis.call('pexpire', KEYS[2], ARGV[2]) end
+return 1
+"""
 
 
 class RedisEventLog:
@@ -28,11 +38,21 @@ class RedisEventLog:
 
     Every claim method takes a ``tag``: the hash tag of the claim's key (default: the
     event or client event id's own). Claims are first-wins per tag; the service tags
-    them with the user, see :meth:`RedisStore.update_claimed`."""
+    them with the user, see :meth:`RedisStore.update_claimed`. A reward's claim holds the
+    reward, ``{"label": 1, "time": 1.7e9}`` (:meth:`claim_value`); a client claim holds ``1``.
+
+    **The time index.** ``create`` also adds the event id to a sorted set of its hash slot,
+    ``<prefix>:evidx:{<slot tag>}``, scored by ``created``: the export reads events in
+    ``(created, event_id)`` order from these (:meth:`index_keys`, :meth:`settled`) instead
+    of scanning every key. Being in the event's slot, the index entry lives on the master of
+    its user: a master down takes its own users' events and index, no one else's. Entries
+    older than the creating event's TTL are dropped on each ``create``, as ``note_rejected``
+    drops its own; an entry whose event expired meanwhile is skipped by the readers."""
 
     def __init__(self, client, prefix: str = "streamml"):
         self.client = client_of(client)
         self.prefix = check_prefix(prefix)
+        self._create = self.client.register_script(_CREATE)
 
     def new_event_id(self, user: str) -> str:
         """A fresh event id that names the hash slot of ``user``'s keys (32 random hex digits, then the
@@ -71,25 +91,74 @@ class RedisEventLog:
             raise KeyError(f"unknown or expired event {event_id!r}")
         return ttl
 
+    def index_key(self, event_id: str) -> str:
+        """The time index of the event's slot (class docstring)."""
+        return f"{self.prefix}:evidx:{{{self._tag(event_id)}}}"
+
     def create(self, event_id: str, record: Mapping, ttl_s: float) -> None:
+        """``SET NX PX`` of the record and its entry in the time index, in one script (both or neither)."""
         ttl_ms = ms(ttl_s)
+        rec = dict(record)
+        rec.setdefault("created", time.time())
+        text = to_json(rec)
+        created = float(rec["created"])
         with guard("event create"):
-            rec = dict(record)
-            rec.setdefault("created", time.time())
-            text = to_json(rec)
-            if not self.client.set(self._key(event_id), text, nx=True, px=ttl_ms):
-                raise ValueError(f"event {event_id!r} already exists")
+            done = self._create(keys=[self._key(event_id), self.index_key(event_id)],
+                                args=[text, ttl_ms, repr(created), str(event_id), repr(time.time() - ttl_s)])
+        if not done:
+            raise ValueError(f"event {event_id!r} already exists")
 
     def get(self, event_id: str) -> dict | None:
         with guard("event get"):
             text = self.client.get(self._key(event_id))
         return None if text is None else json.loads(text)
 
-    def claim(self, event_id: str, item: Hashable, tag: str | None = None) -> bool:
-        key = self.claim_key(Claim("event", "", event_id, item), tag)
+    @staticmethod
+    def claim_value(claim: Claim) -> str:
+        """What a claim's key holds: a reward's label and time as JSON, ``1`` for a client claim."""
+        return dumps({"label": claim.label, "time": claim.time}) if claim.kind == "event" else "1"
+
+    def claim(self, event_id: str, item: Hashable, label: int | None = None, time: float | None = None,
+              tag: str | None = None) -> bool:
+        claim = Claim("event", "", event_id, item, label=label, time=time)
+        key = self.claim_key(claim, tag)
         ttl_ms = self.ttl_ms(event_id)
         with guard("claim"):
-            return bool(self.client.set(key, 1, nx=True, px=ttl_ms))
+            return bool(self.client.set(key, self.claim_value(claim), nx=True, px=ttl_ms))
+
+    def rewards(self, event_id: str) -> list[Reward]:
+        """The claimed rewards of the event's shown items, in display order (one GET, one MGET)."""
+        record = self.get(event_id)
+        return self.rewards_of([(event_id, record)])[0]
+
+    def _reward_keys(self, event_id: str, record: Mapping) -> dict[str, list[str]]:
+        """Encoded shown item -> the keys its claim may have: its event's tag, and for an id that
+        names no slot also its user's (:meth:`RedisStore.update_claimed` then tags it so)."""
+        tags = [self._tag(event_id)]
+        if not _EVENT_ID.fullmatch(str(event_id)) and "user" in record:
+            tags.append(user_tag(record["user"]))
+        out = {}
+        for item in record.get("shown", []):
+            out[encode_key(item, "shown item")] = [self.claim_key(Claim("event", "", event_id, item), t) for t in tags]
+        return out
+
+    def rewards_of(self, events: list[tuple[str, Mapping | None]]) -> list[list[Reward]]:
+        """:meth:`rewards` of many ``(event_id, record)`` at once: one MGET (per node in a cluster)."""
+        wanted = [self._reward_keys(e, rec) if rec is not None else {} for e, rec in events]
+        keys = [k for w in wanted for ks in w.values() for k in ks]
+        with guard("rewards"):
+            values = dict(zip(keys, self.client.mget_nonatomic(keys) if is_cluster(self.client) else
+                              self.client.mget(keys))) if keys else {}
+        out = []
+        for (event_id, rec), w in zip(events, wanted):
+            claims = {}
+            for item, ks in w.items():
+                raw = next((values[k] for k in ks if values[k] is not None), None)
+                if raw is not None:
+                    v = json.loads(raw)
+                    claims[item] = (v.get("label"), v.get("time")) if isinstance(v, dict) else (None, None)  # older: 1
+            out.append(shown_rewards(rec, claims))
+        return out
 
     def release(self, event_id: str, item: Hashable, tag: str | None = None) -> None:
         with guard("release"):
@@ -98,7 +167,7 @@ class RedisEventLog:
     def claim_client_event(self, user: str, client_event_id: str, ttl_s: float) -> bool:
         claim = Claim("client", str(user), str(client_event_id), ttl_s=ttl_s)
         with guard("claim_client_event"):
-            return bool(self.client.set(self.claim_key(claim), 1, nx=True, px=ms(ttl_s)))
+            return bool(self.client.set(self.claim_key(claim), self.claim_value(claim), nx=True, px=ms(ttl_s)))
 
     def release_client_event(self, user: str, client_event_id: str) -> None:
         with guard("release_client_event"):
