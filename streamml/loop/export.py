@@ -63,13 +63,15 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from itertools import islice
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-__all__ = ["SCHEMA_VERSION", "SCHEMA", "SQLiteSource", "export", "read_state"]
+__all__ = ["SCHEMA_VERSION", "SCHEMA", "Source", "SQLiteSource", "RedisSource", "export", "read_state"]
 
 SCHEMA_VERSION = 1
 REWARD = pa.struct([("item", pa.int64()), ("position", pa.int32()), ("label", pa.int8()), ("time", pa.float64())])
@@ -90,6 +92,19 @@ class Event:
     created: float
     record: dict
     rewards: list[tuple[int, int | None, float | None]]  # (item, label, time)
+
+
+@runtime_checkable
+class Source(Protocol):
+    """Where :func:`export` reads settled events: ``path`` names it (in errors and the state file).
+    Every source yields the same events the same way, which ``tests/loop/test_export_sources.py``
+    checks: same log, same Parquet rows."""
+
+    path: object
+
+    def count(self, after: tuple[float, str], until: float) -> int: ...
+    def chunks(self, after: tuple[float, str], until: float, size: int) -> Iterator[list[Event]]: ...
+    def close(self) -> None: ...
 
 
 class SQLiteSource:
@@ -147,6 +162,49 @@ class SQLiteSource:
 
     def close(self) -> None:
         self.conn.close()
+
+
+class RedisSource:
+    """Settled events of the service's Redis or Redis Cluster, in ``(created, event_id)`` order.
+
+    Reads the slots' time indexes of :class:`streamml.stores.redis_events.RedisEventLog` (merged by
+    ``(created, event_id)``), then each chunk's records and their rewards' claims in one MGET each
+    (per node in a cluster). Read-only. An indexed event that expired meanwhile is skipped.
+
+    ``url``, ``cluster`` and ``prefix`` are the service's (``configs/serve/backend/redis.yaml``);
+    ``client`` (a ``redis.Redis`` or ``RedisCluster``) replaces ``url``.
+    """
+
+    def __init__(self, url: str = "redis://127.0.0.1:6379/0", cluster: bool = False, prefix: str = "streamml",
+                 timeout_s: float = 10.0, client=None):
+        from streamml.stores.redis import RedisEventLog, connect
+
+        if client is None:
+            if cluster and url.startswith("redis://"):
+                url = "redis-cluster://" + url[len("redis://"):]
+            client = connect(url, timeout_s)
+        self.log = RedisEventLog(client, prefix)
+        self.path = f"{url} (prefix {self.log.prefix})"
+
+    def count(self, after: tuple[float, str], until: float) -> int:
+        return self.log.count_settled(after, until)
+
+    def chunks(self, after: tuple[float, str], until: float, size: int) -> Iterator[list[Event]]:
+        entries = self.log.settled(after, until, page=min(size, 1000))
+        while True:
+            batch = list(islice(entries, size))
+            if not batch:
+                return
+            ids = [event_id for _, event_id in batch]
+            records = self.log.records(ids)
+            found = [(c, e, r) for (c, e), r in zip(batch, records) if r is not None]
+            rewards = self.log.rewards_of([(e, r) for _, e, r in found])
+            events = [Event(e, c, r, [tuple(x) for x in rw]) for (c, e, r), rw in zip(found, rewards)]
+            if events:
+                yield events
+
+    def close(self) -> None:
+        self.log.client.close()
 
 
 def _row(ev: Event, source: str) -> dict:

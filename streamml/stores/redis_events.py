@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
+import heapq
 import json
 import re
 import time
 import uuid
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -173,6 +174,59 @@ class RedisEventLog:
         with guard("release_client_event"):
             self.client.delete(self.claim_key(Claim("client", str(user), str(client_event_id), ttl_s=1.0)))
 
+
+    # ---- reading the log in time order (the export, streamml/loop/export.py)
+    def index_keys(self) -> list[str]:
+        """Every slot's time index (a SCAN of every primary: O(keys), for batch jobs, not requests)."""
+        pattern = re.sub(r"([*?\[\]\\])", r"\\\1", self.prefix) + ":evidx:*"
+        with guard("event index scan"):
+            return sorted({k.decode() if isinstance(k, bytes) else k for k in self.client.scan_iter(match=pattern, count=1000)})
+
+    def _index_entries(self, key: str, after: tuple[float, str], until: float, page: int) -> Iterator[tuple[float, str]]:
+        """One index's ``(created, event_id)`` after ``after`` and created <= ``until``, in order, ``page``
+        per ZRANGEBYSCORE. Equal scores come in member order, so the id breaks ties as the export's
+        cursor does; paging resumes at the last score with an offset past the ones already read."""
+        lo, offset = after[0], 0
+        while True:
+            with guard("event index"):
+                rows = self.client.zrangebyscore(key, lo, until, start=offset, num=page, withscores=True)
+            for member, score in rows:
+                entry = (float(score), member.decode())
+                if entry > after:
+                    yield entry
+            if len(rows) < page:
+                return
+            last = float(rows[-1][1])
+            n_last = sum(1 for _, score in rows if float(score) == last)
+            offset, lo = (offset + n_last if last == lo else n_last), last
+
+    def settled(self, after: tuple[float, str], until: float, page: int = 1000) -> Iterator[tuple[float, str]]:
+        """Every indexed ``(created, event_id)`` with ``(created, event_id) > after`` and created <= ``until``,
+        merged over the slots' indexes in that order. An entry's event may have expired since: read it
+        with :meth:`records`."""
+        return heapq.merge(*(self._index_entries(k, after, until, page) for k in self.index_keys()))
+
+    def count_settled(self, after: tuple[float, str], until: float) -> int:
+        """How many entries :meth:`settled` yields (an upper bound of the events still there)."""
+        keys = self.index_keys()
+        if not keys or until < after[0]:
+            return 0
+        with guard("event index count"):
+            pipe = self.client.pipeline(transaction=False)
+            for k in keys:
+                pipe.zcount(k, f"({after[0]!r}", until)
+                pipe.zrangebyscore(k, after[0], after[0])
+            out = pipe.execute()
+        return sum(out[0::2]) + sum(1 for ties in out[1::2] for m in ties if m.decode() > after[1])
+
+    def records(self, event_ids: list[str]) -> list[dict | None]:
+        """The records of ``event_ids`` (None: expired), one MGET (per node in a cluster)."""
+        keys = [self._key(e) for e in event_ids]
+        if not keys:
+            return []
+        with guard("event records"):
+            texts = self.client.mget_nonatomic(keys) if is_cluster(self.client) else self.client.mget(keys)
+        return [None if t is None else json.loads(t) for t in texts]
 
     def _rejected_key(self, user: str) -> str:
         return f"{self.prefix}:rej:{{{user_tag(user)}}}"  # in the user's slot: down with the user, not with others

@@ -185,6 +185,17 @@ def test_a_claimed_update_keeps_the_rewards_label_and_time(kind, request):
     assert store.get_many([("bob", "q1")])["n"].tolist() == [4]
 
 
+def test_the_time_index_drops_the_entries_of_expired_events_and_expires_itself(redis_server):
+    client, log = redis_server.client(), RedisEventLog(redis_server.client(), prefix=_prefix())
+    now = time.time()
+    old, new = log.new_event_id("ann"), log.new_event_id("ann")
+    log.create(old, {"user": "ann", "created": now - 100}, ttl_s=60)  # created 100 s ago: older than its TTL
+    log.create(new, {"user": "ann", "created": now}, ttl_s=60)
+    assert log.index_keys() == [log.index_key(new)] and log.index_key(old) == log.index_key(new)
+    assert [e for _, e in log.settled((float("-inf"), ""), now + 1)] == [new]  # the old entry was trimmed
+    assert 0 < client.pttl(log.index_key(new)) <= 60_000
+
+
 def test_an_event_its_claims_and_its_users_state_share_the_users_slot(redis_cluster):
     """A reward touches one master: the one of its user's slot, found from the event id alone."""
     from streamml.stores.redis import user_tag
