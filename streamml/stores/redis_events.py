@@ -15,7 +15,7 @@ import numpy as np
 from redis.crc import key_slot
 
 from streamml.stores.codec import encode_key, to_json
-from streamml.stores.events import Claim, Reward, read_catalog, shown_rewards
+from streamml.stores.events import Claim, Reward, item_key, read_catalog, shown_rewards
 from streamml.stores.redis_conn import check_prefix, client_of, dumps, guard, is_cluster, ms, slot_tag, user_tag
 
 __all__ = ["RedisEventLog", "RedisItems"]
@@ -138,10 +138,8 @@ class RedisEventLog:
         tags = [self._tag(event_id)]
         if not _EVENT_ID.fullmatch(str(event_id)) and "user" in record:
             tags.append(user_tag(record["user"]))
-        out = {}
-        for item in record.get("shown", []):
-            out[encode_key(item, "shown item")] = [self.claim_key(Claim("event", "", event_id, item), t) for t in tags]
-        return out
+        heads = [f"{self.prefix}:claim:{{{t}}}:e:{dumps(str(event_id))}:" for t in tags]  # as claim_key spells them
+        return {k: [h + k for h in heads] for k in map(item_key, record.get("shown", []))}
 
     def rewards_of(self, events: list[tuple[str, Mapping | None]]) -> list[list[Reward]]:
         """:meth:`rewards` of many ``(event_id, record)`` at once: one MGET (per node in a cluster)."""
