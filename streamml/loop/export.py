@@ -1,6 +1,8 @@
 """Export the service's event log to a partitioned Parquet dataset: one row per served slate.
 
-``python -m streamml.loop export source.path=streamml.db out=exports/events`` (``configs/loop/export.yaml``).
+``python -m streamml.loop export source.path=streamml.db out=exports/events`` (``configs/loop/export.yaml``);
+from Redis ``source=redis source.url=redis://host:6379/0 source.prefix=streamml`` (add
+``source.cluster=true`` for a Redis Cluster, the URL of any node): ``configs/loop/source/``.
 
 Why Parquet, why this shape: off-policy evaluation and retraining read whole columns
 (propensities, rewards) of millions of slates; Arrow data partitioned by day is what any
@@ -47,11 +49,20 @@ temporary name and a rename), then ``_export_state.json`` records the cursor. A 
 after the cursor; a run killed between the two rewrites the same file names, so nothing is
 duplicated.
 
-**What the SQLite log keeps of a reward.** The service records which shown items were rewarded
-(the first-wins ``claims`` table), but not the label nor the reward's time: ``label`` and
-``time`` are exported as null. If the ``claims`` table has ``label`` and ``time`` columns
-(the hook proposed in issue 19) they are exported. Redis and Redis Cluster sources are not
-implemented yet: their events have no time order to resume by without a scan of every key.
+**Rewards.** Each reward's claim keeps its label and time (:class:`streamml.stores.events.Claim`),
+so ``label`` and ``time`` are filled. A log written before claims kept them (a SQLite ``claims``
+table without those columns, a Redis claim holding ``1``) exports them as null.
+
+**Sources** (:class:`Source`: ``count``, ``chunks``, ``close``, ``path``), read-only, each giving the
+same rows for the same log (``tests/loop/test_export_sources.py``):
+
+- :class:`SQLiteSource` reads the ``events`` and ``claims`` tables of the service's file.
+- :class:`RedisSource` reads Redis or a Redis Cluster. Each event is indexed by ``created`` in a sorted
+  set of its hash slot (:class:`~streamml.stores.redis_events.RedisEventLog`, in the slot of its
+  user, so a master down takes only its own users' records). The source merges the slots' indexes
+  by ``(created, event_id)``, then reads each chunk's records and claims with one MGET each (per node
+  in a cluster). An index entry whose event expired meanwhile is skipped. Events created before
+  the index existed (an older service) are not in it: they are not exported from Redis.
 """
 
 from __future__ import annotations
