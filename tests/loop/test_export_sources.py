@@ -1,5 +1,6 @@
 """Every export source reads the same log the same way: the same events written to SQLite, Redis and a
-Redis Cluster (through the event log's own API) export to the same Parquet rows."""
+Redis Cluster (through the event log's own API) export to the same Parquet rows; and the service's
+own Redis log (ranks and rewards through HTTP) exports each reward with its label and time."""
 
 from __future__ import annotations
 
@@ -8,12 +9,15 @@ import uuid
 
 import pyarrow.dataset as ds
 import pytest
+from fastapi.testclient import TestClient
 from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
 
 from streamml.loop.__main__ import export as export_main
 from streamml.loop.export import RedisSource, Source, SQLiteSource, export
+from streamml.serve.app import create_app
 from streamml.stores import SQLiteEventLog
-from tests.serve.serve_helpers import REPO
+from tests.serve.serve_helpers import REPO, serve_cfg
 from tests.stores.conformance import assert_conforms
 
 N = 14
@@ -111,3 +115,31 @@ def test_the_hydra_entry_exports_from_redis(both, tmp_path):
                                            f"source.prefix={prefix}", f"out={tmp_path / 'out'}", "settle_s=0",
                                            "progress=false"])
     assert export_main(cfg)["rows"] == N
+
+
+@pytest.mark.parametrize("kind", ["redis", "redis-cluster"])
+def test_the_services_redis_log_exports_its_rewards(kind, request, served_models, tmp_path):
+    """Ranks and rewards through HTTP on Redis (the service's claimed updates), then the export."""
+    server = request.getfixturevalue("redis_server" if kind == "redis" else "redis_cluster")
+    cluster = kind == "redis-cluster"
+    url, prefix = f"redis://127.0.0.1:{(server.nodes[0] if cluster else server).port}/0", f"t{uuid.uuid4().hex[:8]}"
+    cfg = serve_cfg(*served_models[:2], backend="redis")
+    with open_dict(cfg):
+        cfg.backend.url, cfg.backend.cluster, cfg.backend.prefix = url, cluster, prefix
+    given = {}
+    with TestClient(create_app(cfg)) as client:
+        for n in range(6):
+            r = client.post("/v1/rank", json={"user": f"u{n % 3}", "query": "topic_0", "k": 3})
+            assert r.status_code == 200, r.text
+            ranked = r.json()
+            if n % 2 == 0:
+                items = [ranked["items"][p]["item"] for p in (0, 2)]
+                body = {"rewards": [{"item": items[0], "label": "rejected"}, {"item": items[1], "label": "accepted"}]}
+                assert client.post(f"/v1/events/{ranked['event_id']}/reward", json=body).json()["applied"] == 2
+                given[ranked["event_id"]] = [(items[0], 0, 0), (items[1], 2, 1)]
+            else:
+                given[ranked["event_id"]] = []
+    assert export(RedisSource(url, cluster=cluster, prefix=prefix), tmp_path / "out", settle_s=0, progress=False)["rows"] == 6
+    rows = _rows(tmp_path / "out")
+    assert {r["event_id"]: [(x["item"], x["position"], x["label"]) for x in r["rewards"]] for r in rows} == given
+    assert all(r["created"] <= x["time"] <= time.time() for r in rows for x in r["rewards"])
