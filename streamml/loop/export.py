@@ -1,6 +1,8 @@
 """Export the service's event log to a partitioned Parquet dataset: one row per served slate.
 
-``python -m streamml.loop export source.path=streamml.db out=exports/events`` (``configs/loop/export.yaml``).
+``python -m streamml.loop export source.path=streamml.db out=exports/events`` (``configs/loop/export.yaml``);
+from Redis ``source=redis source.url=redis://host:6379/0 source.prefix=streamml`` (add
+``source.cluster=true`` for a Redis Cluster, the URL of any node): ``configs/loop/source/``.
 
 Why Parquet, why this shape: off-policy evaluation and retraining read whole columns
 (propensities, rewards) of millions of slates; Arrow data partitioned by day is what any
@@ -47,11 +49,20 @@ temporary name and a rename), then ``_export_state.json`` records the cursor. A 
 after the cursor; a run killed between the two rewrites the same file names, so nothing is
 duplicated.
 
-**What the SQLite log keeps of a reward.** The service records which shown items were rewarded
-(the first-wins ``claims`` table), but not the label nor the reward's time: ``label`` and
-``time`` are exported as null. If the ``claims`` table has ``label`` and ``time`` columns
-(the hook proposed in issue 19) they are exported. Redis and Redis Cluster sources are not
-implemented yet: their events have no time order to resume by without a scan of every key.
+**Rewards.** Each reward's claim keeps its label and time (:class:`streamml.stores.events.Claim`),
+so ``label`` and ``time`` are filled. A log written before claims kept them (a SQLite ``claims``
+table without those columns, a Redis claim holding ``1``) exports them as null.
+
+**Sources** (:class:`Source`: ``count``, ``chunks``, ``close``, ``path``), read-only, each giving the
+same rows for the same log (``tests/loop/test_export_sources.py``):
+
+- :class:`SQLiteSource` reads the ``events`` and ``claims`` tables of the service's file.
+- :class:`RedisSource` reads Redis or a Redis Cluster. Each event is indexed by ``created`` in a sorted
+  set of its hash slot (:class:`~streamml.stores.redis_events.RedisEventLog`, in the slot of its
+  user, so a master down takes only its own users' records). The source merges the slots' indexes
+  by ``(created, event_id)``, then reads each chunk's records and claims with one MGET each (per node
+  in a cluster). An index entry whose event expired meanwhile is skipped. Events created before
+  the index existed (an older service) are not in it: they are not exported from Redis.
 """
 
 from __future__ import annotations
@@ -63,13 +74,15 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from itertools import islice
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-__all__ = ["SCHEMA_VERSION", "SCHEMA", "SQLiteSource", "export", "read_state"]
+__all__ = ["SCHEMA_VERSION", "SCHEMA", "Source", "SQLiteSource", "RedisSource", "export", "read_state"]
 
 SCHEMA_VERSION = 1
 REWARD = pa.struct([("item", pa.int64()), ("position", pa.int32()), ("label", pa.int8()), ("time", pa.float64())])
@@ -90,6 +103,19 @@ class Event:
     created: float
     record: dict
     rewards: list[tuple[int, int | None, float | None]]  # (item, label, time)
+
+
+@runtime_checkable
+class Source(Protocol):
+    """Where :func:`export` reads settled events: ``path`` names it (in errors and the state file).
+    Every source yields the same events the same way, which ``tests/loop/test_export_sources.py``
+    checks: same log, same Parquet rows."""
+
+    path: object
+
+    def count(self, after: tuple[float, str], until: float) -> int: ...
+    def chunks(self, after: tuple[float, str], until: float, size: int) -> Iterator[list[Event]]: ...
+    def close(self) -> None: ...
 
 
 class SQLiteSource:
@@ -147,6 +173,49 @@ class SQLiteSource:
 
     def close(self) -> None:
         self.conn.close()
+
+
+class RedisSource:
+    """Settled events of the service's Redis or Redis Cluster, in ``(created, event_id)`` order.
+
+    Reads the slots' time indexes of :class:`streamml.stores.redis_events.RedisEventLog` (merged by
+    ``(created, event_id)``), then each chunk's records and their rewards' claims in one MGET each
+    (per node in a cluster). Read-only. An indexed event that expired meanwhile is skipped.
+
+    ``url``, ``cluster`` and ``prefix`` are the service's (``configs/serve/backend/redis.yaml``);
+    ``client`` (a ``redis.Redis`` or ``RedisCluster``) replaces ``url``.
+    """
+
+    def __init__(self, url: str = "redis://127.0.0.1:6379/0", cluster: bool = False, prefix: str = "streamml",
+                 timeout_s: float = 10.0, client=None):
+        from streamml.stores.redis import RedisEventLog, connect
+
+        if client is None:
+            if cluster and url.startswith("redis://"):
+                url = "redis-cluster://" + url[len("redis://"):]
+            client = connect(url, timeout_s)
+        self.log = RedisEventLog(client, prefix)
+        self.path = f"{url} (prefix {self.log.prefix})"
+
+    def count(self, after: tuple[float, str], until: float) -> int:
+        return self.log.count_settled(after, until)
+
+    def chunks(self, after: tuple[float, str], until: float, size: int) -> Iterator[list[Event]]:
+        entries = self.log.settled(after, until, page=min(size, 1000))
+        while True:
+            batch = list(islice(entries, size))
+            if not batch:
+                return
+            ids = [event_id for _, event_id in batch]
+            records = self.log.records(ids)
+            found = [(c, e, r) for (c, e), r in zip(batch, records) if r is not None]
+            rewards = self.log.rewards_of([(e, r) for _, e, r in found])
+            events = [Event(e, c, r, [tuple(x) for x in rw]) for (c, e, r), rw in zip(found, rewards)]
+            if events:
+                yield events
+
+    def close(self) -> None:
+        self.log.client.close()
 
 
 def _row(ev: Event, source: str) -> dict:

@@ -44,7 +44,7 @@ from itertools import combinations, permutations
 
 import numpy as np
 
-__all__ = ["SlateLog", "Terms", "ips", "snips", "pseudo_inverse", "doubly_robust", "estimate", "bootstrap_ci",
+__all__ = ["SlateLog", "Terms", "GroupSums", "ips", "snips", "pseudo_inverse", "doubly_robust", "estimate", "bootstrap_ci",
            "slate_moments", "logging_moments", "pi_weights", "slate_log_from_export", "ESTIMATORS",
            "snips_raw", "fill_empty_positions"]
 
@@ -334,30 +334,64 @@ def estimate(terms: Terms) -> float:
     return terms.value()
 
 
-def bootstrap_ci(terms: Terms, groups: np.ndarray | None = None, level: float = 0.95, n_boot: int = 2000,
+@dataclass
+class GroupSums:
+    """An estimator's terms summed per cluster (user): all an estimate and its bootstrap need. Sums
+    of disjoint parts of a log add up (:meth:`merge`), so each partition of an export is reduced
+    where it lies and only these travel (:mod:`streamml.loop.partitions`)."""
+
+    groups: np.ndarray  # (G,) sorted cluster ids
+    num: np.ndarray  # (G, J)
+    den: np.ndarray  # (G, J): the clusters' summed denominators, or their slate counts (a plain mean)
+
+    @classmethod
+    def of(cls, terms: Terms, groups: np.ndarray | None = None) -> GroupSums:
+        n = len(terms.num)
+        groups = np.arange(n) if groups is None else np.asarray(groups)
+        if len(groups) != n:
+            raise ValueError(f"{len(groups)} groups for {n} slates")
+        ids, g = np.unique(groups, return_inverse=True)
+        num = np.zeros((len(ids), terms.num.shape[1]))
+        np.add.at(num, g, terms.num)
+        den = np.zeros_like(num)
+        np.add.at(den, g, np.ones_like(terms.num) if terms.den is None else terms.den)
+        return cls(ids, num, den)
+
+    @staticmethod
+    def merge(parts: Sequence[GroupSums]) -> GroupSums:
+        """The sums of the union of disjoint logs (a user's slates may lie in several parts)."""
+        ids, g = np.unique(np.concatenate([p.groups for p in parts]), return_inverse=True)
+        J = max(p.num.shape[1] for p in parts)  # raw SNIPS sums: a part with shorter slates has no terms past them
+
+        def pad(a):
+            return np.pad(a, ((0, 0), (0, J - a.shape[1])))
+
+        num = np.zeros((len(ids), J))
+        den = np.zeros_like(num)
+        np.add.at(num, g, np.concatenate([pad(p.num) for p in parts]))
+        np.add.at(den, g, np.concatenate([pad(p.den) for p in parts]))
+        return GroupSums(ids, num, den)
+
+    def value(self) -> float:
+        return float((self.num.sum(0) / self.den.sum(0)).sum())
+
+
+def bootstrap_ci(terms: Terms | GroupSums, groups: np.ndarray | None = None, level: float = 0.95, n_boot: int = 2000,
                  rng=None) -> tuple[float, float, float]:
     """``(estimate, low, high)``: a percentile bootstrap interval, resampling whole ``groups`` (users).
 
     Clusters are resampled with replacement, as many as there are; a replicate's estimate
     is recomputed from the resampled clusters' summed terms, so a ratio (SNIPS) is
-    resampled as a ratio.
+    resampled as a ratio. ``terms`` may be :class:`GroupSums` already (``groups`` then unused).
     """
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level}")
-    n = len(terms.num)
-    if n == 0:
+    if isinstance(terms, Terms) and len(terms.num) == 0 or isinstance(terms, GroupSums) and len(terms.groups) == 0:
         raise ValueError("no slates to estimate from")
-    groups = np.arange(n) if groups is None else np.asarray(groups)
-    if len(groups) != n:
-        raise ValueError(f"{len(groups)} groups for {n} slates")
-    _, g = np.unique(groups, return_inverse=True)
-    G = int(g.max()) + 1
-    num = np.zeros((G, terms.num.shape[1]))
-    np.add.at(num, g, terms.num)
-    den = np.zeros_like(num)
-    np.add.at(den, g, np.ones_like(terms.num) if terms.den is None else terms.den)
+    sums = terms if isinstance(terms, GroupSums) else GroupSums.of(terms, groups)
+    G = len(sums.groups)
     counts = np.random.default_rng(rng).multinomial(G, np.full(G, 1.0 / G), size=n_boot).astype(np.float64)  # (B, G)
-    bn, bd = counts @ num, counts @ den  # (B, J)
+    bn, bd = counts @ sums.num, counts @ sums.den  # (B, J)
     with np.errstate(invalid="ignore", divide="ignore"):
         reps = np.where(bd > 0, bn / np.where(bd > 0, bd, 1.0), 0.0).sum(1)
     a = (1 - level) / 2

@@ -1,40 +1,91 @@
-"""The loop beyond one machine: off-policy estimates and the migration, partition by partition, on Dask.
+"""Off-policy estimates over an export, partition by partition: in this process or on Dask.
 
-The export is a Parquet dataset (Arrow data, one folder per day), so any engine reads it a
-partition at a time; these functions are written as a map over partitions and a small reduce,
-and run on ``dask.distributed`` unchanged, or in this process when no scheduler is given:
+Why partitions: an export is a folder of Parquet files (``date=*/part-*.parquet``,
+:mod:`streamml.loop.export`), and a log worth estimating from does not fit one machine's memory.
+Every estimator of :mod:`streamml.loop.ope` is a sum of per-slate terms, so each file is reduced
+where it lies to its per-user sums (:class:`~streamml.loop.ope.GroupSums`, a few numbers per user)
+and only those travel; their merge gives the same estimate and the same user-clustered bootstrap
+as the whole log in one process (``tests/loop/test_partitions.py`` checks it on a
+``dask.distributed`` local cluster). The same call runs on any Dask scheduler:
+``ope_over_partitions(folder, target, client=Client("tcp://scheduler:8786"))``.
 
-- **Off-policy estimates** (:func:`ope_by_user`): each partition turns its slates into the
-  estimator's per-slate terms (:mod:`streamml.loop.ope`) and sums them per user; the reduce adds
-  the users' sums across partitions. IPS, SNIPS and DR are sums of per-slate terms, so the point
-  estimate is the one-process estimate, and the bootstrap, which resamples users, needs only the
-  per-user sums: the same numbers, up to the order of floating-point additions.
-- **Migration** (:func:`migrate_by_user`): a user's events must be replayed in time order by
-  one writer, but users are independent. The labelled rewards are shuffled so that each user's
-  rows land in one partition, each partition is sorted by time and replayed into the new head's
-  learner on the shared backend (:func:`streamml.loop.migrate.migrate`).
+**Migration** (:func:`migrate_by_user`, the ``migrate`` command with ``dask.scheduler`` set): a
+user's events must be replayed in time order by one writer, but users are independent. The
+labelled rewards are shuffled by user (``dask.dataframe``), so each user's rows land in one
+partition; each partition is sorted by time and replayed into the new head's learner on the
+shared backend (:func:`streamml.loop.migrate.migrate`). ``scheduler``: ``"local"`` starts a
+``LocalCluster``, any other string is a scheduler address (``tcp://host:8786``).
 
-``scheduler``: None runs in this process; ``"local"`` starts a ``LocalCluster`` of ``n_workers``
-processes; any other string is a scheduler address (``tcp://host:8786``).
+``target(df) -> list of (candidates, positions) marginal matrices`` gives the target policy's
+marginals for one partition's rows (``slate_log_from_export`` indexes them by shown position when
+``candidates`` is None); it must be a picklable, top-level function to reach Dask's workers.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from streamml.loop import ope
+from streamml.loop.export import SCHEMA
 from streamml.loop.logs import reward_rows
+from streamml.loop.ope import ESTIMATORS, GroupSums, bootstrap_ci, fill_empty_positions, slate_log_from_export, snips_raw
 
-__all__ = ["client_for", "ope_by_user", "migrate_by_user", "terms_by_user"]
+__all__ = ["partition_files", "partition_sums", "ope_over_partitions", "client_for", "migrate_by_user"]
+
+
+def partition_files(folder: str | Path) -> list[str]:
+    """The export's Parquet files, in a fixed order (date partition, then chunk)."""
+    files = sorted(str(p) for p in Path(folder).glob("date=*/part-*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no date=*/part-*.parquet files (python -m streamml.loop export out={folder})")
+    return files
+
+
+def partition_sums(path: str, target: Callable, estimator: str = "ips") -> GroupSums:
+    """One file's per-user sums of ``estimator``'s terms for ``target``."""
+    import pyarrow.parquet as pq
+
+    if estimator not in ESTIMATORS or estimator == "pi":
+        raise ValueError(f"estimator must be one of ips, snips, dr (pi needs the logging moments), got {estimator!r}")
+    df = pq.read_table(path).to_pandas()
+    log = slate_log_from_export(df, source=path)
+    if estimator == "dr":
+        marginals, rhat = target(df)
+        terms = ESTIMATORS[estimator](log, marginals, rhat)
+    elif estimator == "snips":  # raw: a position empty in this file may not be empty in the whole log
+        terms = snips_raw(log, target(df))
+    else:
+        terms = ESTIMATORS[estimator](log, target(df))
+    return GroupSums.of(terms, log.groups)
+
+
+def ope_over_partitions(folder_or_files: str | Path | Sequence[str], target: Callable, estimator: str = "ips",
+                        client=None, level: float = 0.95, n_boot: int = 2000, rng=0) -> tuple[float, float, float]:
+    """``(estimate, low, high)`` of ``estimator`` over every partition of an export: each file reduced by
+    :func:`partition_sums` (on ``client``'s workers when given, a ``dask.distributed.Client``), then
+    merged and bootstrapped by user here."""
+    files = partition_files(folder_or_files) if isinstance(folder_or_files, (str, Path)) else list(folder_or_files)
+    if client is None:
+        parts = [partition_sums(f, target, estimator) for f in files]
+    else:
+        parts = client.gather(client.map(partition_sums, files, target=target, estimator=estimator, pure=False))
+    parts = [p for p in parts if len(p.groups)]
+    if not parts:
+        raise ValueError(f"no slates in {len(files)} partition file(s)")
+    sums = GroupSums.merge(parts)
+    if estimator == "snips":
+        sums.den = fill_empty_positions(sums.den)
+    return bootstrap_ci(sums, level=level, n_boot=n_boot, rng=np.random.default_rng(rng))
 
 
 @contextlib.contextmanager
 def client_for(scheduler: str | None, n_workers: int = 2):
-    """A ``dask.distributed.Client`` for ``scheduler`` (module doc), or None to run in this process."""
+    """A ``dask.distributed.Client`` for ``scheduler`` (``"local"``: a LocalCluster of ``n_workers``
+    processes; else an address), or None to run in this process."""
     if scheduler is None:
         yield None
         return
@@ -48,58 +99,6 @@ def client_for(scheduler: str | None, n_workers: int = 2):
         with Client(scheduler) as client:
             yield client
 
-
-def terms_by_user(slates: pd.DataFrame, target: Callable[[pd.DataFrame], list], estimator: str, k: int) -> pd.DataFrame:
-    """One partition's per-user sums of the estimator's terms: ``user, num_0..num_{J-1}, den_0..den_{J-1}``.
-
-    ``target(slates)`` gives the target's marginals per slate (and, for ``"dr"``, returns
-    ``(marginals, rhat)``), as :mod:`streamml.loop.ope` takes them; ``k`` pads positions (SNIPS).
-    """
-    if estimator not in ("ips", "snips", "dr"):
-        raise ValueError(f"partitioned estimators are ips, snips and dr (sums of per-slate terms), got {estimator!r}")
-    cols = [f"num_{j}" for j in range(k if estimator == "snips" else 1)]
-    dens = [c.replace("num", "den") for c in cols]
-    if len(slates) == 0:
-        return pd.DataFrame(columns=["user", *cols, *dens]).astype({c: float for c in cols + dens})
-    slates = slates.sort_values(["created", "event_id"], kind="stable")
-    log = ope.slate_log_from_export(slates)
-    out = target(slates)
-    if estimator == "snips":
-        terms = ope.snips_raw(log, out, k)
-    elif estimator == "dr":
-        terms = ope.doubly_robust(log, *out)
-    else:
-        terms = ope.ips(log, out)
-    den = np.ones_like(terms.num) if terms.den is None else terms.den
-    frame = pd.DataFrame(np.hstack([terms.num, den]), columns=cols + dens)
-    frame.insert(0, "user", slates["user"].astype(str).to_numpy())
-    return frame.groupby("user", sort=True).sum().reset_index()
-
-
-def _reduce(per_user: pd.DataFrame, estimator: str) -> tuple[ope.Terms, np.ndarray]:
-    per_user = per_user.groupby("user", sort=True).sum()
-    num = per_user[[c for c in per_user if c.startswith("num_")]].to_numpy(np.float64)
-    den = per_user[[c for c in per_user if c.startswith("den_")]].to_numpy(np.float64)
-    if estimator == "snips":
-        return ope.Terms(num, ope.fill_empty_positions(den)), per_user.index.to_numpy()
-    return ope.Terms(num, den), per_user.index.to_numpy()  # den: slates per user, so the ratio is the mean over slates
-
-
-def ope_by_user(folder: str, target: Callable, estimator: str = "snips", k: int = 10, scheduler: str | None = None,
-                n_boot: int = 2000, level: float = 0.95, seed: int = 0, n_workers: int = 2) -> tuple[float, float, float]:
-    """``(estimate, low, high)`` of ``target`` on the export ``folder``, partition by partition; the
-    bootstrap resamples users (:func:`streamml.loop.ope.bootstrap_ci`). ``target`` must pickle to run on Dask."""
-    from streamml.loop.logs import _parts
-
-    paths = [str(p) for p in _parts(folder)]
-    with client_for(scheduler, n_workers) as client:
-        if client is None:
-            parts = [terms_by_user(pd.read_parquet(p), target, estimator, k) for p in paths]
-        else:
-            futures = client.map(lambda p: terms_by_user(pd.read_parquet(p), target, estimator, k), paths)
-            parts = client.gather(futures)
-    terms, users = _reduce(pd.concat(parts, ignore_index=True), estimator)
-    return ope.bootstrap_ci(terms, users, level=level, n_boot=n_boot, rng=seed)
 
 
 def _migrate_partition(rewards: pd.DataFrame, cfg_yaml: str) -> pd.DataFrame:
@@ -134,16 +133,14 @@ def migrate_by_user(cfg, scheduler: str | None = None, n_workers: int = 2) -> di
     import dask.dataframe as dd
     from omegaconf import OmegaConf
 
-    from streamml.loop.logs import _parts
-
     cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     meta = pd.DataFrame({"user": pd.Series(dtype=str), "query": pd.Series(dtype=str), "item": pd.Series(dtype=np.int64),
                          "label": pd.Series(dtype=np.int64), "time": pd.Series(dtype=float),
                          "position": pd.Series(dtype=np.int64), "propensity": pd.Series(dtype=float),
                          "event_id": pd.Series(dtype=str), "head": pd.Series(dtype=str)})
-    paths = [str(p) for p in _parts(cfg.log)]
+    paths = partition_files(cfg.log)
     with client_for(scheduler, n_workers) as client:
-        slates = dd.read_parquet(paths)
+        slates = dd.read_parquet(paths, columns=[c for c in SCHEMA.names if c != "date"])
         rewards = slates.map_partitions(lambda df: reward_rows(df).astype(meta.dtypes.to_dict()), meta=meta)
         by_user = rewards.shuffle(on="user", npartitions=max(1, n_workers))
         counts = by_user.map_partitions(_migrate_partition, cfg_yaml,

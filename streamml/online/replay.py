@@ -2,7 +2,7 @@
 
 A simulator shows what a learner does for the users we imagine; a replay shows what it does
 for people. Logged events (user, query, item, label, time) are read from one of two
-sources, both into the same :data:`LOG_COLUMNS` frame:
+sources, all into the same :data:`LOG_COLUMNS` frame:
 
 * :func:`read_movielens`: MovieLens 100k (GroupLens; research use only, never committed). A
   query is one of the largest genres, an item's text is the movie title, and a rating of
@@ -11,9 +11,9 @@ sources, both into the same :data:`LOG_COLUMNS` frame:
   and, where the texts must be embedded, ``text`` (the documented format; ``label`` is 1/0
   or ``accepted``/``rejected``; ``time`` is a number or an ISO timestamp).
 
-Not yet the service's own event log: it keeps each event's shown items and propensities and
-which rewards were claimed, but not the rewards' labels, so there is nothing to replay from it
-until it does (issue 19 exports it).
+* :func:`read_export`: the service's own event log (SQLite, Redis or a Redis Cluster), as
+  ``python -m streamml.loop export`` writes it (:mod:`streamml.loop.export`): one event per
+  labelled reward, the item a catalog id, its text from the catalog folder the service served.
 
 **The protocol** (:func:`replay`). Users are split at random into population, tuning and
 test users, all disjoint (:func:`split_users`). The head and whatever a learner fits from a
@@ -42,7 +42,7 @@ import pandas as pd
 from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
-__all__ = ["LOG_COLUMNS", "CHECKPOINTS", "Catalog", "Key", "read_movielens", "read_log", "split_users",
+__all__ = ["LOG_COLUMNS", "CHECKPOINTS", "Catalog", "Key", "read_movielens", "read_log", "read_export", "split_users",
            "build_catalog", "head_labels", "median_labels", "make_keys", "replay", "summarize", "clustered_se", "shuffle_labels"]
 
 LOG_COLUMNS = ("user", "query", "item", "label", "time")
@@ -126,6 +126,48 @@ def read_log(path: str | Path) -> pd.DataFrame:
     else:
         raise LogError(f"{path}: a log is a .csv or .parquet file (or a folder of Parquet partitions)")
     return check_log(frame, str(path))
+
+
+def read_export(folder: str | Path, catalog: str | Path | None = None, embedding_dim: int = 384) -> pd.DataFrame:
+    """The service's logged rewards from an export folder (``date=*/part-*.parquet``): one row per
+    reward with a label, ``item`` the catalog item id and ``time`` the reward's (its event's
+    ``created`` if the log kept none), plus ``event_id`` and ``position``.
+
+    ``catalog`` is the folder of query files the service served (its ``items_dir``): each item's
+    ``text`` is read from it, and an item whose query there is not the logged one is an error
+    naming the event (a catalog changed since, whose ids mean other items). Skipped, because
+    there is nothing to replay: events of raw candidates (their items index the request, not the
+    catalog) and rewards without a label (a log written before claims kept it)."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as ds
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no export folder (python -m streamml.loop export out={folder})")
+    t = ds.dataset(folder, format="parquet", partitioning="hive").to_table(
+        columns=["event_id", "user", "query", "created", "raw_candidates", "rewards"])
+    t = t.filter(pc.invert(t["raw_candidates"]))
+    parent = pc.list_parent_indices(t["rewards"])
+    flat = pc.list_flatten(t["rewards"])
+    frame = pd.DataFrame({c: t[c].take(parent).to_numpy(zero_copy_only=False) for c in ("event_id", "user", "query", "created")})
+    for c in ("item", "position", "label", "time"):
+        frame[c] = pc.struct_field(flat, c).to_pandas() if len(flat) else pd.Series(dtype=float)
+    frame = frame[frame.label.notna()]
+    frame["time"] = frame.time.fillna(frame.created)
+    frame = frame.drop(columns="created").astype({"item": np.int64, "position": np.int64, "label": np.int8})
+    frame = frame.sort_values(["time", "event_id", "position"], kind="stable").reset_index(drop=True)
+    if catalog is not None:
+        from streamml.stores.events import read_catalog
+
+        rows = read_catalog(catalog, embedding_dim)
+        ok = frame.item.between(0, len(rows.ids) - 1)
+        known = ok & (np.asarray(rows.queries, dtype=object)[frame.item.where(ok, 0)] == frame["query"].to_numpy())
+        if not known.all():
+            bad = frame[~known].iloc[0]
+            raise LogError(f"{folder}, event {bad['event_id']!r}: item {bad['item']} of query {bad['query']!r} is not that "
+                           f"query's item in the catalog {catalog}: is it the folder the service served?")
+        frame["text"] = np.asarray(rows.texts, dtype=object)[frame.item.to_numpy()]
+    return check_log(frame, str(folder))
 
 
 # --------------------------------------------------------------------------- splits and catalog

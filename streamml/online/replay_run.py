@@ -25,12 +25,15 @@ OURS = "mixed"
 
 
 def load_events(sc) -> pd.DataFrame:
-    """The scenario's logged events: MovieLens (``source=movielens``) or a log file (``source=log``)."""
+    """The scenario's logged events: MovieLens (``source=movielens``), a log file (``source=log``) or
+    the service's exported log (``source=export``, texts from ``scenario.catalog``)."""
     if sc.source == "movielens":
         return R.read_movielens(sc.path, sc.n_genres, sc.accept_at)
     if sc.source == "log":
         return R.read_log(sc.path)
-    raise ValueError(f"scenario.source must be movielens or log, got {sc.source!r}")
+    if sc.source == "export":
+        return R.read_export(sc.path, sc.get("catalog"))
+    raise ValueError(f"scenario.source must be movielens, log or export, got {sc.source!r}")
 
 
 def _head_scores(cfg, catalog: R.Catalog, population: pd.DataFrame) -> np.ndarray:

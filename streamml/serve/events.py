@@ -15,7 +15,8 @@ running it (an :class:`~streamml.serve.backend.Update`), and ``backend.claim_and
 update)`` hands it with its :class:`~streamml.stores.events.Claim` to the store's
 ``update_claimed``: on SQLite and on Redis both commit in one transaction (on Redis the
 claim's key carries the user's hash tag, so it shares the slot of the user's state), so a
-failed update or a killed process leaves both or neither.
+failed update or a killed process leaves both or neither. A reward's claim keeps its label and
+time: the log then holds what was shown and what the user did with it (the export reads it).
 Errors are :class:`ServeError` with the HTTP status to answer.
 """
 
@@ -290,7 +291,8 @@ def reward(served: Served, event_id: str, req: schemas.RewardRequest, limits: Li
         if vectors is None and r.label == "rejected":  # kept out of this user's slates for the window
             backend.events.note_rejected(user, query, r.item, limits.window_s)
         try:
-            won = backend.claim_and_apply(Claim("event", user, event_id, r.item), update)
+            won = backend.claim_and_apply(Claim("event", user, event_id, r.item, label=_label(r.label), time=time.time()),
+                                          update)
         except KeyError:  # expired since the get above
             raise ServeError(404, f"unknown or expired event {event_id!r}") from None
         if not won:

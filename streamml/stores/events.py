@@ -26,7 +26,7 @@ import numpy as np
 
 from streamml.stores.codec import encode_key, to_json
 
-__all__ = ["Claim", "EventLog", "Catalog", "CatalogRows", "read_catalog", "MemoryEventLog", "MemoryCatalog"]
+__all__ = ["Claim", "Reward", "EventLog", "shown_rewards", "Catalog", "CatalogRows", "read_catalog", "MemoryEventLog", "MemoryCatalog"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,12 @@ class Claim:
     event). ``kind="client"``: plain feedback with the caller's event id ``ident``, remembered
     ``ttl_s`` seconds. ``user`` owns the claim: client ids are first-wins per user, and on Redis
     the claim's key carries the user's hash tag so it commits with the user's state.
+
+    A reward's claim also keeps the reward: its ``label`` (1 accepted, 0 rejected) and ``time``
+    (epoch seconds), so the log alone says what each user did with each slate
+    (:meth:`EventLog.rewards`, the export of :mod:`streamml.loop.export`, the replay). The claim
+    is the one record written, once, in the transaction of the update it guards; storing the
+    reward anywhere else could disagree with it after a crash.
     """
 
     kind: Literal["event", "client"]
@@ -44,8 +50,12 @@ class Claim:
     ident: str
     item: int | None = None
     ttl_s: float | None = None
+    label: int | None = None
+    time: float | None = None
 
     def __post_init__(self):
+        if self.label not in (None, 0, 1):
+            raise ValueError(f"a claim's label is 1 (accepted), 0 (rejected) or None, got {self!r}")
         if self.kind == "event" and self.item is None:
             raise ValueError(f"an event claim names the shown item, got {self!r}")
         if self.kind == "client" and (self.ttl_s is None or self.ttl_s <= 0):
@@ -54,14 +64,48 @@ class Claim:
             raise ValueError(f"claim kind must be 'event' or 'client', got {self.kind!r}")
 
 
+class Reward(NamedTuple):
+    """A claimed reward of an event, as :meth:`EventLog.rewards` reads it back: ``label`` and
+    ``time`` are None for a claim made without them (or before the log kept them)."""
+
+    item: Hashable
+    label: int | None
+    time: float | None
+
+
+def item_key(item: Hashable) -> str:
+    """:func:`~streamml.stores.codec.encode_key` of a claimed item, with the fast path of a plain int
+    (an export reads every shown item of millions of events)."""
+    return str(item) if type(item) is int else encode_key(item, "claim item")
+
+
+def shown_rewards(record: Mapping | None, claims: Mapping[str, tuple]) -> list[Reward]:
+    """The rewards of an event's shown items (``record["shown"]``) among ``claims`` (encoded item ->
+    (label, time)), in display order: what every backend's ``rewards`` returns. Only shown items
+    can be rewarded (the service refuses others), and Redis finds a claim by its item's key."""
+    if record is None:
+        return []
+    out = []
+    for item in record.get("shown", []):
+        hit = claims.get(item_key(item))
+        if hit is not None:
+            out.append(Reward(item, *hit))
+    return out
+
+
 @runtime_checkable
 class EventLog(Protocol):
-    """Served events, first-wins reward claims and per-user client event ids, with expiry."""
+    """Served events, first-wins reward claims and per-user client event ids, with expiry.
+
+    ``claim(event_id, item, label, time)`` keeps the reward's label and time with the claim;
+    ``rewards(event_id)`` reads them back for the event's shown items (``record["shown"]``),
+    in display order."""
 
     def new_event_id(self, user: str) -> str: ...
     def create(self, event_id: str, record: Mapping, ttl_s: float) -> None: ...
     def get(self, event_id: str) -> dict | None: ...
-    def claim(self, event_id: str, item: Hashable) -> bool: ...
+    def claim(self, event_id: str, item: Hashable, label: int | None = None, time: float | None = None) -> bool: ...
+    def rewards(self, event_id: str) -> list[Reward]: ...
     def release(self, event_id: str, item: Hashable) -> None: ...
     def claim_client_event(self, user: str, client_event_id: str, ttl_s: float) -> bool: ...
     def release_client_event(self, user: str, client_event_id: str) -> None: ...
@@ -113,7 +157,7 @@ class MemoryEventLog:
         self.clock = clock
         self._lock = threading.Lock()
         self._events: dict[str, tuple[str, float]] = {}
-        self._claims: set[tuple[str, str]] = set()
+        self._claims: dict[tuple[str, str], tuple[int | None, float | None]] = {}
         self._client: dict[tuple[str, str], float] = {}
         self._rejected: dict[str, dict[tuple[str, int], float]] = {}
 
@@ -132,14 +176,14 @@ class MemoryEventLog:
             if old is not None and old[1] > now:
                 raise ValueError(f"event {event_id!r} already exists")
             if old is not None:  # an expired id is reused with fresh claims
-                self._claims = {c for c in self._claims if c[0] != event_id}
+                self._claims = {c: v for c, v in self._claims.items() if c[0] != event_id}
             self._events[event_id] = (text, now + ttl_s)
 
     def get(self, event_id: str) -> dict | None:
         hit = self._events.get(event_id)
         return json.loads(hit[0]) if hit and hit[1] > self.clock() else None
 
-    def claim(self, event_id: str, item: Hashable) -> bool:
+    def claim(self, event_id: str, item: Hashable, label: int | None = None, time: float | None = None) -> bool:
         key = (event_id, encode_key(item, "claim item"))
         with self._lock:
             hit = self._events.get(event_id)
@@ -147,12 +191,17 @@ class MemoryEventLog:
                 raise KeyError(f"unknown or expired event {event_id!r}")
             if key in self._claims:
                 return False
-            self._claims.add(key)
+            self._claims[key] = (label, time)
             return True
+
+    def rewards(self, event_id: str) -> list[Reward]:
+        with self._lock:
+            claims = {item: v for (e, item), v in self._claims.items() if e == event_id}
+        return shown_rewards(self.get(event_id), claims)
 
     def release(self, event_id: str, item: Hashable) -> None:
         with self._lock:
-            self._claims.discard((event_id, encode_key(item, "release item")))
+            self._claims.pop((event_id, encode_key(item, "release item")), None)
 
     def claim_client_event(self, user: str, client_event_id: str, ttl_s: float) -> bool:
         if ttl_s <= 0:
@@ -187,7 +236,7 @@ class MemoryEventLog:
     def claim_of(self, claim: Claim) -> bool:
         """Win ``claim`` (KeyError: its event is unknown or expired)."""
         if claim.kind == "event":
-            return self.claim(claim.ident, claim.item)
+            return self.claim(claim.ident, claim.item, claim.label, claim.time)
         return self.claim_client_event(claim.user, claim.ident, claim.ttl_s)
 
     def release_of(self, claim: Claim) -> None:

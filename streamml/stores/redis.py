@@ -29,8 +29,9 @@
   only with ``appendonly yes`` (``appendfsync everysec`` may lose the last second
   on a crash of Redis itself; ``always`` loses nothing). The tests run with ``always``.
 - **Event log and claims.** An event is a string set with ``SET NX PX`` (expires
-  with the TTL). A claim (of a reward on an event's item, or of a client event id)
-  is a string key that expires with the event or the id, under a hash tag chosen
+  with the TTL), indexed by time in a sorted set of its slot (for the export). A claim
+  (of a reward on an event's item, or of a client event id) is a string key holding the
+  reward's label and time, that expires with the event or the id, under a hash tag chosen
   by the caller: the service tags it with the user, so the claim lives in the slot
   of the state it guards and :meth:`RedisStore.update_claimed` writes both in one
   MULTI/EXEC (one Lua script in a cluster). A worker killed between the claim and
@@ -175,7 +176,7 @@ class RedisStore(Store):
 
     # ---- writes
     def _transact(self, rkeys: list[str], compute: Callable[[list[bytes | None]], list[bytes]], op: str,
-                  claim: tuple[str, int] | None = None) -> bool:
+                  claim: tuple[str, int, str] | None = None) -> bool:
         """Read-modify-write of every key, atomic per key; retried on conflicts.
 
         Plain Redis: WATCH the keys, read them, ``compute`` the new blobs, MULTI/MSET/EXEC
@@ -183,9 +184,9 @@ class RedisStore(Store):
         then one compare-and-set script per key, pipelined per node; the keys that
         changed meanwhile are re-read and the batch computed again for them.
 
-        ``claim`` is ``(key, ttl_ms)``, a key in the slot of ``rkeys``: then nothing is
-        written and False returned if it exists, else it is set in the same MULTI/EXEC
-        (in a cluster, the same script) as the new blobs."""
+        ``claim`` is ``(key, ttl_ms, value)``, a key in the slot of ``rkeys``: then nothing is
+        written and False returned if it exists, else it is set to ``value`` in the same
+        MULTI/EXEC (in a cluster, the same script) as the new blobs."""
         with guard(op):
             if self.cluster:
                 return self._cas_claimed(rkeys, compute, op, *claim) if claim else self._cas(rkeys, compute, op)
@@ -201,7 +202,7 @@ class RedisStore(Store):
                     for j in range(0, len(rkeys), CHUNK):
                         pipe.mset(dict(zip(rkeys[j : j + CHUNK], blobs[j : j + CHUNK])))
                     if claim:
-                        pipe.set(claim[0], 1, px=claim[1])
+                        pipe.set(claim[0], claim[2], px=claim[1])
                     try:
                         pipe.execute()
                         return True
@@ -209,13 +210,13 @@ class RedisStore(Store):
                         continue
         raise RuntimeError(f"{op}: gave up after {self.max_attempts} conflicting concurrent writes to the same keys")
 
-    def _cas_claimed(self, rkeys, compute, op, claim_key: str, ttl_ms: int) -> bool:
+    def _cas_claimed(self, rkeys, compute, op, claim_key: str, ttl_ms: int, value: str) -> bool:
         """The cluster's claimed update: one script checks the claim and every key, then writes them all."""
         for _ in range(self.max_attempts):
             base = self.client.mget_nonatomic(rkeys)
             blobs = compute(base)
             expected = [b"" if old is None else b"1" + old for old in base]
-            done = self._claimed_cas(keys=[claim_key, *rkeys], args=[ttl_ms, *expected, *blobs])
+            done = self._claimed_cas(keys=[claim_key, *rkeys], args=[ttl_ms, value, *expected, *blobs])
             if done != 0:
                 return done == 1
         raise RuntimeError(f"{op}: gave up after {self.max_attempts} conflicting concurrent writes to the same keys")
@@ -296,7 +297,7 @@ class RedisStore(Store):
         claim_key = events.claim_key(claim)  # a reward: in its event's slot, which new event ids make the user's
         if key_slot(claim_key.encode()) != key_slot(rkeys[0].encode()):  # an event id that names no slot (older ids)
             claim_key = events.claim_key(claim, tags.pop())
-        return self._transact(rkeys, compute, "update_claimed", (claim_key, ttl_ms))
+        return self._transact(rkeys, compute, "update_claimed", (claim_key, ttl_ms, events.claim_value(claim)))
 
     def delete_many(self, keys: Keys) -> None:
         rkeys = list(dict.fromkeys(self._rkeys(keys, "delete_many")))
@@ -357,17 +358,17 @@ return 0
 """
 
 # a claimed compare-and-set of one slot's keys: KEYS[1] is the claim, KEYS[2..n+1] the state keys;
-# ARGV[1] the claim's TTL in ms, ARGV[2..n+1] the old values as in _CAS, ARGV[n+2..2n+1] the new ones.
-# -1: already claimed, 0: a key changed since it was read, 1: written. Every check precedes every write.
+# ARGV[1] the claim's TTL in ms, ARGV[2] its value, ARGV[3..n+2] the old values as in _CAS, ARGV[n+3..2n+2]
+# the new ones. -1: already claimed, 0: a key changed since it was read, 1: written. Every check precedes every write.
 _CLAIMED_CAS = """
 if redis.call('exists', KEYS[1]) == 1 then return -1 end
 local n = #KEYS - 1
 for i = 1, n do
   local cur = redis.call('get', KEYS[i + 1])
-  local want = ARGV[i + 1]
+  local want = ARGV[i + 2]
   if not ((cur == false and want == '') or (cur ~= false and want == '1' .. cur)) then return 0 end
 end
-for i = 1, n do redis.call('set', KEYS[i + 1], ARGV[n + 1 + i]) end
-redis.call('set', KEYS[1], '1', 'PX', ARGV[1])
+for i = 1, n do redis.call('set', KEYS[i + 1], ARGV[n + 2 + i]) end
+redis.call('set', KEYS[1], ARGV[2], 'PX', ARGV[1])
 return 1
 """

@@ -12,7 +12,7 @@ from collections.abc import Callable, Hashable, Mapping
 from pathlib import Path
 
 from streamml.stores.codec import encode_key, to_json
-from streamml.stores.events import Claim
+from streamml.stores.events import Claim, Reward, shown_rewards
 from streamml.stores.sqlite_db import SQLiteDB, open_db
 
 __all__ = ["SQLiteEventLog"]
@@ -56,9 +56,14 @@ class SQLiteEventLog:
             )
             conn.execute("CREATE INDEX IF NOT EXISTS events_expires ON events(expires)")
             conn.execute(
-                "CREATE TABLE IF NOT EXISTS claims (event_id TEXT NOT NULL, item TEXT NOT NULL, "
+                "CREATE TABLE IF NOT EXISTS claims (event_id TEXT NOT NULL, item TEXT NOT NULL, label INTEGER, time REAL, "
                 "PRIMARY KEY (event_id, item)) WITHOUT ROWID"
             )
+            # a file of an older version: its claims kept no reward (their label and time read as NULL)
+            have = {r[1] for r in conn.execute("PRAGMA table_info(claims)")}
+            for column, kind in (("label", "INTEGER"), ("time", "REAL")):
+                if column not in have:
+                    conn.execute(f"ALTER TABLE claims ADD COLUMN {column} {kind}")
             conn.execute("CREATE TABLE IF NOT EXISTS client_events (id TEXT PRIMARY KEY, expires REAL NOT NULL) WITHOUT ROWID")
             conn.execute(
                 "CREATE TABLE IF NOT EXISTS rejected (user TEXT NOT NULL, query TEXT NOT NULL, item INTEGER NOT NULL, "
@@ -107,20 +112,24 @@ class SQLiteEventLog:
             row = conn.execute("SELECT expires FROM events WHERE event_id = ?", (claim.ident,)).fetchone()
             if row is None or row[0] <= now:
                 raise KeyError(f"unknown or expired event {claim.ident!r}")
-            return conn.execute("INSERT OR IGNORE INTO claims(event_id, item) VALUES (?, ?)",
-                                (claim.ident, encode_key(claim.item, "claim item"))).rowcount == 1
+            return conn.execute("INSERT OR IGNORE INTO claims(event_id, item, label, time) VALUES (?, ?, ?, ?)",
+                                (claim.ident, encode_key(claim.item, "claim item"), claim.label, claim.time)).rowcount == 1
         return conn.execute(
             "INSERT INTO client_events(id, expires) VALUES (?, ?) "
             "ON CONFLICT(id) DO UPDATE SET expires = excluded.expires WHERE client_events.expires <= ?",
             (_client_id(claim.user, claim.ident), now + claim.ttl_s, now),
         ).rowcount == 1
 
-    def claim(self, event_id: str, item: Hashable) -> bool:
-        """True exactly once per (event, item): for the first reward of that item.
-
-        Raises ``KeyError`` if the event is unknown or expired."""
+    def claim(self, event_id: str, item: Hashable, label: int | None = None, time: float | None = None) -> bool:
+        """True exactly once per (event, item): for the first reward of that item, whose ``label``
+        and ``time`` are kept with the claim. Raises ``KeyError`` if the event is unknown or expired."""
         with self.db.transaction() as conn:
-            return self.claim_in(conn, Claim("event", "", event_id, item))
+            return self.claim_in(conn, Claim("event", "", event_id, item, label=label, time=time))
+
+    def rewards(self, event_id: str) -> list[Reward]:
+        """The claimed rewards of the event's shown items, in display order (:class:`~streamml.stores.events.Reward`)."""
+        rows = self.db.conn.execute("SELECT item, label, time FROM claims WHERE event_id = ?", (event_id,)).fetchall()
+        return shown_rewards(self.get(event_id), {item: (label, t) for item, label, t in rows})
 
     def release(self, event_id: str, item: Hashable) -> None:
         """Undo a claim whose update could not be applied, so a retried reward counts."""

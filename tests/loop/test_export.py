@@ -56,10 +56,13 @@ def test_every_event_is_a_row_with_its_slate_and_rewards(served_log, tmp_path):
         assert list(row.positions) == [0, 1, 2]
     rewarded = {r["event_id"]: [(int(x["item"]), int(x["position"])) for x in row.rewards] for r in ranked
                 for row in [df.loc[r["event_id"]]]}
-    # rewards in display order; the SQLite log keeps no label or time (see the module docstring)
+    # rewards in display order, with the label and time the service kept in their claims
     assert rewarded[ranked[0]["event_id"]] == [(ranked[0]["items"][0]["item"], 0), (ranked[0]["items"][2]["item"], 2)]
     assert rewarded[ranked[2]["event_id"]] == [(ranked[2]["items"][1]["item"], 1)]
-    assert all(x["label"] is None and x["time"] is None for x in df.loc[ranked[0]["event_id"]].rewards)
+    assert [x["label"] for x in df.loc[ranked[0]["event_id"]].rewards] == [0, 1]  # rejected at 0, accepted at 2
+    assert [x["label"] for x in df.loc[ranked[2]["event_id"]].rewards] == [1]
+    times = [x["time"] for i in (0, 2) for x in df.loc[ranked[i]["event_id"]].rewards]
+    assert all(df.created.max() <= t <= time.time() for t in times)  # given after every rank of the fixture
     # events without a reward are rows too, with no rewards
     for i in (1, 3, 4):
         assert df.loc[ranked[i]["event_id"]].n_rewards == 0 and len(df.loc[ranked[i]["event_id"]].rewards) == 0
@@ -85,16 +88,16 @@ def test_only_settled_events_are_exported_and_a_rerun_resumes(served_log, tmp_pa
     assert sorted(df.event_id) == sorted(r["event_id"] for r in ranked)
 
 
-def test_label_and_time_columns_of_claims_are_exported(served_log, tmp_path):
-    """The proposed hook: a claims table with the reward's label and time."""
+def test_a_log_of_an_older_version_exports_its_rewards_without_label_and_time(served_log, tmp_path):
+    """A claims table without the label and time columns (before the service kept them)."""
     db, ranked = served_log
     with sqlite3.connect(db) as conn:
-        conn.execute("ALTER TABLE claims ADD COLUMN label INTEGER")
-        conn.execute("ALTER TABLE claims ADD COLUMN time REAL")
-        conn.execute("UPDATE claims SET label = 1, time = 123.5")
+        conn.execute("ALTER TABLE claims DROP COLUMN label")
+        conn.execute("ALTER TABLE claims DROP COLUMN time")
     export(SQLiteSource(db), tmp_path / "out", settle_s=0, progress=False)
     df = _read(tmp_path / "out").set_index("event_id")
-    assert [(x["label"], x["time"]) for x in df.loc[ranked[2]["event_id"]].rewards] == [(1, 123.5)]
+    assert [(x["item"], x["label"], x["time"]) for x in df.loc[ranked[2]["event_id"]].rewards] == [
+        (ranked[2]["items"][1]["item"], None, None)]
 
 
 def test_a_bad_record_names_the_file_and_event(served_log, tmp_path):

@@ -20,6 +20,8 @@ def _exported(db, out):
 
 def test_rewards_without_labels_are_refused_naming_the_event(served_log, tmp_path):  # noqa: F811
     db, ranked = served_log
+    with sqlite3.connect(db) as conn:  # as a log of an older version left them: claims without their reward
+        conn.execute("UPDATE claims SET label = NULL, time = NULL")
     df = _exported(db, tmp_path / "out")
     with pytest.raises(ValueError, match=f"event '{ranked[0]['event_id']}': the reward of item .* has no label"):
         slate_log_from_export(df, source="out")
@@ -29,12 +31,7 @@ def test_rewards_without_labels_are_refused_naming_the_event(served_log, tmp_pat
 
 
 def test_labelled_log_gives_the_ips_of_the_logged_slates(served_log, tmp_path):  # noqa: F811
-    db, ranked = served_log
-    with sqlite3.connect(db) as conn:  # the proposed hook: claims keep the label and time
-        conn.execute("ALTER TABLE claims ADD COLUMN label INTEGER")
-        conn.execute("ALTER TABLE claims ADD COLUMN time REAL")
-        conn.execute("UPDATE claims SET label = 1, time = 0")
-        conn.execute("UPDATE claims SET label = 0 WHERE item = ?", (str(ranked[0]["items"][0]["item"]),))
+    db, ranked = served_log  # the service's claims keep each reward's label (the fixture's)
     df = _exported(db, tmp_path / "out")
     log = slate_log_from_export(df)
     by_id = dict(zip(df.event_id, log.rewards))

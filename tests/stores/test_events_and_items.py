@@ -11,7 +11,7 @@ import pytest
 
 from streamml.data import load_queries
 from streamml.stores import SQLiteEventLog, SQLiteItems
-from streamml.stores.events import Catalog, EventLog, MemoryCatalog, MemoryEventLog
+from streamml.stores.events import Catalog, Claim, EventLog, MemoryCatalog, MemoryEventLog
 from tests.stores.conformance import assert_conforms
 
 KINDS = ["memory", "sqlite", "redis", "redis-cluster"]
@@ -166,3 +166,19 @@ def test_new_event_ids_are_fresh_and_usable(backend):
     event_id = log.new_event_id("alice/ü")
     log.create(event_id, RECORD, ttl_s=60)
     assert log.get(event_id)["items"] == RECORD["items"] and log.claim(event_id, 3) and not log.claim(event_id, 3)
+
+
+def test_a_rewards_label_and_time_are_kept_with_its_claim(backend):
+    log, _ = backend
+    log.create("e1", {**RECORD, "shown": [3, 5, 9]}, ttl_s=60)
+    assert log.rewards("e1") == []
+    assert log.claim("e1", 9, label=0, time=100.25) and log.claim("e1", 3, label=1, time=101.5)
+    assert not log.claim("e1", 3, label=0, time=102.0)  # a duplicate changes nothing: first wins
+    assert log.rewards("e1") == [(3, 1, 101.5), (9, 0, 100.25)]  # in display order
+    log.release("e1", 9)
+    assert log.rewards("e1") == [(3, 1, 101.5)]
+    assert log.claim("e1", 5)  # a claim without its reward (an older caller's) reads as None
+    assert log.rewards("e1") == [(3, 1, 101.5), (5, None, None)]
+    assert log.rewards("e2") == []  # unknown event: no rewards
+    with pytest.raises(ValueError, match="label is 1 .accepted., 0 .rejected. or None"):
+        Claim("event", "7", "e1", 5, label=2)

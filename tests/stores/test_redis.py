@@ -168,6 +168,34 @@ def test_a_claimed_update_writes_the_claim_and_the_state_together_in_the_users_s
     assert log.claim("e1", 6, tag='"bob"')
 
 
+@pytest.mark.parametrize("kind", ["redis", "cluster"])
+def test_a_claimed_update_keeps_the_rewards_label_and_time(kind, request):
+    """The service's path (``update_claimed``, MULTI/EXEC or the cluster's script) writes the reward
+    into the claim, for an event id that names the user's slot and for one that does not."""
+    client = request.getfixturevalue("redis_server" if kind == "redis" else "redis_cluster").client()
+    store = RedisStore(SCHEMA, client, prefix=_prefix())
+    log = RedisEventLog(client, prefix=store.prefix)
+    bump = lambda s: {"n": s["n"] + 1}  # noqa: E731
+    for event_id in (log.new_event_id("bob"), "e1"):
+        log.create(event_id, {"user": "bob", "shown": [4, 3]}, ttl_s=60)
+        assert store.update_claimed([("bob", "q1")], bump, Claim("event", "bob", event_id, 3, label=0, time=5.5), log)
+        assert store.update_claimed([("bob", "q1")], bump, Claim("event", "bob", event_id, 4, label=1, time=6.0), log)
+        assert not store.update_claimed([("bob", "q1")], bump, Claim("event", "bob", event_id, 4, label=0, time=7.0), log)
+        assert log.rewards(event_id) == [(4, 1, 6.0), (3, 0, 5.5)]
+    assert store.get_many([("bob", "q1")])["n"].tolist() == [4]
+
+
+def test_the_time_index_drops_the_entries_of_expired_events_and_expires_itself(redis_server):
+    client, log = redis_server.client(), RedisEventLog(redis_server.client(), prefix=_prefix())
+    now = time.time()
+    old, new = log.new_event_id("ann"), log.new_event_id("ann")
+    log.create(old, {"user": "ann", "created": now - 100}, ttl_s=60)  # created 100 s ago: older than its TTL
+    log.create(new, {"user": "ann", "created": now}, ttl_s=60)
+    assert log.index_keys() == [log.index_key(new)] and log.index_key(old) == log.index_key(new)
+    assert [e for _, e in log.settled((float("-inf"), ""), now + 1)] == [new]  # the old entry was trimmed
+    assert 0 < client.pttl(log.index_key(new)) <= 60_000
+
+
 def test_an_event_its_claims_and_its_users_state_share_the_users_slot(redis_cluster):
     """A reward touches one master: the one of its user's slot, found from the event id alone."""
     from streamml.stores.redis import user_tag
@@ -185,6 +213,7 @@ def test_an_event_its_claims_and_its_users_state_share_the_users_slot(redis_clus
         assert key_slot(log.claim_key(Claim("event", user, event_id, 3), user_tag(user)).encode()) == slot
         assert key_slot(log.claim_key(Claim("client", user, "c1", ttl_s=1.0)).encode()) == slot
         assert key_slot(log._rejected_key(user).encode()) == slot
+        assert key_slot(log.index_key(event_id).encode()) == slot  # the time index too: a master down takes only its users
         assert log.claim(event_id, 3) and log.get(event_id) == {"user": user, "created": log.get(event_id)["created"]}
 
 

@@ -161,3 +161,24 @@ def test_items_cli_loads_a_folder(query_dir, tmp_path, capsys):
     main(["load", str(query_dir), "--db", str(db)])
     assert "loaded 48 items of 3 queries" in capsys.readouterr().out
     assert SQLiteItems(db).queries() == ["topic_0", "topic_1", "topic_2"]
+
+
+def test_an_event_log_of_an_older_version_gains_the_rewards_label_and_time(tmp_path):
+    """A file written before claims kept the reward: its claims read as rewards without label or time."""
+    import sqlite3
+
+    from streamml.stores import SQLiteEventLog
+
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE events (event_id TEXT PRIMARY KEY, created REAL NOT NULL, expires REAL NOT NULL, "
+                     "record TEXT NOT NULL)")
+        conn.execute("CREATE TABLE claims (event_id TEXT NOT NULL, item TEXT NOT NULL, PRIMARY KEY (event_id, item)) "
+                     "WITHOUT ROWID")
+        conn.execute("INSERT INTO events VALUES ('e1', 1.0, 1e12, '{\"user\": \"u\", \"shown\": [3, 5], \"created\": 1.0}')")
+        conn.execute("INSERT INTO claims VALUES ('e1', '3')")
+    log = SQLiteEventLog(path)
+    assert log.rewards("e1") == [(3, None, None)]
+    assert log.claim("e1", 5, label=1, time=2.5)
+    assert log.rewards("e1") == [(3, None, None), (5, 1, 2.5)]
+    assert SQLiteEventLog(path).rewards("e1") == log.rewards("e1")  # reopening migrates nothing twice
