@@ -38,7 +38,7 @@ def export(cfg: DictConfig) -> dict:
 def _evaluate_kwargs(cfg: DictConfig) -> dict:
     return dict(items_dir=cfg.items_dir, holdout=cfg.holdout, estimator=cfg.estimator, estimators=list(cfg.estimators),
                 policy=instantiate(cfg.policy), level=cfg.level, n_boot=cfg.n_boot, seed=cfg.seed,
-                experiment=cfg.experiment, out=cfg.out)
+                experiment=cfg.mlflow_experiment, out=cfg.out)
 
 
 def evaluate(cfg: DictConfig):
@@ -48,7 +48,7 @@ def evaluate(cfg: DictConfig):
     result = run(cfg.log, cfg.challenger, cfg.champion, tracking_uri=cfg.tracking_uri, **_evaluate_kwargs(cfg))
     print(result.markdown())
     if result.run_id:
-        print(f"MLflow run {result.run_id} (experiment {cfg.experiment!r}, {cfg.tracking_uri})")
+        print(f"MLflow run {result.run_id} (experiment {cfg.mlflow_experiment!r}, {cfg.tracking_uri})")
     return result
 
 
@@ -77,13 +77,12 @@ def rollback(cfg: DictConfig):
     return champion, previous
 
 
-CONFIGS = str(Path(__file__).resolve().parents[2] / "configs" / "loop")  # absolute: main() also runs in-process
-# name -> (config in configs/loop, function of the composed config): adding a command is one line
-COMMANDS = {
-    "export": ("export", export),
-    "evaluate": ("evaluate", evaluate),
-    "promote": ("promote", promote),
-    "rollback": ("promote", rollback),
+CONFIGS = str(Path(__file__).resolve().parents[2] / "configs")  # absolute: main() also runs in-process (tests)
+COMMANDS = {  # name: (config, function of the composed config); adding a command is one line
+    "export": ("loop/export", export),
+    "evaluate": ("loop/evaluate", evaluate),
+    "promote": ("loop/promote", promote),
+    "rollback": ("loop/promote", rollback),
 }
 
 

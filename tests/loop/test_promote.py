@@ -151,7 +151,7 @@ def test_a_worse_challenger_is_refused_with_both_figures_and_exit_code_3(world, 
     # the command line: the table, the one line, exit code 3
     monkeypatch.chdir(log.parent)
     args = [f"log={log}", f"challenger={runs['bad']}", "name=refuse", f"items_dir={items_dir}", f"tracking_uri={uri}",
-            "experiment=null", "out=null", "n_boot=200"]
+            "mlflow_experiment=null", "out=null", "n_boot=200"]
     with pytest.raises(SystemExit) as exit_:
         main(["promote", *args])
     assert exit_.value.code == NOT_PROMOTED
