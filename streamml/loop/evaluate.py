@@ -82,7 +82,7 @@ def resolve_version(uri: str, tracking_uri: str | None) -> str:
         return f"models:/{parsed[0]}/{alias_version(uri, tracking_uri)}"
     except MlflowException as err:
         raise LookupError(f"{uri}: the registry at {tracking_uri} has no such alias ({err.message.splitlines()[0]}); "
-                          "register a champion first: python -m streamml.register") from None
+                          "python -m streamml.register sets one") from None
 
 
 @dataclass
@@ -190,6 +190,7 @@ def evaluate(log: str | Path, challenger: str, champion: str = CHAMPION, *, item
     challenger_uri = model_uri(challenger)
     _check_store(tracking_uri)  # not a new empty store where one happens to be
     champion_uri = resolve_version(champion, tracking_uri)
+    challenger_uri = resolve_version(challenger_uri, tracking_uri)  # an alias: the version measured
     slates = read_slates(log)
     held = split_by_time(slates, holdout)[1]
     raw = held["raw_candidates"].to_numpy(bool)

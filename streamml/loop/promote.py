@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from streamml.loop.evaluate import Evaluation, evaluate, model_uri
+from streamml.loop.evaluate import Evaluation, evaluate
 
 __all__ = ["Decision", "NOT_PROMOTED", "decide", "promote", "rollback"]
 
@@ -95,7 +95,7 @@ def promote(log, challenger: str, name: str = "streamml", alias: str = "champion
     if now != champion:
         return Decision(False, f"not promoted: {alias} moved from version {champion} to {now} during the evaluation; "
                                "evaluate again", evaluation, now)
-    uri = model_uri(challenger)
+    uri = evaluation.challenger  # the challenger as evaluated (an alias resolved to its version)
     version = _registered_version(client, uri, name)
     if version == champion:
         return Decision(False, f"not promoted: the challenger is the champion (version {version})", evaluation, version)

@@ -138,6 +138,19 @@ def test_promote_moves_the_alias_registers_the_run_and_rollback_undoes_it(world)
     assert str(client.get_model_version_by_alias("prom", "previous").version) == "2"
 
 
+def test_a_registered_challenger_is_promoted_as_the_version_it_points_at(world):
+    log, items_dir, uri, runs = world
+    client = _champion(world, "byalias")
+    register(runs["good"], "byalias", "candidate", tracking_uri=uri)  # version 2, not yet the champion
+    register(runs["bad"], "byalias", "other", tracking_uri=uri)  # version 3: the alias, not the newest, is what counts
+    decision = promote(log, "models:/byalias@candidate", name="byalias", tracking_uri=uri, items_dir=items_dir,
+                       experiment=None, n_boot=200)
+    assert decision.evaluation.challenger == "models:/byalias/2"
+    assert decision.promoted and (decision.version, decision.previous) == ("2", "1")
+    assert str(client.get_model_version_by_alias("byalias", "champion").version) == "2"
+    assert len(client.search_model_versions("name = 'byalias'")) == 3  # no copy made
+
+
 def test_a_worse_challenger_is_refused_with_both_figures_and_exit_code_3(world, capsys, monkeypatch):
     log, items_dir, uri, runs = world
     client = _champion(world, "refuse")
