@@ -1,0 +1,91 @@
+"""Reading an exported event log back: its slates, its labelled rewards, a held-out slice, a fingerprint.
+
+Every later step of the loop (off-policy evaluation, retraining, residual migration, the
+replay of what the service logged) starts from the Parquet dataset that
+``python -m streamml.loop export`` writes (:mod:`streamml.loop.export`, schema there). They
+read it through these functions so that they agree on what a slate, a reward and "the
+held-out slice" are.
+
+- :func:`read_slates`: one row per served slate (the export's rows), in ``(created, event_id)`` order.
+- :func:`reward_rows`: one row per answered shown item, with its position, its logged
+  propensity and its label: the event stream ``user, query, item, label, time`` of
+  :func:`streamml.online.replay.check_log` plus ``position, propensity, event_id, head``.
+- :func:`split_by_time`: the latest ``holdout`` fraction of slates is held out (evaluation),
+  the rest is for training; by time, because a challenger is judged on traffic after the
+  data it learned from, as it would be once promoted.
+- :func:`fingerprint`: a digest of the dataset's files, the data tag of runs trained or
+  evaluated on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["read_slates", "reward_rows", "split_by_time", "fingerprint"]
+
+
+def _parts(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no exported event log at {folder}: run `python -m streamml.loop export` first")
+    parts = sorted(folder.glob("date=*/part-*.parquet"))
+    if not parts:
+        raise FileNotFoundError(f"{folder} holds no date=*/part-*.parquet files: is it an export folder?")
+    return parts
+
+
+def read_slates(folder: str | Path) -> pd.DataFrame:
+    """The export's rows (one per slate), sorted by ``(created, event_id)``; ``date`` is a column."""
+    import pyarrow.dataset as ds
+
+    _parts(folder)
+    table = ds.dataset(str(folder), format="parquet", partitioning="hive").to_table()
+    return table.to_pandas().sort_values(["created", "event_id"], kind="stable").reset_index(drop=True)
+
+
+def reward_rows(slates: pd.DataFrame, source: str = "the export") -> pd.DataFrame:
+    """One row per labelled reward of ``slates`` (shown catalog items only), in time order.
+
+    Columns: ``user, query, item, label, time, position, propensity, event_id, head``. A
+    reward's ``time`` is when it came (the slate's ``created`` when the log did not keep it).
+    A reward without a label is an error naming its event: it cannot be counted either way.
+    Slates over raw candidate vectors are skipped (their items are not catalog ids).
+    """
+    rows = []
+    for s in slates.itertuples(index=False):
+        if s.raw_candidates:
+            continue
+        for r in s.rewards:
+            label = r["label"]
+            if label is None or (isinstance(label, float) and np.isnan(label)):
+                raise ValueError(f"{source}, event {s.event_id!r}: the reward of item {r['item']} has no label "
+                                 "(the event log did not keep it, see streamml.loop.export)")
+            t = r["time"]
+            rows.append((s.user, s.query, int(r["item"]), int(label), float(s.created if t is None or t != t else t),
+                         int(r["position"]), float(s.propensities[int(r["position"])]), s.event_id, s.head))
+    out = pd.DataFrame(rows, columns=["user", "query", "item", "label", "time", "position", "propensity", "event_id",
+                                      "head"])
+    return out.sort_values(["time", "event_id", "position"], kind="stable").reset_index(drop=True)
+
+
+def split_by_time(slates: pd.DataFrame, holdout: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(train, held_out)``: the latest ``holdout`` fraction of slates by ``(created, event_id)`` is held out."""
+    if not 0 < holdout < 1:
+        raise ValueError(f"holdout must be in (0, 1), got {holdout}")
+    order = slates.sort_values(["created", "event_id"], kind="stable")
+    cut = len(order) - int(round(holdout * len(order)))
+    return order.iloc[:cut].reset_index(drop=True), order.iloc[cut:].reset_index(drop=True)
+
+
+def fingerprint(folder: str | Path) -> str:
+    """sha256 (16 hex) of the export's part files, names and bytes: the same files, the same tag."""
+    h = hashlib.sha256()
+    root = Path(folder)
+    for p in _parts(folder):
+        h.update(str(p.relative_to(root)).encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
