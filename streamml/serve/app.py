@@ -135,6 +135,18 @@ def create_app(cfg: DictConfig, backend=None) -> FastAPI:
             except Exception as err:  # keep serving the current head; try again at the next poll
                 log.warning("could not follow the published model: %s", err)
 
+    async def follow_alias(every_s: float):  # served as models:/name@alias: reload when the alias moves
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                uri = await asyncio.to_thread(lifecycle.alias_moved)
+                if uri is not None:
+                    await service.load(uri, publish=False)
+                    log.info("%s moved: now serving version %s (%s)", uri, lifecycle.current.registry_version,
+                             lifecycle.current.version)
+            except Exception as err:  # the registry is down or the new version cannot serve: keep the current one
+                log.warning("could not follow the registry alias: %s", err)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         uri = await asyncio.to_thread(bootstrap, cfg, backend)
@@ -143,11 +155,15 @@ def create_app(cfg: DictConfig, backend=None) -> FastAPI:
             gc.collect()  # once, before serving: what is left is the long-lived heap that load() freezes
         await service.load(uri, publish=False)
         lifecycle.seen_version = record["version"] if record else None
-        task = asyncio.create_task(follow())
+        tasks = [asyncio.create_task(follow())]
+        follow_alias_s = float(cfg.reload.get("follow_alias_s", 0) or 0)
+        if follow_alias_s > 0:
+            tasks.append(asyncio.create_task(follow_alias(follow_alias_s)))
         try:
             yield
         finally:
-            task.cancel()
+            for task in tasks:
+                task.cancel()
             backend.close()
 
     app = FastAPI(title="streamml", version="1", lifespan=lifespan,

@@ -12,6 +12,13 @@ serving. The swap is published in the backend's control record (``uri``, ``previ
 and a ``version`` counter); the other workers poll that record and load the same head.
 Rollback publishes the previous URI again.
 
+Served as a registry alias (``model=models:/streamml@champion``), a worker loads the version
+the alias points at and remembers it (``Served.registry_version``); with
+``reload.follow_alias_s > 0`` it asks the registry that often whether the alias has moved
+(:meth:`Lifecycle.alias_moved`) and reloads the alias if so (``python -m streamml.loop
+promote`` moves it). Each worker follows the alias itself; the control record keeps naming
+the alias, so an explicit reload to another URI stops the following until one reloads the alias.
+
 A learner fitted to a population (``population=PATH``, the mixed learner) is built and given
 its population fit when the head is prepared (:mod:`streamml.serve.population`), and its
 per-user state lives under the population's key (the head's fingerprint and the fit's digest).
@@ -21,12 +28,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from streamml.serve.model import Head, load_head, resolve_model_uri
+from streamml.serve.model import Head, alias_version, load_head, parse_alias, resolve_model_uri
 
 if TYPE_CHECKING:
     from streamml.online.learner import ResidualLearner
@@ -54,6 +61,7 @@ class Prepared:
     learner: object | None = None  # a learner fitted to a population, without its store yet
     namespace: str | None = None  # where that learner's per-user state lives
     raw_scores: Callable[[str, np.ndarray], np.ndarray] | None = None
+    registry_version: str | None = None  # the version a registry alias pointed at when loaded
 
 
 @dataclass
@@ -64,6 +72,7 @@ class Served:
     row_of: dict[int, int]
     # a learner of catalog items only (the mixed learner): raw candidates' scores from their head scores
     raw_scores: Callable[[str, np.ndarray], np.ndarray] | None = None
+    registry_version: str | None = None  # served as a registry alias: the version it pointed at
 
     @property
     def version(self) -> str:
@@ -160,7 +169,13 @@ class Lifecycle:
     # ---- staged: the slow part, safe off the request path (no store is touched)
     def prepare(self, uri: str | None) -> Prepared:
         uri = resolve_model_uri(uri, self.tracking_uri, self.experiment)
-        p = prepare(load_head(uri, self.tracking_uri), self.backend.catalog)
+        version = alias_version(uri, self.tracking_uri)
+        if version is None:
+            head = load_head(uri, self.tracking_uri)
+        else:  # the version itself (cached, immutable), named by the alias it was reached through
+            head = replace(load_head(f"models:/{parse_alias(uri)[0]}/{version}", self.tracking_uri), uri=uri)
+        p = prepare(head, self.backend.catalog)
+        p.registry_version = version
         if self.population:
             from streamml.serve.population import RawScorer, attach_population
 
@@ -180,8 +195,18 @@ class Lifecycle:
                 items=p.X, item_query=p.item_query, head_scores=p.head_scores,
                 store=lambda schema: self.backend.state(schema, namespace),
             )
-        self.current = Served(p.head, learner, p.queries, p.row_of, p.raw_scores)
+        self.current = Served(p.head, learner, p.queries, p.row_of, p.raw_scores, p.registry_version)
         return self.current
+
+    def alias_moved(self) -> str | None:
+        """The served alias URI if the registry alias now points at another version than the one served, else None.
+
+        One registry call; None too when the served model is not an alias.
+        """
+        current = self.current
+        if current is None or current.registry_version is None:
+            return None
+        return current.head.uri if alias_version(current.head.uri, self.tracking_uri) != current.registry_version else None
 
     def publish(self, uri: str) -> dict:
         record = self.backend.control.get() or {"version": 0, "uri": None}

@@ -23,7 +23,7 @@ from typing import Callable
 
 import numpy as np
 
-__all__ = ["Head", "load_head", "resolve_model_uri"]
+__all__ = ["Head", "load_head", "resolve_model_uri", "parse_alias", "alias_version"]
 
 
 @dataclass
@@ -99,6 +99,33 @@ def resolve_model_uri(model: str | None, tracking_uri: str, experiment: str = "d
     if not runs:
         raise LookupError(f"no FINISHED run in MLflow experiment {experiment!r} at {tracking_uri}")
     return f"runs:/{runs[0].info.run_id}/model"
+
+
+def parse_alias(uri: str) -> tuple[str, str] | None:
+    """``(name, alias)`` of a registry alias URI ``models:/<name>@<alias>``, else None.
+
+    >>> parse_alias("models:/streamml@champion"), parse_alias("models:/streamml/3"), parse_alias("runs:/abc/model")
+    (('streamml', 'champion'), None, None)
+    """
+    if not uri.startswith("models:/") or "@" not in uri:
+        return None
+    name, _, alias = uri[len("models:/"):].rstrip("/").partition("@")
+    return (name, alias) if name and alias and "/" not in alias else None
+
+
+def alias_version(uri: str, tracking_uri: str | None = None) -> str | None:
+    """The registered version that the alias URI ``uri`` points at now (None: ``uri`` is not an alias).
+
+    One registry call (``MlflowClient.get_model_version_by_alias``); the service polls it
+    to follow the alias (``reload.follow_alias_s``).
+    """
+    parsed = parse_alias(uri)
+    if parsed is None:
+        return None
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    return str(client.get_model_version_by_alias(*parsed).version)
 
 
 _CACHE: dict[tuple[str, str | None], Head] = {}

@@ -131,4 +131,5 @@ class ModelInfo(BaseModel):
     model_version: str
     model_uri: str
     previous_uri: str | None = None
+    registry_version: str | None = None  # served as a registry alias (models:/name@alias): the version it points at
     queries: list[str]

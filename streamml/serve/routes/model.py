@@ -13,7 +13,7 @@ router = APIRouter(prefix="/v1", tags=["model"])
 def _info(service: Service) -> schemas.ModelInfo:
     s, record = service.served(), service.backend.control.get() or {}
     return schemas.ModelInfo(model_version=s.version, model_uri=s.head.uri, previous_uri=record.get("previous"),
-                             queries=sorted(s.queries))
+                             registry_version=s.registry_version, queries=sorted(s.queries))
 
 
 async def _swap(service: Service, uri: str | None) -> schemas.ModelInfo:
