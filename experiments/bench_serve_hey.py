@@ -21,7 +21,9 @@ request due during it, and in ``hey`` only as the latency of the C requests in f
 it would have sent meanwhile are not sent). And ``hey``'s C workers start together, so they send C
 requests at once every ``1/q`` s, where ours spreads them evenly.
 
-Every cell records the 1-minute load average just before it, the service's CPU per request (its
+Before each cell the script waits until the service is idle (its CPU under 10 % of a core for
+0.5 s, at most 60 s), so a cell does not inherit requests the previous one left queued in the
+service after the client gave up on them. Every cell records the 1-minute load average just before it, the service's CPU per request (its
 processes, not Redis) and the load generator's (ours: this process; ``hey``: the child's rusage).
 ``--repeats`` starts a fresh service per repeat; the order of the tools rotates between repeats.
 
@@ -135,8 +137,22 @@ def rank_bodies(rng, n: int, users: int, queries: int, items: int, candidates: i
     return out
 
 
+def settle(cpu, idle_cpu_s: float = 0.05, window_s: float = 0.5, max_s: float = 60.0) -> float:
+    """Wait until the service is idle: ``cpu()`` grows by less than ``idle_cpu_s`` over ``window_s``.
+    A cell the service could not keep up with leaves requests queued in it after the client gave
+    up on them, and the next cell must not inherit them. Returns the seconds waited (``max_s`` at most)."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < max_s:
+        c0 = cpu()
+        time.sleep(window_s)
+        if cpu() - c0 < idle_cpu_s:
+            break
+    return time.monotonic() - t0
+
+
 def measure(url: str, tool: str, rate: float, args, varied: list, fixed: tuple, body_file: Path, cpu) -> dict:
-    """One cell: ``tool`` at ``rate`` against the running service at ``url``."""
+    """One cell: ``tool`` at ``rate`` against the running service at ``url``, once it is idle."""
+    settled = settle(cpu)
     load = os.getloadavg()[0]
     c0 = cpu()
     if tool == "hey":
@@ -146,7 +162,7 @@ def measure(url: str, tool: str, rate: float, args, varied: list, fixed: tuple, 
         res = asyncio.run(run_ours(url, bodies, rate, args.duration, args.timeout))
     res["service_ms"] = (cpu() - c0) / max(res["requests"], 1) * 1000
     res["client_ms"] = res["client_s"] / max(res["requests"], 1) * 1000
-    res["load"] = load
+    res["load"], res["settled_s"] = load, settled
     return res
 
 
@@ -158,8 +174,9 @@ def table(rows: list[dict], repeats: int) -> list[str]:
     out = [f"Over {repeats} repeat(s): requests and errors summed; p50, p99 and CPU per request the median of the "
            "repeats' (each repeat's p99 listed); load average (1 min) just before each repeat's cell.", "",
            "| backend | workers | rate (req/s) | tool | requests | errors | p50 (ms) | p99 (ms) | p99 of each repeat (ms) "
-           "| CPU/request, service (ms) | CPU/request, load generator (ms) | load average before each cell |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| CPU/request, service (ms) | CPU/request, load generator (ms) | load average before each cell "
+           "| wait for an idle service before each cell (s) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (b, w, rate, tool), runs in cells.items():
         med = lambda k: float(np.median([x[k] for x in runs]))  # noqa: E731
         kinds = Counter()
@@ -168,7 +185,8 @@ def table(rows: list[dict], repeats: int) -> list[str]:
         errors = f"{sum(x['errors'] for x in runs)}" + (f" ({', '.join(f'{k}: {v}' for k, v in kinds.items())})" if kinds else "")
         out.append(f"| {b} | {w} | {rate:.0f} | {tool} | {sum(x['requests'] for x in runs)} | {errors} | {med('p50'):.1f} "
                    f"| {med('p99'):.1f} | {', '.join('%.1f' % x['p99'] for x in runs)} | {med('service_ms'):.2f} "
-                   f"| {med('client_ms'):.2f} | {', '.join('%.2f' % x['load'] for x in runs)} |")
+                   f"| {med('client_ms'):.2f} | {', '.join('%.2f' % x['load'] for x in runs)} "
+                   f"| {', '.join('%.1f' % x['settled_s'] for x in runs)} |")
     return out
 
 
@@ -236,7 +254,8 @@ def main(argv=None):
                                 if args.hey_output and tool == "hey":
                                     args.hey_output.mkdir(parents=True, exist_ok=True)
                                     (args.hey_output / f"{repeat}-{backend}-{rate:.0f}.txt").write_text(res["raw"])
-                                print(f"  {backend:6s} {rate:4.0f}/s {tool:15s} load {res['load']:.2f}: {res['requests']} "
+                                print(f"  {backend:6s} {rate:4.0f}/s {tool:15s} load {res['load']:.2f}, idle after "
+                                      f"{res['settled_s']:.1f} s: {res['requests']} "
                                       f"requests, {res['errors']} errors {res['kinds'] or ''}, p50 {res['p50']:.1f} ms, "
                                       f"p99 {res['p99']:.1f} ms, CPU/request service {res['service_ms']:.2f} ms, "
                                       f"generator {res['client_ms']:.2f} ms", flush=True)
