@@ -37,6 +37,8 @@ MARKS = [
     (r"EXPERIMENT|<run_id>|<id>|1323b8\.\.\.|my_texts|my_events|population=population",
      "placeholder: your experiment, run id, event id or files"),
     (r"\+experiment=online_replay", "shared data: real users' logged feedback (MovieLens 100k in ../shared), not shipped"),
+    (r"^python -m streamml\.loop (retrain|rollback)",
+     "traffic: needs a log of users' answers and a promotion first (tests/loop/test_end_to_end.py runs the loop)"),
 ]
 LONG = [  # run only with STREAMML_README_ALL=1: minutes each on 2 cores
     r"^python -m streamml\.train (-m )?\+experiment=",
