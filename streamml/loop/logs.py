@@ -47,28 +47,41 @@ def read_slates(folder: str | Path) -> pd.DataFrame:
     return table.to_pandas().sort_values(["created", "event_id"], kind="stable").reset_index(drop=True)
 
 
-def reward_rows(slates: pd.DataFrame, source: str = "the export") -> pd.DataFrame:
+def reward_rows(slates: pd.DataFrame, source: str = "the export", unlabelled: str = "error") -> pd.DataFrame:
     """One row per labelled reward of ``slates`` (shown catalog items only), in time order.
 
     Columns: ``user, query, item, label, time, position, propensity, event_id, head``. A
     reward's ``time`` is when it came (the slate's ``created`` when the log did not keep it).
-    A reward without a label is an error naming its event: it cannot be counted either way.
-    Slates over raw candidate vectors are skipped (their items are not catalog ids).
+    A reward without a label (a log written before claims kept it) is an error naming its event
+    (``unlabelled="error"``: it cannot be counted either way) or left out (``"skip"``: the replay).
+    Slates over raw candidate vectors are left out (their items are not catalog ids).
     """
-    rows = []
-    for s in slates.itertuples(index=False):
-        if s.raw_candidates:
-            continue
-        for r in s.rewards:
-            label = r["label"]
-            if label is None or (isinstance(label, float) and np.isnan(label)):
-                raise ValueError(f"{source}, event {s.event_id!r}: the reward of item {r['item']} has no label "
-                                 "(the event log did not keep it, see streamml.loop.export)")
-            t = r["time"]
-            rows.append((s.user, s.query, int(r["item"]), int(label), float(s.created if t is None or t != t else t),
-                         int(r["position"]), float(s.propensities[int(r["position"])]), s.event_id, s.head))
-    out = pd.DataFrame(rows, columns=["user", "query", "item", "label", "time", "position", "propensity", "event_id",
-                                      "head"])
+    if unlabelled not in ("error", "skip"):
+        raise ValueError(f"unlabelled must be 'error' or 'skip', got {unlabelled!r}")
+    columns = ["user", "query", "item", "label", "time", "position", "propensity", "event_id", "head"]
+    if not len(slates):
+        return pd.DataFrame({c: pd.Series(dtype=object) for c in columns})
+    slates = slates[~slates["raw_candidates"].astype(bool)]
+    ex = slates[["event_id", "user", "query", "created", "head", "propensities", "rewards"]].explode("rewards")
+    ex = ex[ex["rewards"].notna()]
+    if not len(ex):
+        return pd.DataFrame({c: pd.Series(dtype=object) for c in columns})
+    r = pd.DataFrame(ex["rewards"].tolist(), index=ex.index)
+    missing = r["label"].isna().to_numpy()
+    if missing.any() and unlabelled == "error":
+        k = int(np.flatnonzero(missing)[0])
+        raise ValueError(f"{source}, event {ex['event_id'].iloc[k]!r}: the reward of item {r['item'].iloc[k]} has no label "
+                         "(the event log did not keep it, see streamml.loop.export)")
+    keep = ~missing
+    ex, r = ex[keep], r[keep]
+    position = r["position"].to_numpy(np.int64)
+    out = pd.DataFrame({
+        "user": ex["user"].astype(str).to_numpy(), "query": ex["query"].astype(str).to_numpy(),
+        "item": r["item"].to_numpy(np.int64), "label": r["label"].to_numpy(np.int64),
+        "time": r["time"].astype(float).fillna(ex["created"].astype(float)).to_numpy(),
+        "position": position,
+        "propensity": np.array([p[j] for p, j in zip(ex["propensities"], position)], np.float64),
+        "event_id": ex["event_id"].to_numpy(), "head": ex["head"].to_numpy()})
     return out.sort_values(["time", "event_id", "position"], kind="stable").reset_index(drop=True)
 
 

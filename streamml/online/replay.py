@@ -138,24 +138,13 @@ def read_export(folder: str | Path, catalog: str | Path | None = None, embedding
     naming the event (a catalog changed since, whose ids mean other items). Skipped, because
     there is nothing to replay: events of raw candidates (their items index the request, not the
     catalog) and rewards without a label (a log written before claims kept it)."""
-    import pyarrow.compute as pc
-    import pyarrow.dataset as ds
+    from streamml.loop.logs import read_slates, reward_rows
 
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no export folder (python -m streamml.loop export out={folder})")
-    t = ds.dataset(folder, format="parquet", partitioning="hive").to_table(
-        columns=["event_id", "user", "query", "created", "raw_candidates", "rewards"])
-    t = t.filter(pc.invert(t["raw_candidates"]))
-    parent = pc.list_parent_indices(t["rewards"])
-    flat = pc.list_flatten(t["rewards"])
-    frame = pd.DataFrame({c: t[c].take(parent).to_numpy(zero_copy_only=False) for c in ("event_id", "user", "query", "created")})
-    for c in ("item", "position", "label", "time"):
-        frame[c] = pc.struct_field(flat, c).to_pandas() if len(flat) else pd.Series(dtype=float)
-    frame = frame[frame.label.notna()]
-    frame["time"] = frame.time.fillna(frame.created)
-    frame = frame.drop(columns="created").astype({"item": np.int64, "position": np.int64, "label": np.int8})
-    frame = frame.sort_values(["time", "event_id", "position"], kind="stable").reset_index(drop=True)
+    frame = reward_rows(read_slates(folder), str(folder), unlabelled="skip").drop(columns=["propensity", "head"])
+    frame = frame.astype({"item": np.int64, "position": np.int64, "label": np.int8})
     if catalog is not None:
         from streamml.stores.events import read_catalog
 
