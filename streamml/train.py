@@ -29,7 +29,6 @@ from omegaconf import DictConfig
 from streamml.data import DataValidationError, load_queries  # numpy and pandas only
 
 
-
 class StartupError(RuntimeError):
     """The config cannot run on this machine; raised before any data or MLflow run."""
 
