@@ -37,9 +37,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")  # small matrices: BLAS threads only contend (10x slower pinv on 2 shared cores)
 
 import argparse
-import platform
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -54,6 +52,7 @@ from streamml.online import ResidualLearner
 from streamml.online.policies import EpsilonSlots, Greedy, PlackettLuce, Thompson
 from streamml.online.rules import DiagonalLaplace
 from streamml.online.scenarios import real_users, stream_seed
+from streamml.provenance import git_commit, machine
 
 REPO = Path(__file__).resolve().parents[1]
 K = 5
@@ -157,18 +156,6 @@ def _table(df: pd.DataFrame, cols: list[str]) -> str:
     return "\n".join(lines)
 
 
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return f"{platform.system()} {platform.release()}, {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
-
-
-def commit() -> str:
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=REPO).stdout
-    return head + (" (with uncommitted changes)" if dirty.strip() else "")
-
-
 def main(argv=None) -> pd.DataFrame:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, default=20)
@@ -178,7 +165,7 @@ def main(argv=None) -> pd.DataFrame:
     ap.add_argument("--chosen", default="dr", choices=ESTIMATORS)
     args = ap.parse_args(argv)
     users = {k: int(v) for k, v in (p.split("=") for p in args.users.split(","))}
-    at_commit, start = commit(), time.time()
+    at_commit, start = git_commit(short=True, cwd=REPO), time.time()
     data = load_queries(args.data, 384, 0)
     rows = []
     for seed in range(args.seeds):

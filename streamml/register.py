@@ -17,9 +17,10 @@ import argparse
 import logging
 import os
 import sys
-import traceback
 from pathlib import Path
 from urllib.parse import unquote
+
+from streamml.cli import one_line_failure
 
 LOG_FILE = Path("outputs") / "register.log"
 
@@ -94,10 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         version, uri = register(args.run_id, args.name, args.alias, args.experiment, args.tracking_uri)
     except Exception as err:  # one line for the user, the traceback for whoever debugs it
-        LOG_FILE.parent.mkdir(parents=True, exist_ok=True)
-        with LOG_FILE.open("a") as f:
-            f.write(traceback.format_exc())
-        print(f"error: {err} (traceback in {LOG_FILE})", file=sys.stderr)
+        print(one_line_failure(err, LOG_FILE), file=sys.stderr)
         return 1
     print(f"registered version {version} of {args.name!r} as {uri}")
     return 0

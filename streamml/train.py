@@ -1,10 +1,10 @@
 """Entry point: ``python -m streamml.train [+experiment=NAME] [-m] [key=value ...]``.
 
-``main`` only composes the config; ``train(cfg)`` does the work, so tests and notebooks
-call it directly. It loads the queries, cross-validates the configured learner on
-per-query stratified folds, fits it once more on all the data (unless ``final_fit`` is
-false, as in searches), and records everything
-in MLflow. It returns the run's metrics; ``main`` returns ``cfg.objective`` for sweepers.
+``main`` only composes the config; ``train(cfg)`` runs the config's runner, ``run``, so tests
+and notebooks call it directly: offline training by default (``streamml/offline/run.py``:
+cross-validation, a final fit and the model in MLflow), or the runner of the experiment's
+scenario (the simulator, the replay). It returns the run's metrics; ``main`` returns
+``cfg.objective`` for sweepers.
 
 A config that cannot run here (``trainer=gpu`` without a GPU) fails before any data is
 loaded or any MLflow run is opened, and a malformed data file before Lightning, MLflow or
@@ -23,14 +23,10 @@ import sys
 import traceback
 
 import hydra
-import pandas as pd
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig
 
 from streamml.data import DataValidationError, load_queries  # numpy and pandas only
-
-log = logging.getLogger("streamml.train")  # not __main__ under python -m
 
 
 class StartupError(RuntimeError):
@@ -72,67 +68,23 @@ def _quiet_lightning() -> None:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
 
 
-def _fit_callbacks(cfg: DictConfig, label: str, loss_prefix: str = "") -> list:
-    from streamml import tracking
-    from streamml.offline.module import EpochProgress
-
-    callbacks = [tracking.EpochLoss(loss_prefix)]
-    if cfg.get("trainer", {}).get("enable_progress_bar"):
-        callbacks.append(EpochProgress(label))
-    return callbacks
-
-
-def _run_name(cfg: DictConfig) -> str:
-    if cfg.logger.get("run_name"):
-        return cfg.logger.run_name
-    if HydraConfig.initialized():
-        choices = HydraConfig.get().runtime.choices
-        return f"{choices.get('learner')}-{choices.get('loss')}"
-    return cfg.learner._target_.rsplit(".", 1)[-1]
-
-
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Cross-validate, fit on everything, log to MLflow; returns the metrics.
+    """Run ``cfg.run`` and return its metrics.
 
-    A config with a ``scenario`` (the ``online_*`` experiments) runs the user simulator.
+    ``run`` (``configs/train.yaml``) is a dotted function ``run(cfg) -> metrics``: offline
+    training (``streamml.offline.run.run``) unless the config has a scenario, whose own ``run``
+    it then is (``configs/scenario/*.yaml``: the simulator or the replay). A new scenario names
+    its runner there, with no edit here.
     """
     _quiet_lightning()
     check_gpu(cfg)
-    # The data is read and validated before Lightning, MLflow and the simulator are imported:
+    # The query files are read and validated before Lightning, MLflow and the runner are imported:
     # a bad file then fails in about a second, naming the file and the row, not after 10-14 s.
-    # A scenario with a runner of its own (the replay) reads its own data, not the query files.
-    own_data = "scenario" in cfg and cfg.scenario.get("run") is not None
-    data = None if own_data else load_queries(cfg.data.dir, cfg.data.embedding_dim, cfg.data.min_per_class)
+    # A run that reads no query files (the replay reads its own log) sets data.dir to null.
+    if cfg.data.get("dir") is not None:
+        load_queries(cfg.data.dir, cfg.data.embedding_dim, cfg.data.min_per_class)
     check_trainer(cfg)
-    from streamml import tracking
-    from streamml.offline.evaluate import evaluate, summarize
-
-    if "scenario" in cfg:  # an online scenario names its runner (the simulator unless it says otherwise)
-        return get_method(cfg.scenario.get("run", "streamml.online.simulate.run"))(cfg)
-    log.info(f"{len(data.query_ids)} queries, {len(data.frame)} unique texts ({data.n_duplicates} duplicates merged) from {cfg.data.dir}")
-    tags = {"data_fingerprint": data.fingerprint, "data_dir": str(cfg.data.dir), **cfg.get("run_tags", {})}  # run_tags: the loop's retrain
-    cv_learner, final_learner = instantiate(cfg.learner), instantiate(cfg.learner)  # config errors fail before the run
-    example = pd.DataFrame({"query_id": [data.query_ids[q] for q in data.query[:2]], "embedding": data.X[:2].tolist()})
-    with tracking.start_run(cfg, tags=tags, run_name=_run_name(cfg)) as run:
-        log.info(f"MLflow run {run.info.run_name} ({run.info.run_id}) in experiment '{cfg.name}' ({cfg.logger.tracking_uri})")
-        table = evaluate(cv_learner, data, **cfg.cv, callbacks=_fit_callbacks(cfg, "cv", "cv_"))
-        metrics, per_query = summarize(table)
-        tracking.log_results(metrics, per_query, table)
-        if cfg.final_fit:
-            final = final_learner.fit(data.X, data.y, data.query, callbacks=_fit_callbacks(cfg, "final fit"))
-            tracking.log_model(final, data.query_ids, cfg.data.embedding_dim, input_example=example)
-    with pd.option_context("display.float_format", "{:.3f}".format, "display.width", 120):
-        columns = ["query_id", "auc", "auc_std", "ndcg_at_5", "ndcg_at_10", "map", "precision_at_5"]
-        log.info(f"mean over queries: auc {metrics['auc']:.3f} ± {metrics['auc_std']:.3f} (std over splits)\n"
-                 + per_query[columns].to_string(index=False))
-        if "tuning_auc" in metrics:
-            log.info(f"nested CV: tuning auc (inner folds) {metrics['tuning_auc']:.3f}, held-out auc (outer folds) {metrics['auc']:.3f}")
-        if cfg.final_fit:
-            uri = f"runs:/{run.info.run_id}/model"
-            log.info(f"model: {uri} (serve: mlflow models serve -m {uri} --env-manager local)")
-    log.info(f"done: run {run.info.run_name} ({run.info.run_id}) in MLflow experiment '{cfg.name}' at {cfg.logger.tracking_uri} "
-             f"(mlflow ui); plot {run.info.artifact_uri}/plots/per_query_auc.png")
-    return metrics
+    return get_method(cfg.run)(cfg)
 
 
 class _TeeToLogFiles(io.TextIOBase):

@@ -28,3 +28,27 @@ def test_machine_names_cores_python_and_the_installed_versions_without_importing
     text = machine(packages=("numpy", "no-such-package"))
     assert f"{os.cpu_count()} cores" in text and f"numpy {md.version('numpy')}" in text
     assert "no-such-package" not in text and "load average" in text
+
+
+def test_wait_until_returns_the_value_retries_what_it_is_told_and_names_what_never_came():
+    import itertools
+
+    import pytest
+
+    from tests.helpers import wait_until
+
+    tries = itertools.count()
+    assert wait_until(lambda: next(tries) >= 3 and "done", "the third try", every_s=0.001) == "done"
+
+    def flaky():
+        if next(tries) < 6:
+            raise ConnectionError("not yet")
+        return 42
+
+    assert wait_until(flaky, "a server", every_s=0.001, retry_on=ConnectionError) == 42
+    with pytest.raises(AssertionError, match="waited 0.05 s for nothing"):
+        wait_until(lambda: False, "nothing", timeout_s=0.05, every_s=0.01)
+    with pytest.raises(KeyError):  # not retried: ends the wait at once
+        wait_until(lambda: {}["x"], "a key", retry_on=ConnectionError)
+    with pytest.raises(ValueError, match="positive"):
+        wait_until(lambda: True, "x", timeout_s=0)

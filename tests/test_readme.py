@@ -11,15 +11,12 @@ until they answer, and stopped. The long experiments run too with ``STREAMML_REA
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import shutil
 import signal
 import subprocess
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +24,7 @@ import pytest
 import yaml
 
 from conftest import REPO, SHARED_QUERIES
-from tests.helpers import free_port
+from tests.helpers import free_port, wait_until_answering
 
 # (pattern, reason) in order: the first match decides.
 MARKS = [
@@ -104,21 +101,6 @@ def fresh_copy(tmp_path: Path) -> Path:
             (clone / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, clone / name)
     return clone
-
-
-def wait_until_answering(proc: subprocess.Popen, url: str, log: Path, timeout_s: float = 180) -> None:
-    """Ask ``url`` until it answers 200; waits on the process between tries, so a server that
-    dies fails the test at once, with its log."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as answer:
-                assert answer.status == 200
-                return
-        except OSError:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=0.5)
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
 
 
 @pytest.mark.slow

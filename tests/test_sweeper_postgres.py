@@ -8,7 +8,6 @@ so it runs as the ``postgres`` user) in a temp dir on a free port, and removes i
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,7 @@ import pytest
 from test_sweeper import search_records, tiny_search_args
 
 from conftest import write_queries
+from tests.helpers import free_port
 
 psycopg2 = pytest.importorskip("psycopg2", reason="PostgreSQL storage needs psycopg2: pip install -e '.[search]'")
 
@@ -30,12 +30,6 @@ def _bin_dir() -> Path | None:
             return candidate
     initdb = shutil.which("initdb")
     return Path(initdb).parent if initdb else None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -54,7 +48,7 @@ def postgres():
             pytest.skip("running as root needs a 'postgres' user to start PostgreSQL (apt-get install -y postgresql makes it)")
         os.chown(root, user.pw_uid, user.pw_gid)
         as_user = ["runuser", "-u", "postgres", "--"]
-    data, port = root / "data", _free_port()
+    data, port = root / "data", free_port()
 
     def run(*args):
         subprocess.run([*as_user, *map(str, args)], check=True, capture_output=True, timeout=120)

@@ -1,13 +1,11 @@
 """streamml.tracking: params, FAILED runs, run names, the experiment a fresh store shows,
 the pyfunc model (input checks, signature, where it is listed, serving) and load_model."""
 
-import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 
 import mlflow
@@ -20,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from conftest import REPO, compose_cfg
 from streamml import tracking
 from streamml.offline.baselines import SklearnLR
-from tests.helpers import free_port
+from tests.helpers import free_port, wait_until_answering
 
 
 def test_flatten_nested_config():
@@ -148,16 +146,7 @@ def test_mlflow_models_serve_answers_the_documented_request(mlflow_uri, query_di
         cwd=tmp_path, env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri, "PYTHONPATH": str(REPO)},
         stdout=subprocess.DEVNULL, stderr=open(tmp_path / "serve.log", "w"), start_new_session=True)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except OSError:
-                assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
-                with contextlib.suppress(subprocess.TimeoutExpired):  # wait on the server, not a blind sleep:
-                    server.wait(timeout=1)                            # a server that dies ends the wait at once
-                assert server.poll() is None, (tmp_path / "serve.log").read_text()
+        wait_until_answering(server, f"http://127.0.0.1:{port}/ping", tmp_path / "serve.log")
         # the request the README documents
         body = {"dataframe_split": {"columns": ["query_id", "embedding"],
                                     "data": [[data.query_ids[1], data.X[0].tolist()], [data.query_ids[0], data.X[1].tolist()]]}}

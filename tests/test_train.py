@@ -34,7 +34,7 @@ def only_run(uri, experiment):
 @pytest.mark.slow
 @pytest.mark.parametrize("experiment", ["linear_ranknet", "mlp_ranknet", "seed_river"])
 def test_train_on_shipped_data_logs_everything(mlflow_uri, experiment, caplog):
-    caplog.set_level(logging.INFO, logger="streamml.train")
+    caplog.set_level(logging.INFO, logger="streamml")
     cfg = compose_cfg([f"+experiment={experiment}", f"data.dir={REPO / 'data' / 'queries'}"])
     metrics = train(cfg)
     data = load_queries(cfg.data.dir)
@@ -89,6 +89,21 @@ def test_a_missing_gpu_fails_before_any_data_or_run(mlflow_uri, tmp_path):
     with pytest.raises(StartupError, match="trainer.accelerator=gpu but torch sees no GPU on this machine; use trainer=cpu"):
         train(cfg)
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def a_new_scenario(cfg):
+    """A runner no code names: only its scenario config does."""
+    return {"probe_auc_mean": 0.5, "kind": cfg.scenario.kind}
+
+
+def test_the_runner_is_the_scenarios_own_else_offline_training_so_a_new_scenario_needs_no_edit_to_train():
+    assert compose_cfg([]).run == "streamml.offline.run.run"
+    assert compose_cfg(["+experiment=online_personalize"]).run == "streamml.online.simulate.run"
+    cfg = compose_cfg(["+experiment=online_replay"])
+    assert cfg.run == "streamml.online.replay_run.run" and cfg.data.dir is None  # reads its own log, not query files
+    with open_dict(cfg):
+        cfg.scenario.run, cfg.scenario.kind = "tests.test_train.a_new_scenario", "new"
+    assert train(cfg) == {"probe_auc_mean": 0.5, "kind": "new"}
 
 
 def run_cli(args, tmp_path, **kwargs):

@@ -4,6 +4,10 @@
 ``command=load_items``). ``serve`` fills an empty item catalog, publishes the model to
 serve (``model=...``, else the newest finished training run), and runs uvicorn with
 ``workers`` processes, each building the app from the same config.
+
+It fails fast, before any worker starts: on a taken port before loading anything, and on a
+model URI with no model behind it before publishing it. A failure at start prints one line
+on stderr and exits 1; the traceback goes to ``outputs/serve.log``.
 """
 
 from __future__ import annotations
@@ -11,10 +15,16 @@ from __future__ import annotations
 import gc
 import os
 import tempfile
+from pathlib import Path
+from unittest import mock
 
 import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+
+from streamml.cli import one_line_failure
+
+LOG_FILE = Path("outputs") / "serve.log"
 
 
 def load_items(cfg: DictConfig) -> int:
@@ -41,6 +51,31 @@ def check_port_free(host: str, port: int) -> None:
             raise SystemExit(f"cannot serve on {host}:{port}: {err.strerror}; choose another with port=...") from None
 
 
+class ModelNotFound(LookupError):
+    """The configured model URI names no MLflow model."""
+
+
+def check_model(model: str | None, tracking_uri: str, experiment: str) -> str:
+    """The URI to serve (``model``, else the newest finished run's), once MLflow shows a model
+    there. Reads the model's ``MLmodel`` file only: without this, a bad URI is published to the
+    backend and every worker fails at start with a long traceback."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from streamml.serve.model import resolve_model_uri
+
+    uri = resolve_model_uri(model, tracking_uri, experiment)
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        with mock.patch.dict(os.environ, {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}):  # no bar for one small file
+            mlflow.models.get_model_info(uri)
+    except MlflowException as err:
+        hint = (" (register one: python -m streamml.register RUN_ID --alias ALIAS)" if uri.startswith("models:/")
+                else " (python -m streamml.train logs one; mlflow ui lists the runs)")
+        raise ModelNotFound(f"no MLflow model at {uri} in {tracking_uri}: {str(err).splitlines()[0]}{hint}") from err
+    return uri
+
+
 def serve(cfg: DictConfig) -> None:
     import uvicorn
 
@@ -53,6 +88,7 @@ def serve(cfg: DictConfig) -> None:
 
         check_population(instantiate(cfg.online), cfg.population)
         read_log(cfg.population)
+    check_model(cfg.model, cfg.tracking_uri, cfg.experiment)
     backend = instantiate(cfg.backend)
     try:
         uri = bootstrap(cfg, backend, publish=True)
@@ -73,12 +109,15 @@ def serve(cfg: DictConfig) -> None:
 
 @hydra.main(version_base="1.3", config_path="../../configs", config_name="serve/default")
 def main(cfg: DictConfig) -> None:
-    if cfg.command == "load_items":
-        load_items(cfg)
-    elif cfg.command == "serve":
-        serve(cfg)
-    else:
-        raise ValueError(f"command must be 'serve' or 'load_items', got {cfg.command!r}")
+    try:
+        if cfg.command == "load_items":
+            load_items(cfg)
+        elif cfg.command == "serve":
+            serve(cfg)
+        else:
+            raise ValueError(f"command must be 'serve' or 'load_items', got {cfg.command!r}")
+    except Exception as err:  # at start, before any worker: one line for the user, the traceback in the log
+        raise SystemExit(one_line_failure(err, LOG_FILE)) from None
 
 
 if __name__ == "__main__":

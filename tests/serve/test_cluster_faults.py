@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from omegaconf import open_dict
 
 from streamml.serve.app import create_app
+from tests.helpers import wait_until
 from tests.serve.serve_helpers import serve_cfg
 from tests.stores.redis_fixtures import RedisClusterServers, need_redis
 
@@ -43,13 +44,6 @@ def _round(c, user, item_index=0):
     item = ev["items"][item_index]["item"]
     r = c.post(f"/v1/events/{ev['event_id']}/reward", json={"rewards": [{"item": item, "label": "accepted"}]})
     return r.status_code, (ev["event_id"], item)
-
-
-def _wait_until(condition, what: str, timeout_s: float = 60.0):
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout_s:.0f} s"
-        time.sleep(0.1)  # polling a condition, not a guess at how long it takes
 
 
 def test_one_master_down_stays_local_and_a_restart_loses_nothing(served_models, tmp_path):
@@ -109,9 +103,9 @@ def test_one_master_down_stays_local_and_a_restart_loses_nothing(served_models, 
         assert c.get("/v1/users", params={"user": dead[0]}).status_code == 503
 
         victim.start()  # same port, nodes.conf and append-only file
-        _wait_until(lambda: c.get("/readyz").json()["status"] == "ready", "/readyz ready again")
-        _wait_until(lambda: c.post("/v1/rank", json={"user": dead[0], "query": QUERY}).status_code == 200,
-                    "the restarted master's users served again")
+        wait_until(lambda: c.get("/readyz").json()["status"] == "ready", "/readyz ready again", 60, every_s=0.1)
+        wait_until(lambda: c.post("/v1/rank", json={"user": dead[0], "query": QUERY}).status_code == 200,
+                   "the restarted master's users served again", 60, every_s=0.1)
         for u in dead:  # nothing acknowledged was lost: the state is back, the applied reward is a duplicate
             (event_id, item), state = before[u]
             assert c.get("/v1/users", params={"user": u}).json()["queries"] == state

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import threading
-import time
 
 import pytest
 
 from streamml.serve.app import create_app
+from tests.helpers import free_port, wait_until
 from tests.serve.serve_helpers import serve_cfg
 
 pytestmark = pytest.mark.slow
@@ -22,17 +21,17 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 def serve_in_thread(app):
     import uvicorn
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.05)
+
+    def started():
+        if not thread.is_alive():
+            raise RuntimeError("uvicorn exited before it started")
+        return server.started
+
+    wait_until(started, "uvicorn to start", 60)
     return server, thread, f"http://127.0.0.1:{port}"
 
 

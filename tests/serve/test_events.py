@@ -5,7 +5,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
-import time
 import uuid
 
 import numpy as np
@@ -15,6 +14,7 @@ from streamml.serve import events
 from streamml.serve.backend import MemoryBackend, SQLiteBackend, Update
 from streamml.stores import Field
 from streamml.stores.events import Claim
+from tests.helpers import wait_until
 
 
 def test_buckets_are_stable_salted_and_follow_the_shares():
@@ -142,14 +142,8 @@ def test_redis_going_away_during_an_update_leaves_no_claim_so_the_retry_applies_
     with pytest.raises(StoreUnavailable):
         backend.claim_and_apply(Claim("event", "u", "e1", 3), Update(store, ["u"], stop_then_compute))
     server.start()  # same port, same append-only file (and nodes.conf)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            assert int(store.get_many(["u"])["n"][0]) == 0  # the failed update wrote nothing
-            break
-        except StoreUnavailable:
-            assert time.monotonic() < deadline, "Redis did not come back within 30 s"
-            time.sleep(0.2)
+    out = wait_until(lambda: store.get_many(["u"]), "Redis to come back", every_s=0.2, retry_on=StoreUnavailable)
+    assert int(out["n"][0]) == 0  # the failed update wrote nothing
     bump = Update(store, ["u"], lambda s: {"n": s["n"] + 1})
     assert backend.claim_and_apply(Claim("event", "u", "e1", 3), bump) is True  # nor a claim
     assert backend.claim_and_apply(Claim("event", "u", "e1", 3), bump) is False

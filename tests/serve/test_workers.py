@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,18 +23,13 @@ import pytest
 from hydra.utils import instantiate
 
 from streamml.serve.lifecycle import Lifecycle
+from tests.helpers import free_port, wait_until, wait_until_answering
 from tests.serve.serve_helpers import REPO, serve_cfg
 from tests.stores.redis_fixtures import RedisServer, need_redis
 
 pytestmark = pytest.mark.slow
 QUERY = "topic_0"
 LEARNING = ["rule.lr=0.001", "online.dtype=float32"]  # tiny steps: the order of events hardly matters
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
@@ -55,18 +49,12 @@ class Server:
                 "log_level=warning", *self.overrides]
         self.proc = subprocess.Popen(args, cwd=REPO, stdout=log, stderr=log, start_new_session=True,
                                      env={**os.environ, "PYTHONPATH": str(REPO)})
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the service exited: {self.log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.kill()
-        raise TimeoutError(f"the service was not ready after {timeout} s: {self.log_path.read_text()[-3000:]}")
+        try:
+            wait_until_answering(self.proc, f"{self.url}/readyz", self.log_path, timeout)
+        except AssertionError:
+            self.kill()
+            raise
+        return self
 
     def kill(self, sig=signal.SIGKILL) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -162,8 +150,7 @@ def test_sigkill_under_load_loses_no_acknowledged_update(setup, tmp_path):
     try:
         with ThreadPoolExecutor(6) as pool:
             futures = [pool.submit(send, server.url, job) for job in events]
-            while len(acked) < n // 3:  # kill in the middle of the load
-                time.sleep(0.01)
+            wait_until(lambda: len(acked) >= n // 3, "a third of the updates acknowledged", 120, every_s=0.01)
             server.kill(signal.SIGKILL)
             first = [f.result() for f in futures]
         assert 0 < sum(s is not None for s in first) < n

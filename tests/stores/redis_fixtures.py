@@ -9,17 +9,14 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import free_port
+from tests.helpers import free_port, wait_until
 
 REDIS_SERVER = shutil.which("redis-server")
 REDIS_CLI = shutil.which("redis-cli")
-
-
 
 
 def need_redis():
@@ -52,18 +49,13 @@ class RedisServer:
         import redis
 
         client = redis.Redis(port=self.port, socket_timeout=1, socket_connect_timeout=1)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if ok(client):
-                    return
-            except redis.exceptions.RedisError:
-                pass
+
+        def ready():
             if self.proc.poll() is not None:
                 raise RuntimeError(f"redis-server on port {self.port} exited: {(self.dir / 'redis.log').read_text()[-2000:]}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"redis-server on port {self.port} not ready after {timeout}s")
-            time.sleep(0.05)
+            return ok(client)
+
+        wait_until(ready, f"redis-server on port {self.port} to be ready", timeout, retry_on=redis.exceptions.RedisError)
 
     def client(self, **kwargs):
         import redis

@@ -12,6 +12,7 @@ import pytest
 from streamml.data import load_queries
 from streamml.stores import SQLiteEventLog, SQLiteItems
 from streamml.stores.events import Catalog, Claim, EventLog, MemoryCatalog, MemoryEventLog
+from tests.helpers import wait_until
 from tests.stores.conformance import assert_conforms
 
 KINDS = ["memory", "sqlite", "redis", "redis-cluster"]
@@ -21,10 +22,10 @@ KINDS = ["memory", "sqlite", "redis", "redis-cluster"]
 def backend(request, tmp_path):
     """``(event log, item catalog)`` of one backend, empty."""
     if request.param == "memory":
-        return MemoryEventLog(), MemoryCatalog()
+        return MemoryEventLog(clock=Clock()), MemoryCatalog()
     if request.param == "sqlite":
         path = tmp_path / "state.db"
-        return SQLiteEventLog(path), SQLiteItems(path)
+        return SQLiteEventLog(path, clock=Clock()), SQLiteItems(path)
     server = request.getfixturevalue("redis_server" if request.param == "redis" else "redis_cluster")  # skips without Redis
     from streamml.stores.redis import RedisEventLog, RedisItems
 
@@ -32,12 +33,27 @@ def backend(request, tmp_path):
     return RedisEventLog(server.client(), prefix=prefix), RedisItems(server.client(), prefix=prefix)
 
 
-def wait_until(condition, what: str, timeout_s: float = 30.0) -> None:
-    """Poll ``condition`` until it holds: expiry is the store's clock's (Redis's own), not a sleep's guess."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"waited {timeout_s:.0f} s for {what}"
-        time.sleep(0.02)
+class Clock:
+    """The memory and SQLite logs' injected clock: a test moves it on instead of waiting for a TTL."""
+
+    def __init__(self):
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def after_the_short_ttls(log, condition, what: str) -> None:
+    """Time passes beyond the tests' short TTLs (0.3 s), not their long ones (60 s); then ``condition`` holds.
+
+    The memory and SQLite logs read an injected clock: it moves on by 1 s, and the condition
+    must hold at once. Redis expires keys by its own clock: wait for the condition, with a deadline.
+    """
+    if isinstance(getattr(log, "clock", None), Clock):
+        log.clock.now += 1.0
+        assert condition(), f"{what}: not after 1 s"
+    else:
+        wait_until(condition, what, every_s=0.02)
 
 
 RECORD = {"user": 7, "query": "q1", "items": [3, 5, 9], "propensities": [0.9, 0.05, 0.05],
@@ -74,7 +90,7 @@ def test_events_and_claims_expire(backend):
     log, _ = backend
     log.create("e1", RECORD, ttl_s=0.3)
     assert log.claim("e1", 3)
-    wait_until(lambda: log.get("e1") is None, "the event to expire")
+    after_the_short_ttls(log, lambda: log.get("e1") is None, "the event to expire")
     with pytest.raises(KeyError):
         log.claim("e1", 3)
     log.create("e1", RECORD, ttl_s=60)  # an expired id can be reused, with fresh claims
@@ -98,7 +114,7 @@ def test_client_event_ids_are_idempotent_per_user_until_they_expire(backend):
     assert not log.claim_client_event("bob", "c1", ttl_s=60)  # releasing alice's left bob's
     assert log.claim_client_event("alice", "c2", ttl_s=60)
     assert log.claim_client_event("a", "lice/c2", ttl_s=60)  # no spelling of (user, id) collides with another
-    wait_until(lambda: log.claim_client_event("alice", "c1", ttl_s=60), "alice's c1 to expire")
+    after_the_short_ttls(log, lambda: log.claim_client_event("alice", "c1", ttl_s=60), "alice's c1 to expire")
     assert not log.claim_client_event("alice", "c2", ttl_s=60)
 
 
@@ -154,7 +170,7 @@ def test_rejected_items_are_listed_per_user_and_query_until_they_expire(backend)
     log.note_rejected("alice", "q2", 7, ttl_s=60)
     log.note_rejected("bob", "q1", 9, ttl_s=60)
     assert log.rejected("alice", "q1") == {3, 5} and log.rejected("alice", "q2") == {7} and log.rejected("bob", "q1") == {9}
-    wait_until(lambda: log.rejected("alice", "q1") == {5}, "the reject of item 3 to expire")
+    after_the_short_ttls(log, lambda: log.rejected("alice", "q1") == {5}, "the reject of item 3 to expire")
     log.forget_rejected("alice")
     assert log.rejected("alice", "q1") == set() and log.rejected("alice", "q2") == set() and log.rejected("bob", "q1") == {9}
 

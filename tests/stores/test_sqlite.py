@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import pytest
 
 from streamml.stores import Checkpointer, Field, SQLiteDB, SQLiteItems, SQLiteStore
 from streamml.stores.sqlite import main
+from tests.helpers import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -46,10 +46,7 @@ def test_checkpointer_copies_the_wal_and_starts_it_over_off_the_writing_thread(t
     checkpointer = Checkpointer(db, interval_s=0.01, restart_frames=10)
     try:
         store.put_many([100], {"r": np.zeros((1, 4)), "n": np.array([100])})
-        deadline = time.monotonic() + 10
-        while db.checkpoint()[0] >= frames and time.monotonic() < deadline:  # restarted: a short WAL again
-            time.sleep(0.01)
-        assert db.checkpoint()[0] < frames
+        wait_until(lambda: db.checkpoint()[0] < frames, "the checkpointer to restart the WAL (a short WAL again)")
     finally:
         checkpointer.stop()
     assert not checkpointer._thread.is_alive()
