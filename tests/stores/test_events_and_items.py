@@ -119,8 +119,15 @@ def test_client_event_ids_are_idempotent_per_user_until_they_expire(backend):
 
 
 def _claim_all(log, n, barrier, out):
-    barrier.wait()
-    out.put([log.claim("e1", i) for i in range(n)])
+    """One racer: its own SQLite connection (a connection must not cross a fork), and any error is
+    sent back, so the test fails with the cause rather than an empty queue."""
+    try:
+        if isinstance(log, SQLiteEventLog):
+            log = SQLiteEventLog(log.db.path)
+        barrier.wait()
+        out.put([log.claim("e1", i) for i in range(n)])
+    except BaseException as err:  # noqa: BLE001  (reported to the parent)
+        out.put(repr(err))
 
 
 @pytest.mark.slow
@@ -134,9 +141,10 @@ def test_concurrent_claims_have_one_winner(backend):
     procs = [ctx.Process(target=_claim_all, args=(log, n, barrier, out)) for _ in range(2)]
     for p in procs:
         p.start()
-    wins = [out.get(timeout=60) for _ in procs]
+    wins = [out.get(timeout=120) for _ in procs]
     for p in procs:
         p.join(60)
+    assert not [w for w in wins if isinstance(w, str)], wins  # a racer failed: its error
     assert (np.array(wins).sum(0) == 1).all()  # each item claimed exactly once
 
 
