@@ -17,6 +17,9 @@ and the prior of its random effects, fitted without a grid.
   embedding, so a movie listed under two queries is one column. Items that no population
   user answered get factors, and an item effect, predicted from their embedding by ridge
   regression (``RidgeCV``, its penalty chosen by leave-one-out), so raw texts still score.
+  A population in which no text was answered by two users has no collaborative signal: its
+  factors are then each query's principal directions of the texts (as ``factors="embedding"``),
+  and the prior below is still estimated on them.
 * **The random effects' prior** (per key: a bias and a weight on the factors): a zero-mean
   Gaussian whose covariance is the EM estimate over the population's (user, query) keys:
   each key's Laplace posterior under the current prior, then the prior's covariance set to
@@ -195,8 +198,9 @@ def fit_population(events: pd.DataFrame, items: np.ndarray, item_query_code: np.
     text = text_ids(items)
     if factors not in (*FACTORS, "embedding"):
         raise ValueError(f"factors must be one of {sorted((*FACTORS, 'embedding'))}, got {factors!r}")
-    if factors == "embedding":  # no collaborative signal: each query's top principal directions of its texts
-        V = embedding_factors(items, item_query_code, k)
+    shared = pd.DataFrame({"u": events["user"].to_numpy(), "t": text[ids]}).drop_duplicates().t.duplicated().any()
+    if factors == "embedding" or not shared:  # no collaborative signal (no text answered by two users): each
+        V = embedding_factors(items, item_query_code, k)  # query's top principal directions of its texts
     else:
         V_text = FACTORS[factors](events["user"].astype(str).to_numpy(), text[ids], y, text.max() + 1, k, seed)
         V = V_text[text]
@@ -228,4 +232,5 @@ def fit_population(events: pd.DataFrame, items: np.ndarray, item_query_code: np.
             break
     digest = hashlib.sha256(np.ascontiguousarray(events[["item", "label"]].to_numpy(np.int64)).tobytes()).hexdigest()[:16]
     return Population(slope, intercept, beta, V, prior, len(events), digest,
-                      {"item_effect_var": beta_var, "item_effect_trace": beta_trace, "prior_trace": trace})
+                      {"item_effect_var": beta_var, "item_effect_trace": beta_trace, "prior_trace": trace,
+                       "factors": factors if shared else "embedding"})

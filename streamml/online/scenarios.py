@@ -247,16 +247,32 @@ class _Population:
         return (noisy > self.threshold).astype(np.int64)
 
 
+def _catalog_user(pop: _Population, model: str, lo: int, hi: int, shift: float, label_noise: float, n_clusters: int,
+                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """One large-catalog user's candidates (their count drawn log-uniformly in ``[lo, hi]``) and answers."""
+    n = int(round(np.exp(rng.uniform(np.log(lo), np.log(hi)))))
+    X = _sample_mixture(pop.gmm, n, rng)
+    if model == "shift":
+        t = X @ rng.standard_normal(X.shape[1])
+        u = pop.score(X) + shift * (t - t.mean()) / (t.std() or 1.0) + label_noise * rng.standard_normal(n)
+        return X, (u > np.quantile(u, 1 - pop.accept_rate)).astype(np.int64)
+    truth = pop.labels(X, rng)
+    return X, flip_cluster(X, truth, rng, n_clusters) if model == "flip_cluster" else truth
+
+
 def large_catalog(data: QueryData, head, streams: str = "test", seed: int = 0, users: dict | None = None,
                   n_candidates: tuple[int, int] = (200, 2000), n_population: int = 500, n_components: int = 4,
                   label_noise: float = 0.5, shift: float = 1.0, n_clusters: int = 3,
-                  probe_fraction: float = 0.2) -> World:
+                  probe_fraction: float = 0.2, population_users: int = 0, population_answers: int = 40) -> World:
     """Users with 200-2,000 generated candidates each, over a head trained on a population sample.
 
     ``users`` maps a user model to the number of users per query. ``n_candidates`` bounds
     each user's candidate count (drawn log-uniformly). A ``shift`` user's truth thresholds
     ``population score + shift * (standardised projection on a random direction) + noise``
-    at the population's acceptance rate.
+    at the population's acceptance rate. ``population_users`` more users per query, of the
+    same mix and drawn from other seeds, each answer ``population_answers`` random items of
+    candidates of their own (appended to the catalog after every user's): their events are the
+    world's ``population``, for learners that fit one. No two of them answer the same item.
     """
     users = _check_user_models(users or {"flip_cluster": 2, "shift": 2, "none": 1})
     root = stream_seed(streams, seed)
@@ -264,7 +280,7 @@ def large_catalog(data: QueryData, head, streams: str = "test", seed: int = 0, u
     if not 2 <= lo <= hi:
         raise ValueError(f"n_candidates must be (low, high) with 2 <= low <= high, got {tuple(n_candidates)}")
     y, query = data.y, data.query
-    items, item_query, head_X, head_y, head_q, people = [], [], [], [], [], []
+    items, item_query, head_X, head_y, head_q, people, answered = [], [], [], [], [], [], []
     for q in range(len(data.query_ids)):
         rows = np.flatnonzero(query == q)
         pop = _Population(data.X[rows], y[rows], n_components, label_noise, seed=seed + q)  # the world's law: one per query
@@ -275,19 +291,18 @@ def large_catalog(data: QueryData, head, streams: str = "test", seed: int = 0, u
         for model, count in users.items():
             for _ in range(count):
                 rng = np.random.default_rng([*root, q, 1000 + index])
-                n = int(round(np.exp(rng.uniform(np.log(lo), np.log(hi)))))
-                X = _sample_mixture(pop.gmm, n, rng)
-                if model == "shift":
-                    t = X @ rng.standard_normal(X.shape[1])
-                    u = pop.score(X) + shift * (t - t.mean()) / (t.std() or 1.0) + label_noise * rng.standard_normal(n)
-                    truth = (u > np.quantile(u, 1 - pop.accept_rate)).astype(np.int64)
-                else:
-                    truth = pop.labels(X, rng)
-                    if model == "flip_cluster":
-                        truth = flip_cluster(X, truth, rng, n_clusters)
-                people.append((f"q{q}u{index}", q, model, n, truth, rng))
-                items.append(X), item_query.append(np.full(n, q))
+                X, truth = _catalog_user(pop, model, lo, hi, shift, label_noise, n_clusters, rng)
+                people.append((f"q{q}u{index}", q, model, len(X), truth, rng))
+                items.append(X), item_query.append(np.full(len(X), q))
                 index += 1
+        kinds = [model for model, count in users.items() for _ in range(count)]
+        for index in range(population_users):
+            rng = np.random.default_rng([*root, q, 100_000 + index])
+            X, truth = _catalog_user(pop, kinds[index % len(kinds)], lo, hi, shift, label_noise, n_clusters, rng)
+            seen = np.sort(rng.choice(len(X), min(population_answers, len(X)), replace=False))
+            answered.append((f"pop-q{q}u{index}", q, X[seen], truth[seen]))
+    for _, q, X, _ in answered:  # after every user's candidates: the users' item ids do not move
+        items.append(X), item_query.append(np.full(len(X), q))
     X = np.concatenate(items)
     item_query = np.concatenate(item_query)
     head.fit(np.concatenate(head_X), np.concatenate(head_y), np.concatenate(head_q))
@@ -296,6 +311,13 @@ def large_catalog(data: QueryData, head, streams: str = "test", seed: int = 0, u
     for name, q, model, n, truth, rng in people:
         world.users.append(_make_user(name, q, model, np.arange(start, start + n), truth, probe_fraction, rng))
         start += n
+    events = []
+    for name, q, answers, truth in answered:
+        events.append(pd.DataFrame({"user": name, "query": q, "item": np.arange(start, start + len(answers)),
+                                    "label": truth, "time": float(len(events))}))
+        start += len(answers)
+    if events:
+        world.population = pd.concat(events, ignore_index=True)
     return world
 
 

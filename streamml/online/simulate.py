@@ -230,7 +230,8 @@ def _world(cfg, data) -> World:
     elif sc.kind == "large_catalog":
         world = large_catalog(data, instantiate(cfg.learner), sc.streams, cfg.seed, users,
                               tuple(sc.n_candidates), sc.n_population, sc.n_components, sc.label_noise,
-                              sc.shift, sc.n_clusters, sc.probe_fraction)
+                              sc.shift, sc.n_clusters, sc.probe_fraction, sc.get("population_users", 0),
+                              sc.get("population_answers", 40))
     else:
         raise ValueError(f"scenario.kind must be coldstart, personalize or large_catalog, got {sc.kind!r}")
     _WORLDS.clear()

@@ -91,3 +91,19 @@ def test_embedding_factors_are_each_querys_principal_directions():
     for j in range(3):  # each factor is a principal coordinate (up to sign), whatever the labels say
         assert abs(np.corrcoef(pop.factors[:, j], Xc @ vt[j])[0, 1]) == pytest.approx(1.0, abs=1e-4)
     assert np.sqrt((pop.factors.astype(np.float64) ** 2).sum(1).mean()) == pytest.approx(1.0, abs=1e-4)
+
+
+@pytest.mark.parametrize("factors", ["als", "svd"])
+def test_a_population_that_shares_no_text_falls_back_to_the_embeddings_directions(factors):
+    """Collaborative factors need two users on one text; without any, the factors are the
+    embedding's principal directions, and the prior is still estimated on them."""
+    events, X, q, z, _ = synthetic_population(n_users=60, n_items=2400, seed=8)
+    events = events.drop_duplicates("item")  # every item answered by one user only
+    assert events.groupby("item").user.nunique().max() == 1
+    pop = fit_population(events, X, q, z, k=3, factors=factors)
+    same = fit_population(events, X, q, z, k=3, factors="embedding")
+    assert pop.history["factors"] == "embedding"
+    np.testing.assert_allclose(pop.factors, same.factors)
+    np.testing.assert_allclose(pop.prior_cov, same.prior_cov)
+    shared = fit_population(synthetic_population(seed=8)[0], X[:80], q[:80], z[:80], k=3, factors=factors)
+    assert shared.history["factors"] == factors  # texts answered by many users: the factors are learned

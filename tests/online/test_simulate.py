@@ -271,3 +271,19 @@ def test_online_experiments_log_their_metrics_curves_and_plot(mlflow_uri, experi
     curve = f"curve.prequential_auc.{ours}" if experiment == "online_coldstart" else f"curve.probe_auc.{ours}"
     assert len(client.get_metric_history(runs[0].info.run_id, curve)) > 1
     assert "plots/learning_curves.png" in {a.path for a in client.list_artifacts(runs[0].info.run_id, "plots")}
+
+
+def test_a_large_catalogs_population_answers_items_of_its_own_and_moves_no_user(data):
+    kinds = {"none": 1, "flip_cluster": 1, "shift": 1}
+    args = dict(users=kinds, n_candidates=(60, 120), n_population=100, n_components=2)
+    alone = scenarios.large_catalog(data, SklearnLR(), "tune", seed=0, **args)
+    world = scenarios.large_catalog(data, SklearnLR(), "tune", seed=0, population_users=4, population_answers=30, **args)
+    assert alone.population is None
+    for a, b in zip(alone.users, world.users, strict=True):  # the same users, items and head scores
+        np.testing.assert_array_equal(a.pool, b.pool), np.testing.assert_array_equal(a.probe_truth, b.probe_truth)
+    np.testing.assert_array_equal(alone.items, world.items[: len(alone.items)])
+    np.testing.assert_allclose(alone.head_scores, world.head_scores[: len(alone.items)], rtol=1e-5)  # float32 batches
+    pop = world.population
+    assert pop.user.nunique() == 4 * len(data.query_ids) and (pop.groupby("user").size() == 30).all()
+    assert pop.item.min() == len(alone.items) and pop.item.is_unique  # after the users' items, each answered once
+    assert (world.item_query[pop.item] == pop["query"]).all() and 0 < pop.label.mean() < 1

@@ -1,0 +1,28 @@
+"""Scratch of issue 17's simulator criteria (tuning streams): see experiments/mixed_sim_tuning.md."""
+import pickle  # noqa: F401
+import sys  # noqa: F401
+import time  # noqa: F401
+from pathlib import Path  # noqa: F401
+
+import numpy as np  # noqa: F401
+from hydra.utils import instantiate  # noqa: F401
+
+sys.path.insert(0, str(Path(__file__).parent))
+from harness import cfg_for, lifts, load_queries, run, simulate, world_for  # noqa: E402, F401
+
+from streamml.online import MixedLearner
+from streamml.online.scenarios import coldstart_streams
+
+cfg = cfg_for("mixed_coldstart")
+data = load_queries(cfg.data.dir, cfg.data.embedding_dim, cfg.data.min_per_class)
+streams = coldstart_streams(data, "tune", 0, 5)
+variants = {}
+for k in (16, 32, 48):
+    for pv in (1.0, 3.0, 10.0):
+        variants[f"k{k}-pv{pv}"] = (lambda k, pv: lambda i, q, h: MixedLearner(
+            i, q, h, k=k, factors="als", trust=True, prior_var=pv))(k, pv)
+variants["k16-pv3-nogate"] = lambda i, q, h: MixedLearner(i, q, h, k=16, factors="als", trust=True, prior_var=3.0, gate=False)
+variants["k16-pv3-notrust"] = lambda i, q, h: MixedLearner(i, q, h, k=16, factors="als", trust=False, prior_var=3.0)
+_, fin = simulate.coldstart(streams, variants, data.X, data.query, data.y, progress=False, ours="k16-pv3.0")
+for n, v in fin.items():
+    print(n, round(v["prequential_auc"], 4))

@@ -1,0 +1,23 @@
+"""Scratch of issue 17's simulator criteria (tuning streams): see experiments/mixed_sim_tuning.md."""
+import pickle  # noqa: F401
+import sys  # noqa: F401
+import time  # noqa: F401
+from pathlib import Path  # noqa: F401
+
+import numpy as np  # noqa: F401
+from hydra.utils import instantiate  # noqa: F401
+
+sys.path.insert(0, str(Path(__file__).parent))
+from harness import cfg_for, lifts, load_queries, run, simulate, world_for  # noqa: E402, F401
+
+from streamml.online import MixedLearner
+from streamml.online.baselines import HeadOnly
+
+t = time.time()
+w = world_for("mixed_large_catalog")
+print("world", len(w.users), len(w.items), time.time() - t)
+mk = lambda **kw: (lambda items, iq, h: MixedLearner(items, iq, h, k=16, factors="als", trust=True, prior_var=3.0, **kw))
+learners = {"head_only": lambda i, q, h: HeadOnly(i, q, h), "mixed": mk(), "nogate": mk(gate=False)}
+r = run(w, learners)
+print(lifts(r).round(4).to_string())
+print(time.time() - t)
