@@ -138,7 +138,7 @@ def bench_cli_and_follow(data, weights, n: int) -> list[str]:
         start = time.perf_counter()
         out = subprocess.run(args, cwd=tmp, env=env, capture_output=True, text=True)
         s = time.perf_counter() - start
-        last = (out.stdout.strip().splitlines() or [out.stderr.strip()])[-1]
+        last = (out.stdout.strip().splitlines() or [out.stderr.strip()])[-1].replace(uri, "the run's temporary MLflow store")
         lines.append(f"| `python -m streamml.loop {command}` ({n} slates) | {s:.1f} | {out.returncode} | {last[:120]} |")
         print(lines[-1], flush=True)
     return lines + [""] + follow(uri, REPO / "data" / "queries")

@@ -14,7 +14,7 @@ and rank latency, by our load generator and by ``hey``.
    generator (a random user of the ``--users`` per request) and by ``hey`` (one body, one user of
    the ``--users``), as in ``bench_serve_hey.py`` (see there how the two tools differ).
 
-    python experiments/bench_serve_cluster.py --users 1000000 --repeats 3 --out /tmp/cluster.md
+    python experiments/bench_serve_cluster.py --users 1000000 --repeats 3 --out cluster.md
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ service after the client gave up on them. Every cell records the 1-minute load a
 processes, not Redis) and the load generator's (ours: this process; ``hey``: the child's rusage).
 ``--repeats`` starts a fresh service per repeat; the order of the tools rotates between repeats.
 
-    python experiments/bench_serve_hey.py --duration 8 --repeats 3 --out /tmp/two_tools.md
+    python experiments/bench_serve_hey.py --duration 8 --repeats 3 --out two_tools.md
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 REPO = Path(__file__).resolve().parents[2]
+CACHE = Path.home() / ".cache" / "streamml" / "sim_tuning"  # simulated worlds, outside the repository
+CACHE.mkdir(parents=True, exist_ok=True)
 sys.path.insert(0, str(REPO))
 from streamml.data import load_queries  # noqa: E402
 from streamml.online import simulate  # noqa: E402
@@ -16,13 +18,13 @@ from streamml.online import simulate  # noqa: E402
 
 def cfg_for(exp, streams="tune", extra=()):
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        cfg = compose("train", overrides=[f"+experiment={exp}", "data.dir=/work/shared/data/queries",
+        cfg = compose("train", overrides=[f"+experiment={exp}", f"data.dir={REPO.parent / 'shared' / 'data' / 'queries'}",
                                           f"scenario.streams={streams}", *extra])
     return cfg
 
 
 def world_for(exp, streams="tune", seed=0):
-    path = Path(f"/tmp/sim17/world_{exp}_{streams}_{seed}.pkl")
+    path = Path(f"{CACHE}/world_{exp}_{streams}_{seed}.pkl")
     if path.exists():
         return pickle.loads(path.read_bytes())
     cfg = cfg_for(exp, streams, [f"seed={seed}"])
