@@ -25,14 +25,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-__all__ = ["read_slates", "reward_rows", "split_by_time", "fingerprint"]
+__all__ = ["partition_files", "read_slates", "reward_rows", "check_catalog", "split_by_time", "fingerprint"]
 
 
-def _parts(folder: str | Path) -> list[Path]:
+def partition_files(folder: str | Path) -> list[str]:
+    """The export's Parquet files in a fixed order (date partition, then chunk); an error names a
+    folder that is missing or holds none."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"no exported event log at {folder}: run `python -m streamml.loop export` first")
-    parts = sorted(folder.glob("date=*/part-*.parquet"))
+        raise FileNotFoundError(f"no exported event log at {folder}: run `python -m streamml.loop export out={folder}` first")
+    parts = sorted(str(p) for p in folder.glob("date=*/part-*.parquet"))
     if not parts:
         raise FileNotFoundError(f"{folder} holds no date=*/part-*.parquet files: is it an export folder?")
     return parts
@@ -42,7 +44,7 @@ def read_slates(folder: str | Path) -> pd.DataFrame:
     """The export's rows (one per slate), sorted by ``(created, event_id)``; ``date`` is a column."""
     import pyarrow.dataset as ds
 
-    _parts(folder)
+    partition_files(folder)
     table = ds.dataset(str(folder), format="parquet", partitioning="hive").to_table()
     return table.to_pandas().sort_values(["created", "event_id"], kind="stable").reset_index(drop=True)
 
@@ -85,6 +87,20 @@ def reward_rows(slates: pd.DataFrame, source: str = "the export", unlabelled: st
     return out.sort_values(["time", "event_id", "position"], kind="stable").reset_index(drop=True)
 
 
+def check_catalog(rewards: pd.DataFrame, queries, source: str = "the export") -> None:
+    """Every reward's item is a catalog row of its own query (``queries[i]``: item ``i``'s query);
+    otherwise an error naming the event: a catalog changed since the log was written gives its ids
+    to other items."""
+    queries = np.asarray(queries, dtype=object)
+    items = rewards["item"].to_numpy(np.int64)
+    ok = (items >= 0) & (items < len(queries))
+    ok[ok] = queries[items[ok]] == rewards["query"].to_numpy(object)[ok]
+    if not ok.all():
+        bad = rewards[~ok].iloc[0]
+        raise ValueError(f"{source}, event {bad['event_id']!r}: item {bad['item']} of query {bad['query']!r} is not that "
+                         f"query's item in the catalog ({len(queries)} items): is it the catalog the service served?")
+
+
 def split_by_time(slates: pd.DataFrame, holdout: float) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``(train, held_out)``: the latest ``holdout`` fraction of slates by ``(created, event_id)`` is held out."""
     if not 0 < holdout < 1:
@@ -98,7 +114,7 @@ def fingerprint(folder: str | Path) -> str:
     """sha256 (16 hex) of the export's part files, names and bytes: the same files, the same tag."""
     h = hashlib.sha256()
     root = Path(folder)
-    for p in _parts(folder):
+    for p in map(Path, partition_files(folder)):
         h.update(str(p.relative_to(root)).encode())
         h.update(p.read_bytes())
     return h.hexdigest()[:16]

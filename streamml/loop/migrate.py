@@ -28,7 +28,7 @@ import logging
 import numpy as np
 import pandas as pd
 
-__all__ = ["migrate", "run"]
+__all__ = ["migrate", "serve_new_head", "run"]
 
 log = logging.getLogger("streamml.loop.migrate")
 
@@ -70,23 +70,31 @@ def migrate(learner, rewards: pd.DataFrame, row_of: dict[int, int] | None = None
     return {"users": int(len(pd.unique(users))), "events": int(len(rewards))}
 
 
+def serve_new_head(cfg, backend):
+    """The head ``cfg.model`` as the service would serve it on ``backend`` (its learner writing to the
+    head's own namespace), without publishing it: what the migration writes into."""
+    from hydra.utils import instantiate
+
+    from streamml.serve.lifecycle import Lifecycle
+
+    if not backend.catalog.queries():
+        raise ValueError("the backend's item catalog is empty: start the service once (it loads items_dir), "
+                         "or run `python -m streamml.serve command=load_items`")
+    lifecycle = Lifecycle(backend, instantiate(cfg.online), cfg.tracking_uri, cfg.experiment, population=cfg.get("population"))
+    return lifecycle.activate(lifecycle.prepare(cfg.model))
+
+
 def run(cfg) -> dict:
     """The command: the new head (``cfg.model``) as the service would serve it, its learner on the
     service's backend, and every labelled reward of the export ``cfg.log`` replayed into it."""
     from hydra.utils import instantiate
 
     from streamml.loop.logs import read_slates, reward_rows
-    from streamml.serve.lifecycle import Lifecycle
 
     rewards = reward_rows(read_slates(cfg.log), source=str(cfg.log))
     backend = instantiate(cfg.backend)
     try:
-        if not backend.catalog.queries():
-            raise ValueError("the backend's item catalog is empty: start the service once (it loads items_dir), "
-                             "or run `python -m streamml.serve command=load_items`")
-        lifecycle = Lifecycle(backend, instantiate(cfg.online), cfg.tracking_uri, cfg.experiment,
-                              population=cfg.get("population"))
-        served = lifecycle.activate(lifecycle.prepare(cfg.model))
+        served = serve_new_head(cfg, backend)
         result = migrate(served.learner, rewards, served.row_of, progress=cfg.get("progress", True))
     finally:
         backend.close()

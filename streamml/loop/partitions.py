@@ -31,18 +31,10 @@ import numpy as np
 import pandas as pd
 
 from streamml.loop.export import SCHEMA
-from streamml.loop.logs import reward_rows
+from streamml.loop.logs import partition_files, reward_rows
 from streamml.loop.ope import ESTIMATORS, GroupSums, bootstrap_ci, fill_empty_positions, slate_log_from_export, snips_raw
 
 __all__ = ["partition_files", "partition_sums", "ope_over_partitions", "client_for", "migrate_by_user"]
-
-
-def partition_files(folder: str | Path) -> list[str]:
-    """The export's Parquet files, in a fixed order (date partition, then chunk)."""
-    files = sorted(str(p) for p in Path(folder).glob("date=*/part-*.parquet"))
-    if not files:
-        raise FileNotFoundError(f"{folder}: no date=*/part-*.parquet files (python -m streamml.loop export out={folder})")
-    return files
 
 
 def partition_sums(path: str, target: Callable, estimator: str = "ips") -> GroupSums:
@@ -106,17 +98,14 @@ def _migrate_partition(rewards: pd.DataFrame, cfg_yaml: str) -> pd.DataFrame:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from streamml.loop.migrate import migrate
-    from streamml.serve.lifecycle import Lifecycle
+    from streamml.loop.migrate import migrate, serve_new_head
 
     if len(rewards) == 0:
         return pd.DataFrame({"users": [0], "events": [0]})
     cfg = OmegaConf.create(cfg_yaml)
     backend = instantiate(cfg.backend)
     try:
-        lifecycle = Lifecycle(backend, instantiate(cfg.online), cfg.tracking_uri, cfg.experiment,
-                              population=cfg.get("population"))
-        served = lifecycle.activate(lifecycle.prepare(cfg.model))
+        served = serve_new_head(cfg, backend)
         ordered = rewards.sort_values(["time", "event_id", "position"], kind="stable")
         done = migrate(served.learner, ordered, served.row_of, progress=False)
     finally:

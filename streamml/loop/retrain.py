@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, open_dict
 
-from streamml.loop.logs import fingerprint, read_slates, reward_rows, split_by_time
+from streamml.loop.logs import check_catalog, fingerprint, read_slates, reward_rows, split_by_time
 
 __all__ = ["log_labels", "write_queries", "retrain"]
 
@@ -60,27 +60,16 @@ def log_labels(rewards: pd.DataFrame, catalog, rule: str = "ips", min_rewards: i
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
     if max_weight < 1:
         raise ValueError(f"max_weight must be >= 1, got {max_weight}")
-    n_items = len(catalog.ids)
-    bad = rewards[(rewards["item"] < 0) | (rewards["item"] >= n_items)]
-    if len(bad):
-        raise ValueError(f"event {bad.event_id.iloc[0]!r}: item {bad.item.iloc[0]} is not in the catalog "
-                         f"({n_items} items): retrain with the catalog the service served")
+    check_catalog(rewards, catalog.queries)
     item_query = np.asarray(catalog.queries, dtype=object)
-    wrong = rewards[item_query[rewards["item"].to_numpy()] != rewards["query"].to_numpy()]
-    if len(wrong):
-        raise ValueError(f"event {wrong.event_id.iloc[0]!r}: item {wrong.item.iloc[0]} belongs to query "
-                         f"{item_query[wrong.item.iloc[0]]!r}, not {wrong['query'].iloc[0]!r}: another catalog?")
     if rule == "exploration":
         rewards = rewards[rewards.propensity < exploration_below]
     w = np.minimum(1.0 / rewards.propensity.to_numpy(), max_weight) if rule == "ips" else np.ones(len(rewards))
     counts = rewards.groupby("item").size()
     keep = rewards["item"].map(counts).to_numpy() >= min_rewards
-    items, y = median_labels(rewards["item"].to_numpy()[keep], rewards.label.to_numpy()[keep],
-                             item_query, None if rule != "ips" else w[keep])
-    frame = rewards[keep].assign(w=w[keep], wl=w[keep] * rewards.label.to_numpy()[keep]).groupby("item")
-    rate = frame.wl.sum() / frame.w.sum()
-    return pd.DataFrame({"item": items, "query": item_query[items], "n": counts.loc[items].to_numpy(),
-                         "rate": rate.loc[items].to_numpy(), "label": y})
+    items, y, rate = median_labels(rewards["item"].to_numpy()[keep], rewards.label.to_numpy()[keep], item_query, w[keep],
+                                   with_rate=True)
+    return pd.DataFrame({"item": items, "query": item_query[items], "n": counts.loc[items].to_numpy(), "rate": rate, "label": y})
 
 
 def write_queries(labels: pd.DataFrame, catalog, folder: str | Path) -> list[str]:

@@ -138,7 +138,7 @@ def read_export(folder: str | Path, catalog: str | Path | None = None, embedding
     naming the event (a catalog changed since, whose ids mean other items). Skipped, because
     there is nothing to replay: events of raw candidates (their items index the request, not the
     catalog) and rewards without a label (a log written before claims kept it)."""
-    from streamml.loop.logs import read_slates, reward_rows
+    from streamml.loop.logs import check_catalog, read_slates, reward_rows
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -149,12 +149,10 @@ def read_export(folder: str | Path, catalog: str | Path | None = None, embedding
         from streamml.stores.events import read_catalog
 
         rows = read_catalog(catalog, embedding_dim)
-        ok = frame.item.between(0, len(rows.ids) - 1)
-        known = ok & (np.asarray(rows.queries, dtype=object)[frame.item.where(ok, 0)] == frame["query"].to_numpy())
-        if not known.all():
-            bad = frame[~known].iloc[0]
-            raise LogError(f"{folder}, event {bad['event_id']!r}: item {bad['item']} of query {bad['query']!r} is not that "
-                           f"query's item in the catalog {catalog}: is it the folder the service served?")
+        try:
+            check_catalog(frame, rows.queries, str(folder))
+        except ValueError as err:
+            raise LogError(f"{err} (catalog {catalog})") from None
         frame["text"] = np.asarray(rows.texts, dtype=object)[frame.item.to_numpy()]
     return check_log(frame, str(folder))
 
@@ -218,19 +216,21 @@ def head_labels(events: pd.DataFrame, catalog: Catalog) -> tuple[np.ndarray, np.
 
 
 def median_labels(ids: np.ndarray, labels: np.ndarray, item_query: np.ndarray,
-                  weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  weights: np.ndarray | None = None, with_rate: bool = False) -> tuple[np.ndarray, ...]:
     """The rule that turns feedback into a head's labels: ``(items, y)``, one row per item with
     any answer, accepted when its accept rate is at or above the median accept rate of its
     query's items (so each query's head sees both classes in about equal numbers).
 
     ``weights`` (default 1) make each item's rate a weighted mean, ``sum w*label / sum w``: the
-    learning loop passes inverse propensities (:mod:`streamml.loop.retrain`)."""
+    learning loop passes inverse propensities (:mod:`streamml.loop.retrain`). ``with_rate``: also
+    return each item's rate."""
     w = np.ones(len(ids)) if weights is None else np.asarray(weights, np.float64)
     num = pd.Series(w * np.asarray(labels, np.float64)).groupby(np.asarray(ids)).sum()
     rate = num / pd.Series(w).groupby(np.asarray(ids)).sum()
     query = np.asarray(item_query)[rate.index.to_numpy()]
     median = rate.groupby(query).transform("median")
-    return rate.index.to_numpy(np.int64), (rate >= median).astype(np.int8).to_numpy()
+    out = rate.index.to_numpy(np.int64), (rate >= median).astype(np.int8).to_numpy()
+    return (*out, rate.to_numpy()) if with_rate else out
 
 
 # --------------------------------------------------------------------------- keys and replay

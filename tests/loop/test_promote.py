@@ -10,14 +10,12 @@ it. Heads: ``good`` scores along each query's direction (its greedy top 3 are ac
 from __future__ import annotations
 
 import json
-from functools import partial
 
 import mlflow
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from streamml import tracking
 from streamml.data import load_queries
@@ -25,25 +23,12 @@ from streamml.loop.__main__ import main
 from streamml.loop.evaluate import evaluate
 from streamml.loop.export import SCHEMA, SCHEMA_VERSION
 from streamml.loop.promote import NOT_PROMOTED, decide, promote, rollback
-from streamml.offline.heads import LinearHeads
-from streamml.offline.losses import ranknet
-from streamml.offline.module import HeadLearner
 from streamml.online.policies import EpsilonSlots
 from streamml.register import register
 from tests.conftest import write_queries
+from tests.serve.serve_fixtures import head_learner
 
 K = 3
-
-
-def _head_learner(weight: np.ndarray) -> HeadLearner:
-    """A HeadLearner as ``fit`` leaves it, with the given per-query weights."""
-    learner = HeadLearner(partial(LinearHeads, dim=weight.shape[1]), ranknet, partial(torch.optim.Adam), None, seed=0)
-    learner.groups_ = np.arange(len(weight))
-    heads = LinearHeads(*weight.shape)
-    with torch.no_grad():
-        heads.weight.copy_(torch.as_tensor(weight, dtype=torch.float32))
-    learner.heads_ = heads.eval()
-    return learner
 
 
 def _export(folder, data, n_users=50, slates_per_user=20, seed=0):
@@ -89,7 +74,7 @@ def world(tmp_path_factory):
     runs = {}
     for name, w in weights.items():
         with mlflow.start_run() as run:
-            tracking.log_model(_head_learner(w), data.query_ids, data.X.shape[1])
+            tracking.log_model(head_learner(w), data.query_ids, data.X.shape[1])
         runs[name] = run.info.run_id
     return _export(root / "events", data), items_dir, uri, runs
 

@@ -59,9 +59,9 @@ def test_ips_rates_count_rarely_shown_answers_for_the_users_not_shown(catalog):
 def test_bad_logs_are_named(catalog):
     q, other = catalog.queries[0], catalog.queries[-1]
     item_of_other = int(catalog.of(other)[0])
-    with pytest.raises(ValueError, match=r"event 'e1': item 999 is not in the catalog"):
+    with pytest.raises(ValueError, match=r"event 'e1': item 999 of query '.*' is not that query's item in the catalog"):
         log_labels(rewards_of([slate("e1", "u", q, [999], [1.0], [(999, 1)], 0)]), catalog)
-    with pytest.raises(ValueError, match=rf"event 'e2': item {item_of_other} belongs to query '{other}'"):
+    with pytest.raises(ValueError, match=rf"event 'e2': item {item_of_other} of query '{q}' is not that query's item"):
         log_labels(rewards_of([slate("e2", "u", q, [item_of_other], [1.0], [(item_of_other, 1)], 0)]), catalog)
     unlabelled = slate("e3", "u", q, [0], [1.0], [(0, None)], 0)
     with pytest.raises(ValueError, match=r"event 'e3': the reward of item 0 has no label"):

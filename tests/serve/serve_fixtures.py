@@ -19,16 +19,21 @@ from streamml.offline.module import HeadLearner
 from tests.serve.serve_helpers import serve_cfg, write_queries
 
 
-def _fitted(data, seed: int) -> HeadLearner:
-    """A HeadLearner as ``fit`` leaves it, with random heads (training is not what is tested here)."""
-    torch.manual_seed(seed)
-    learner = HeadLearner(partial(LinearHeads, dim=data.X.shape[1]), ranknet, partial(torch.optim.Adam), None, seed=seed)
-    learner.groups_ = np.arange(len(data.query_ids))
-    heads = LinearHeads(len(data.query_ids), data.X.shape[1])
+def head_learner(weight: np.ndarray) -> HeadLearner:
+    """A HeadLearner as ``fit`` leaves it, with the given per-query linear weights (Q, D)."""
+    learner = HeadLearner(partial(LinearHeads, dim=weight.shape[1]), ranknet, partial(torch.optim.Adam), None, seed=0)
+    learner.groups_ = np.arange(len(weight))
+    heads = LinearHeads(*weight.shape)
     with torch.no_grad():
-        heads.weight.normal_()
+        heads.weight.copy_(torch.as_tensor(weight, dtype=torch.float32))
     learner.heads_ = heads.eval()
     return learner
+
+
+def _fitted(data, seed: int) -> HeadLearner:
+    """Random heads (training is not what is tested here)."""
+    torch.manual_seed(seed)
+    return head_learner(torch.randn(len(data.query_ids), data.X.shape[1]).numpy())
 
 
 @pytest.fixture(scope="session")
