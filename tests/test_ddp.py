@@ -17,20 +17,26 @@ import mlflow
 import pytest
 
 from conftest import REPO
+from streamml.tracking import use_experiment
 
 
 @pytest.mark.slow
 def test_two_processes_give_the_metrics_of_one(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    for trainer in ("cpu", "ddp"):
+    mlflow.set_tracking_uri(uri)
+    use_experiment("ddp")  # the store and the experiment exist before the two runs race to make them
+    procs = {}
+    for trainer in ("cpu", "ddp"):  # both at once: most of each run is its imports, which overlap
         cmd = [sys.executable, "-m", "streamml.train", f"trainer={trainer}", "name=ddp", f"logger.run_name={trainer}",
                f"data.dir={REPO / 'data' / 'queries'}", "cv.n_folds=2", "cv.n_repeats=1", "trainer.max_epochs=30",
                "final_fit=false", "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path / trainer}"]
-        out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "MLFLOW_TRACKING_URI": uri})
-        assert out.returncode == 0, out.stderr[-3000:]
+        procs[trainer] = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                          env={**os.environ, "MLFLOW_TRACKING_URI": uri})
+    for trainer, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, stderr[-3000:]
         if trainer == "ddp":
-            assert "Starting with 2 processes" in out.stderr + out.stdout
-    mlflow.set_tracking_uri(uri)
+            assert "Starting with 2 processes" in stderr + stdout
     runs = mlflow.search_runs(experiment_names=["ddp"]).set_index("tags.mlflow.runName")
     assert sorted(runs.index) == ["cpu", "ddp"] and set(runs.status) == {"FINISHED"}  # no stray run per process
     assert runs.loc["ddp", "params.trainer.strategy"] == "ddp_spawn"

@@ -11,8 +11,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 from omegaconf import open_dict
@@ -29,18 +27,11 @@ from streamml.loop.promote import promote  # noqa: E402
 from streamml.loop.retrain import retrain  # noqa: E402
 from streamml.register import register  # noqa: E402
 from streamml.serve.app import create_app  # noqa: E402
+from tests.helpers import wait_until  # noqa: E402
 from tests.serve.serve_fixtures import head_learner  # noqa: E402
 from tests.serve.serve_helpers import serve_cfg  # noqa: E402
 
 K, USERS = 4, 24
-
-
-def wait_for(what, check, timeout_s=60.0):
-    deadline = time.monotonic() + timeout_s
-    while not (value := check()):
-        assert time.monotonic() < deadline, f"{what}: not within {timeout_s:.0f} s"
-        time.sleep(0.02)
-    return value
 
 
 def play(client, truth, users, rounds, rng) -> float:
@@ -71,6 +62,7 @@ def test_log_to_retrained_promoted_champion_with_states_kept(tmp_path, mlflow_ur
     import mlflow
 
     mlflow.set_tracking_uri(mlflow_uri)
+    mlflow.set_experiment("loop_e2e")  # of this store: not an experiment id an earlier test left active
     with mlflow.start_run() as bad:  # the champion ranks the accepted items last
         tracking.log_model(head_learner(-5 * direction / np.linalg.norm(direction, axis=1, keepdims=True)),
                            data.query_ids, data.X.shape[1])
@@ -112,8 +104,8 @@ def test_log_to_retrained_promoted_champion_with_states_kept(tmp_path, mlflow_ur
         assert est.challenger_low > est.champion, decision.message
 
         # 6c. the running service follows the alias: no restart
-        info = wait_for("the service serves the promoted challenger",
-                        lambda: (i := client.get("/v1/model").json())["model_version"] != champion_version and i)
+        info = wait_until(lambda: (i := client.get("/v1/model").json())["model_version"] != champion_version and i,
+                          "the service serves the promoted challenger", timeout_s=60, every_s=0.02)
         assert info["registry_version"] == str(decision.version)
 
         # 7. the users' states are there under the new head: each user's scores are not the cold start's

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import mlflow
 import pytest
 
@@ -12,18 +10,8 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from streamml.serve.app import create_app  # noqa: E402
 from streamml.serve.model import load_head  # noqa: E402
+from tests.helpers import wait_until  # noqa: E402
 from tests.serve.serve_helpers import serve_cfg  # noqa: E402
-
-
-def _wait(what: str, check, timeout_s: float = 60.0):
-    """``check()``'s first truthy value, polled until a deadline (generous: the cores are shared)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what}: not within {timeout_s:.0f} s"
-        time.sleep(0.02)
 
 
 def _registered(tracking_uri: str, name: str, uris: list[str]) -> tuple[mlflow.MlflowClient, list[str]]:
@@ -46,14 +34,14 @@ def test_moving_the_alias_reloads_the_service_without_a_restart(served_models):
         info = c.get("/v1/model").json()
         assert (info["model_uri"], info["registry_version"], info["model_version"]) == (alias, v_old, heads[old])
         client.set_registered_model_alias(name, "champion", v_new)
-        info = _wait("the service serves the new champion",
-                     lambda: (i := c.get("/v1/model").json())["registry_version"] == v_new and i)
+        info = wait_until(lambda: (i := c.get("/v1/model").json())["registry_version"] == v_new and i,
+                          "the service serves the new champion", timeout_s=60, every_s=0.02)
         assert (info["model_uri"], info["model_version"]) == (alias, heads[new])
         ranked = c.post("/v1/rank", json={"user": "u", "query": "topic_0", "k": 3}).json()
         assert ranked["model_version"] == heads[new]  # requests are scored by the new head
         client.set_registered_model_alias(name, "champion", v_old)  # a rollback is followed the same way
-        _wait("the service serves the old champion again",
-              lambda: c.get("/v1/model").json()["model_version"] == heads[old])
+        wait_until(lambda: c.get("/v1/model").json()["model_version"] == heads[old],
+                   "the service serves the old champion again", timeout_s=60, every_s=0.02)
 
 
 def test_follow_alias_s_0_keeps_the_loaded_version(served_models):
