@@ -62,10 +62,14 @@ class Server:
         self.proc = None
 
 
-@pytest.fixture(params=["sqlite", "redis"])
-def setup(request, served_models, tmp_path):
-    """(overrides of the service, backend for the test's own reads, service config)."""
+@pytest.fixture(scope="module", params=["sqlite", "redis"])
+def setup(request, served_models, tmp_path_factory):
+    """(the running service, backend for the test's own reads, service config), one per backend.
+
+    The two tests of a backend share the service (starting two workers takes about 10 s); each
+    uses its own user. The SIGKILL test leaves it restarted and running."""
     items_dir, tracking_uri, _ = served_models
+    tmp_path = tmp_path_factory.mktemp(f"workers_{request.param}")
     if request.param == "sqlite":
         backend_overrides = [f"backend.path={tmp_path / 'serve.db'}"]
     else:
@@ -74,7 +78,9 @@ def setup(request, served_models, tmp_path):
                              f"backend.prefix=w{uuid.uuid4().hex[:8]}"]
     overrides = [f"items_dir={items_dir}", f"tracking_uri={tracking_uri}", *LEARNING, *backend_overrides]
     cfg = serve_cfg(items_dir, tracking_uri, overrides=[*LEARNING, *backend_overrides], backend=request.param)
-    return overrides, cfg
+    service = Server(tmp_path / "serve.log", overrides).start()
+    yield service, cfg
+    service.kill(signal.SIGTERM)
 
 
 def replay_check(cfg, user, events):
@@ -97,39 +103,42 @@ def replay_check(cfg, user, events):
     assert gap < 0.25 * min(steps), f"stored residual is {gap:.2e} from the replay; one step is >= {min(steps):.2e}"
 
 
-def test_concurrent_rewards_for_one_user_apply_exactly_once_each(setup, tmp_path):
-    overrides, cfg = setup
-    server = Server(tmp_path / "serve.log", overrides).start()
-    try:
-        user, n = f"u{uuid.uuid4().hex[:6]}", 40
+def _rewards_applied(server) -> float:
+    """``streamml_updates_applied_total{source="reward"}``, summed over both workers."""
+    for line in httpx.get(f"{server.url}/metrics").text.splitlines():
+        if line.startswith('streamml_updates_applied_total{source="reward"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_concurrent_rewards_for_one_user_apply_exactly_once_each(setup):
+    server, cfg = setup
+    user, n = f"u{uuid.uuid4().hex[:6]}", 40
+    applied_before = _rewards_applied(server)
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        shown = [c.post("/v1/rank", json={"user": user, "query": QUERY, "k": 3}).json() for _ in range(n)]
+    rewards = [(ev["event_id"], ev["items"][0]["item"], i % 2) for i, ev in enumerate(shown)]
+
+    def send(job):
+        event_id, item, label = job
         with httpx.Client(base_url=server.url, timeout=30) as c:
-            shown = [c.post("/v1/rank", json={"user": user, "query": QUERY, "k": 3}).json() for _ in range(n)]
-        rewards = [(ev["event_id"], ev["items"][0]["item"], i % 2) for i, ev in enumerate(shown)]
+            r = c.post(f"/v1/events/{event_id}/reward",
+                       json={"rewards": [{"item": item, "label": "accepted" if label else "rejected"}]})
+            assert r.status_code == 200, r.text
+            return r.json()["results"][0]["status"]
 
-        def send(job):
-            event_id, item, label = job
-            with httpx.Client(base_url=server.url, timeout=30) as c:
-                r = c.post(f"/v1/events/{event_id}/reward",
-                           json={"rewards": [{"item": item, "label": "accepted" if label else "rejected"}]})
-                assert r.status_code == 200, r.text
-                return r.json()["results"][0]["status"]
-
-        with ThreadPoolExecutor(16) as pool:  # every reward twice, concurrently: one applies, one is a duplicate
-            statuses = list(pool.map(send, rewards + rewards))
-        per_event = {}
-        for (event_id, _, _), status in zip(rewards + rewards, statuses):
-            per_event.setdefault(event_id, []).append(status)
-        assert all(sorted(s) == ["applied", "duplicate"] for s in per_event.values()), per_event
-        metrics = httpx.get(f"{server.url}/metrics").text  # summed over both workers
-        assert f'streamml_updates_applied_total{{source="reward"}} {float(n)}' in metrics
-    finally:
-        server.kill(signal.SIGTERM)
+    with ThreadPoolExecutor(16) as pool:  # every reward twice, concurrently: one applies, one is a duplicate
+        statuses = list(pool.map(send, rewards + rewards))
+    per_event = {}
+    for (event_id, _, _), status in zip(rewards + rewards, statuses):
+        per_event.setdefault(event_id, []).append(status)
+    assert all(sorted(s) == ["applied", "duplicate"] for s in per_event.values()), per_event
+    assert _rewards_applied(server) - applied_before == n
     replay_check(cfg, user, [(item, label) for _, item, label in rewards])
 
 
-def test_sigkill_under_load_loses_no_acknowledged_update(setup, tmp_path):
-    overrides, cfg = setup
-    server = Server(tmp_path / "serve.log", overrides).start()
+def test_sigkill_under_load_loses_no_acknowledged_update(setup):
+    server, cfg = setup
     user, n = f"k{uuid.uuid4().hex[:6]}", 240
     events = [(f"{user}-{i}", i % 40, int(i % 3 == 0)) for i in range(n)]
     acked: set[str] = set()
@@ -146,23 +155,20 @@ def test_sigkill_under_load_loses_no_acknowledged_update(setup, tmp_path):
             return r.json()["status"]
         return None
 
-    try:
-        with ThreadPoolExecutor(6) as pool, httpx.Client(base_url=server.url) as client:
-            futures = [pool.submit(send, client, job) for job in events]
-            wait_until(lambda: len(acked) >= n // 3, "a third of the updates acknowledged", 120, every_s=0.01)
-            server.kill(signal.SIGKILL)
-            first = [f.result() for f in futures]
-        assert 0 < sum(s is not None for s in first) < n
-        server.start()
-        # the caller retries what was not acknowledged; acknowledged ones must read as duplicates
-        with httpx.Client(base_url=server.url) as client:
-            second = [send(client, job) for job in events]
-        for job, a, b in zip(events, first, second):
-            assert b in ("applied", "duplicate"), job
-            if a is not None:
-                assert b == "duplicate", f"{job} was acknowledged as {a} before the kill, then {b}"
-    finally:
-        server.kill(signal.SIGTERM)
+    with ThreadPoolExecutor(6) as pool, httpx.Client(base_url=server.url) as client:
+        futures = [pool.submit(send, client, job) for job in events]
+        wait_until(lambda: len(acked) >= n // 3, "a third of the updates acknowledged", 120, every_s=0.01)
+        server.kill(signal.SIGKILL)
+        first = [f.result() for f in futures]
+    assert 0 < sum(s is not None for s in first) < n
+    server.start()
+    # the caller retries what was not acknowledged; acknowledged ones must read as duplicates
+    with httpx.Client(base_url=server.url) as client:
+        second = [send(client, job) for job in events]
+    for job, a, b in zip(events, first, second):
+        assert b in ("applied", "duplicate"), job
+        if a is not None:
+            assert b == "duplicate", f"{job} was acknowledged as {a} before the kill, then {b}"
     replay_check(cfg, user, [(item, label) for _, item, label in events])
 
 
