@@ -1,5 +1,8 @@
 """Compiled update kernels: one numba kernel per rule of :mod:`streamml.online.rules`.
 
+Each rule calls its own kernel (``Rule.apply``), so this module knows no rule: a new rule
+brings its kernel and its call, and nothing here or in the learner changes.
+
 A kernel applies a batch of events to per-key state arrays in place, strictly in event
 order, so a key's events apply one after the other. The learner runs them on an
 :class:`~streamml.stores.InMemoryStore`'s own arrays (``rows`` index them), and on the
@@ -20,14 +23,13 @@ import numpy as np
 from numba import njit
 
 from streamml.online.kernel_support import FASTMATH as _FASTMATH
-from streamml.online.kernel_support import PARALLEL_MIN_EVENTS, _f2h_soft, _from_f32, _h2f_soft, _to_f32  # noqa: F401 (tests)
-from streamml.online.kernel_support import in_parts as _in_parts
+from streamml.online.kernel_support import PARALLEL_MIN_EVENTS, _f2h_soft, _from_f32, _h2f_soft, _to_f32, in_parts  # noqa: F401 (tests)
 from streamml.online.kernel_support import my_events as _my_events
 from streamml.online.kernel_support import sigmoid1 as _sigmoid1
-from streamml.online.rules import DiagonalLaplace, IsotropicLaplace, PairwiseSGD, PointwiseSGD, WindowMAP
 from streamml.stores.memory import prefetch
 
-__all__ = ["apply", "PARALLEL_MIN_EVENTS"]
+__all__ = ["pointwise_events", "pairwise_events", "laplace_events", "iso_laplace_events", "window_events",
+           "bits", "in_parts", "PARALLEL_MIN_EVENTS"]
 
 # Each kernel is one loop over the events with the per-event work written out in it:
 # calls to helpers that take arrays are not inlined and cost reference counting. The
@@ -69,7 +71,7 @@ def _prefetch_window_items(win, X, row):
 
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)
-def _pointwise_events(res, rows, items, labels, X, z, lr, shrink, max_norm, part, parts):
+def pointwise_events(res, rows, items, labels, X, z, lr, shrink, max_norm, part, parts):
     """Pointwise SGD steps of events ``(rows[e], items[e], labels[e])``, in order, in place
     (only the events of ``part`` of ``parts``: see ``_my_events``).
 
@@ -104,7 +106,7 @@ def _pointwise_events(res, rows, items, labels, X, z, lr, shrink, max_norm, part
 
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)
-def _pairwise_events(res, buf, rows, items, labels, X, z, lr, shrink, max_norm, part, parts):
+def pairwise_events(res, buf, rows, items, labels, X, z, lr, shrink, max_norm, part, parts):
     """Pairwise SGD steps of events ``(rows[e], items[e], labels[e])``, in order, in place
     (only the events of ``part`` of ``parts``: see ``_my_events``).
 
@@ -181,7 +183,7 @@ def _pairwise_events(res, buf, rows, items, labels, X, z, lr, shrink, max_norm, 
 
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)
-def _laplace_events(res, ev, rows, items, labels, X, z, q0, part, parts):
+def laplace_events(res, ev, rows, items, labels, X, z, q0, part, parts):
     """Diagonal Laplace steps of events ``(rows[e], items[e], labels[e])``, in order, in place.
 
     ``res``: (n_rows, D) posterior means; ``ev``: (n_rows, D) evidence (float32 or float16 bits).
@@ -208,7 +210,7 @@ def _laplace_events(res, ev, rows, items, labels, X, z, q0, part, parts):
 
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)
-def _iso_laplace_events(res, ev, rows, items, labels, X, z, q0, part, parts):
+def iso_laplace_events(res, ev, rows, items, labels, X, z, q0, part, parts):
     """Isotropic Laplace steps of events, in order, in place; ``ev``: (n_rows,) float32 evidence."""
     mine = _my_events(rows, part, parts)
     n, D = mine.shape[0], X.shape[1]
@@ -233,7 +235,7 @@ def _iso_laplace_events(res, ev, rows, items, labels, X, z, q0, part, parts):
 
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)
-def _window_events(res, win, beta, gram, hw, rows, items, labels, X, z, pv, hv, steps, part, parts):
+def window_events(res, win, beta, gram, hw, rows, items, labels, X, z, pv, hv, steps, part, parts):
     """WindowMAP solves of events ``(rows[e], items[e], labels[e])``, in order, in place.
 
     ``win``: (n_rows, B) int32 codes (item + 1, negated for a rejection, 0 empty, oldest
@@ -386,38 +388,6 @@ def _window_events(res, win, beta, gram, hw, rows, items, labels, X, z, pv, hv, 
 _HALF = np.dtype(np.float16)
 
 
-def _bits(a: np.ndarray) -> np.ndarray:
+def bits(a: np.ndarray) -> np.ndarray:
+    """A state array as the kernels take it: float16 as its bits (uint16), anything else as it is."""
     return a.view(np.uint16) if a.dtype is _HALF or a.dtype == _HALF else a
-
-
-def apply(rule, cols: dict[str, np.ndarray], rows: np.ndarray, items: np.ndarray, labels: np.ndarray,
-          X: np.ndarray, z: np.ndarray, threads: int = 1) -> None:
-    """Apply events ``(rows[e], items[e], labels[e])`` in order to the state arrays ``cols``
-    (field -> (n_rows, ...) array, written in place) with ``rule``'s kernel.
-
-    ``rows`` (int64), ``items`` (int64, rows of ``X``), ``labels`` (bool); ``X`` (n_items, D)
-    float32 and ``z`` (n_items,) float32 are the catalog.
-    """
-    res = _bits(cols["residual"])
-    n = len(rows)
-    kind = type(rule)
-    if kind is PointwiseSGD:
-        shrink = 1.0 - rule.decay - rule.lr * rule.l2
-        _in_parts(_pointwise_events, n, threads, res, rows, items, labels, X, z, rule.lr, shrink, rule.max_norm)
-    elif kind is PairwiseSGD:
-        shrink = 1.0 - rule.decay - rule.lr * rule.l2
-        _in_parts(_pairwise_events, n, threads, res, cols["buffer"], rows, items, labels, X, z,
-                  rule.lr, shrink, rule.max_norm)
-    elif kind is DiagonalLaplace:
-        _in_parts(_laplace_events, n, threads, res, _bits(cols["evidence"]), rows, items, labels, X, z,
-                  1.0 / rule.prior_var)
-    elif kind is IsotropicLaplace:
-        _in_parts(_iso_laplace_events, n, threads, res, cols["evidence"], rows, items, labels, X, z,
-                  1.0 / rule.prior_var)
-    elif kind is WindowMAP:
-        hw = cols["head_weight"] if rule.head_var > 0 else np.zeros(1, np.float32)
-        _in_parts(_window_events, n, threads, res, cols["window"], cols["beta"], cols["gram"], hw, rows, items, labels, X, z,
-                  rule.prior_var, rule.head_var, rule.newton_steps)
-    else:
-        raise TypeError(f"no compiled kernel for rule {type(rule).__name__}; rules: PointwiseSGD, PairwiseSGD, "
-                        "DiagonalLaplace, IsotropicLaplace, WindowMAP")

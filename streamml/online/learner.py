@@ -26,7 +26,6 @@ from collections.abc import Callable, Hashable
 
 import numpy as np
 
-from streamml.online import kernels
 from streamml.online.checks import CatalogChecks, plain
 from streamml.online.rules import Catalog, PairwiseSGD, Rule
 from streamml.stores import Field, InMemoryStore, Schema, Store, as_key_list
@@ -165,6 +164,10 @@ class ResidualLearner(CatalogChecks):
             raise ValueError("head_interaction > 0 projects each query on its own principal directions, so a residual "
                              "shared across queries (key='user') would mix their coordinates: use key='user_query'")
         self.rule = PairwiseSGD() if rule is None else rule
+        if not isinstance(self.rule, Rule):
+            missing = [m for m in ("fields", "reference", "apply") if not callable(getattr(self.rule, m, None))]
+            raise TypeError(f"rule {type(self.rule).__name__} lacks {', '.join(missing)}: a rule needs fields, "
+                            "reference and apply (streamml.online.rules.Rule)")
         self.key, self.standardize, self.features = key, standardize, features
         self.threads, self.chunk_size = int(threads), int(chunk_size)
         self.head_interaction = float(head_interaction)
@@ -329,7 +332,7 @@ class ResidualLearner(CatalogChecks):
         return {name: np.array(state[name], dtype=f.dtype, order="C") for name, f in self.schema.items()}
 
     def _apply(self, cols: dict[str, np.ndarray], rows, items, labels) -> dict[str, np.ndarray]:
-        kernels.apply(self.rule, cols, rows, items, labels, self.catalog.embeddings, self.catalog.head, self.threads)
+        self.rule.apply(cols, rows, items, labels, self.catalog, self.threads)
         return cols
 
     def learn_many(self, users, queries, items, labels) -> None:

@@ -3,8 +3,10 @@
 A rule names its hyperparameters (plain keyword arguments, so Hydra builds it from
 ``_target_``), the per-key fields it keeps beside the residual (:meth:`fields`), and
 one readable numpy :meth:`reference` of what an event does to that state. Each rule has
-one compiled twin in :mod:`streamml.online.kernels`, which the learner runs;
-``tests/online/test_kernels.py`` checks that the two agree on random event streams.
+one compiled twin in :mod:`streamml.online.kernels` and makes the call to it itself
+(:meth:`apply`), passing its own fields and hyperparameters: the learner only calls
+``rule.apply``, so a new rule is one class with its kernel, and no dispatch elsewhere changes.
+``tests/online/test_kernels.py`` checks that reference and kernel agree on random event streams.
 
 Notation: ``x`` is the event's item in the learner's features (see ``ResidualLearner``),
 ``z`` its standardised head score, ``r`` the key's residual, ``s = z + r·x`` its score
@@ -19,6 +21,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from streamml.online import kernels as _k
 from streamml.stores import Field
 
 __all__ = ["Catalog", "Rule", "PointwiseSGD", "PairwiseSGD", "DiagonalLaplace", "IsotropicLaplace", "WindowMAP"]
@@ -52,6 +55,15 @@ class Rule(Protocol):
         """Apply one event to one key's ``state`` in place (``state["residual"]`` float32 (D,)).
 
         ``item`` is the catalog id of ``x``, or -1 for an embedding outside the catalog.
+        """
+
+    def apply(self, cols: dict[str, np.ndarray], rows: np.ndarray, items: np.ndarray, labels: np.ndarray,
+              cat: Catalog, threads: int = 1) -> None:
+        """Apply events ``(rows[e], items[e], labels[e])`` in order to the state arrays ``cols``
+        (field -> (n_rows, ...) array, written in place) with the rule's compiled kernel.
+
+        ``rows`` (int64) index ``cols``; ``items`` (int64) are rows of ``cat``; ``labels`` (bool).
+        ``threads`` > 1 splits a big batch by key (:func:`streamml.online.kernel_support.in_parts`).
         """
 
 
@@ -134,6 +146,10 @@ class PointwiseSGD(_SGD):
         r += c * x
         _cap(r, self.max_norm)
 
+    def apply(self, cols, rows, items, labels, cat, threads=1) -> None:
+        _k.in_parts(_k.pointwise_events, len(rows), threads, _k.bits(cols["residual"]), rows, items, labels,
+                    cat.embeddings, cat.head, self.lr, self.shrink, self.max_norm)
+
 
 class PairwiseSGD(_SGD):
     """Pairwise logistic (RankNet) step of the new item against the key's recent opposite feedback.
@@ -196,6 +212,10 @@ class PairwiseSGD(_SGD):
             buf[y, 1:] = buf[y, :-1].copy()
             buf[y, 0] = item
 
+    def apply(self, cols, rows, items, labels, cat, threads=1) -> None:
+        _k.in_parts(_k.pairwise_events, len(rows), threads, _k.bits(cols["residual"]), cols["buffer"], rows, items, labels,
+                    cat.embeddings, cat.head, self.lr, self.shrink, self.max_norm)
+
 
 class DiagonalLaplace(_Hyperparameters):
     """Online Bayesian logistic regression on the residual, with a diagonal Gaussian posterior.
@@ -247,6 +267,10 @@ class DiagonalLaplace(_Hyperparameters):
         a += np.float32(p * (1.0 - p)) * x * x
         m += np.float32(float(label) - p) * x / (np.float32(1.0 / self.prior_var) + a)
 
+    def apply(self, cols, rows, items, labels, cat, threads=1) -> None:
+        _k.in_parts(_k.laplace_events, len(rows), threads, _k.bits(cols["residual"]), _k.bits(cols["evidence"]), rows,
+                    items, labels, cat.embeddings, cat.head, 1.0 / self.prior_var)
+
     def variance(self, state: dict[str, np.ndarray]) -> np.ndarray:
         """Posterior variance of each residual coordinate, ``1 / q``. (..., D) float32."""
         return 1.0 / (np.float32(1.0 / self.prior_var) + state["evidence"].astype(np.float32))
@@ -296,6 +320,10 @@ class IsotropicLaplace(_Hyperparameters):
         a = np.float32(state["evidence"]) + np.float32(p * (1.0 - p)) * np.float32(x @ x)
         state["evidence"] = a
         m += np.float32(float(label) - p) * x / (np.float32(1.0 / self.prior_var) + a)
+
+    def apply(self, cols, rows, items, labels, cat, threads=1) -> None:
+        _k.in_parts(_k.iso_laplace_events, len(rows), threads, _k.bits(cols["residual"]), cols["evidence"], rows, items,
+                    labels, cat.embeddings, cat.head, 1.0 / self.prior_var)
 
     def variance(self, state: dict[str, np.ndarray]) -> np.ndarray:
         """Posterior variance of each residual coordinate, ``1 / q``. (..., 1) float32, broadcasting over D."""
@@ -369,6 +397,12 @@ class WindowMAP(_Hyperparameters):
         if self.head_var > 0:
             out["head_weight"] = Field((), "float32", 0)
         return out
+
+    def apply(self, cols, rows, items, labels, cat, threads=1) -> None:
+        hw = cols["head_weight"] if self.head_var > 0 else np.zeros(1, np.float32)
+        _k.in_parts(_k.window_events, len(rows), threads, _k.bits(cols["residual"]), cols["window"], cols["beta"],
+                    cols["gram"], hw, rows, items, labels, cat.embeddings, cat.head, self.prior_var, self.head_var,
+                    self.newton_steps)
 
     def reference(self, state, x, z, label, cat, item=-1) -> None:
         r, v = state["residual"], float(state.get("head_weight", 0.0))

@@ -8,7 +8,7 @@ import numba
 import numpy as np
 import pytest
 
-from streamml.online import kernels
+from streamml.online import ResidualLearner, kernels
 from streamml.online.rules import Catalog, DiagonalLaplace, IsotropicLaplace, PairwiseSGD, PointwiseSGD, WindowMAP
 
 RULES = {
@@ -55,7 +55,7 @@ def test_kernel_equals_reference_on_random_streams(name, dtype, threads):
     want = empty_state(rule, n_rows, 24, dtype)
     got = {k: v.copy() for k, v in want.items()}
     run_reference(rule, want, rows, items, labels, cat)
-    kernels.apply(rule, got, rows, items, labels, cat.embeddings, cat.head, threads=threads)
+    rule.apply(got, rows, items, labels, cat, threads=threads)
     assert np.abs(want["residual"].astype(np.float32)).max() > 0.1
     assert_states_agree(got, want, dtype)
 
@@ -80,7 +80,7 @@ def test_kernel_equals_reference_event_by_event_in_float16():
             row, item, label = int(rng.integers(5)), int(rng.integers(60)), bool(rng.integers(2))
             ref = {k: v.copy() for k, v in cols.items()}
             run_reference(rule, ref, np.array([row]), np.array([item]), np.array([label]), cat)
-            kernels.apply(rule, cols, np.array([row]), np.array([item]), np.array([label]), cat.embeddings, cat.head)
+            rule.apply(cols, np.array([row]), np.array([item]), np.array([label]), cat)
             np.testing.assert_allclose(cols["residual"][row].astype(np.float32), ref["residual"][row].astype(np.float32),
                                        rtol=2**-10, atol=2**-14)
             for k in set(cols) - {"residual"}:
@@ -100,18 +100,22 @@ def test_window_with_a_head_weight_equals_the_reference_on_an_interleaved_stream
     want = empty_state(WINDOW_HEAD, 7, 24, dtype)
     got = {k: v.copy() for k, v in want.items()}
     run_reference(WINDOW_HEAD, want, rows, items, labels, cat)
-    kernels.apply(WINDOW_HEAD, got, rows, items, labels, cat.embeddings, cat.head)
+    WINDOW_HEAD.apply(got, rows, items, labels, cat)
     assert np.abs(want["head_weight"]).max() > 0.01
     assert_states_agree(got, want, dtype)
 
 
-def test_a_rule_without_a_kernel_is_refused():
-    class Custom(PointwiseSGD):
-        pass
+def test_a_rule_without_a_kernel_call_is_refused_by_the_learner():
+    class Custom:  # a reference and fields, but no apply: nothing could run its events
+        def fields(self, dim):
+            return {}
 
-    with pytest.raises(TypeError, match="no compiled kernel for rule Custom"):
-        kernels.apply(Custom(), {"residual": np.zeros((1, 2), np.float32)}, np.zeros(1, np.int64),
-                      np.zeros(1, np.int64), np.ones(1, bool), np.eye(2, dtype=np.float32), np.zeros(2, np.float32))
+        def reference(self, state, x, z, label, cat, item=-1):
+            state["residual"] += x
+
+    X = np.eye(3, dtype=np.float32)
+    with pytest.raises(TypeError, match="rule Custom lacks apply"):
+        ResidualLearner(X, np.zeros(3, np.int64), rule=Custom())
 
 
 # ------------------------------------------------------------------ float16 in the kernels
@@ -163,7 +167,7 @@ def test_kernels_without_float16_instructions(tmp_path):
     code = """
 import sys
 sys.argv = ["pytest"]
-from streamml.online import kernels
+from streamml.online import ResidualLearner, kernels
 from streamml.online import kernel_support
 assert not kernel_support.NATIVE_HALF
 import pytest
