@@ -1,7 +1,10 @@
 """Compiled update kernels: one numba kernel per rule of :mod:`streamml.online.rules`.
 
 Each rule calls its own kernel (``Rule.apply``), so this module knows no rule: a new rule
-brings its kernel and its call, and nothing here or in the learner changes.
+brings its kernel and its call, and nothing here or in the learner changes. A kernel takes
+four typed arguments besides its share of the batch: the rule's state (a NamedTuple of its
+fields, as named in its schema, e.g. ``WindowState``), the ``Events``, the catalog ``Items``,
+and the rule's hyperparameters; numba reads a NamedTuple's fields at no cost.
 
 A kernel applies a batch of events to per-key state arrays in place, strictly in event
 order, so a key's events apply one after the other. The learner runs them on an
@@ -18,6 +21,7 @@ so each kernel prefetches the rows of the event a few places ahead.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 from numba import njit
@@ -29,6 +33,7 @@ from streamml.online.kernel_support import sigmoid1 as _sigmoid1
 from streamml.stores.memory import prefetch
 
 __all__ = ["pointwise_events", "pairwise_events", "laplace_events", "iso_laplace_events", "window_events",
+           "Events", "Items", "SGDState", "PairwiseState", "LaplaceState", "WindowState", "SGDParams", "WindowParams",
            "bits", "in_parts", "PARALLEL_MIN_EVENTS"]
 
 # Each kernel is one loop over the events with the per-event work written out in it:
@@ -71,12 +76,16 @@ def _prefetch_window_items(win, X, row):
 
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)
-def pointwise_events(res, rows, items, labels, X, z, lr, shrink, max_norm, part, parts):
+def pointwise_events(state, events, cat, params, part, parts):
     """Pointwise SGD steps of events ``(rows[e], items[e], labels[e])``, in order, in place
     (only the events of ``part`` of ``parts``: see ``_my_events``).
 
     ``res``: (n_rows, D) residual rows (float32, or float16 bits as uint16); X, z: the catalog.
     """
+    res = state.residual
+    rows, items, labels = events.rows, events.items, events.labels
+    X, z = cat.X, cat.z
+    lr, shrink, max_norm = params.lr, params.shrink, params.max_norm
     mine = _my_events(rows, part, parts)
     n, D = mine.shape[0], X.shape[1]
     r = np.empty(D, np.float32)
@@ -106,12 +115,16 @@ def pointwise_events(res, rows, items, labels, X, z, lr, shrink, max_norm, part,
 
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)
-def pairwise_events(res, buf, rows, items, labels, X, z, lr, shrink, max_norm, part, parts):
+def pairwise_events(state, events, cat, params, part, parts):
     """Pairwise SGD steps of events ``(rows[e], items[e], labels[e])``, in order, in place
     (only the events of ``part`` of ``parts``: see ``_my_events``).
 
     ``buf``: (n_rows, 2, m) item-id rings, row y for label y, newest first, -1 empty.
     """
+    res, buf = state.residual, state.buffer
+    rows, items, labels = events.rows, events.items, events.labels
+    X, z = cat.X, cat.z
+    lr, shrink, max_norm = params.lr, params.shrink, params.max_norm
     mine = _my_events(rows, part, parts)
     n, D, m = mine.shape[0], X.shape[1], buf.shape[2]
     width = (m + 3) // 4 * 4  # the opposite items, padded to whole groups of 4
@@ -183,11 +196,14 @@ def pairwise_events(res, buf, rows, items, labels, X, z, lr, shrink, max_norm, p
 
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)
-def laplace_events(res, ev, rows, items, labels, X, z, q0, part, parts):
+def laplace_events(state, events, cat, q0, part, parts):
     """Diagonal Laplace steps of events ``(rows[e], items[e], labels[e])``, in order, in place.
 
     ``res``: (n_rows, D) posterior means; ``ev``: (n_rows, D) evidence (float32 or float16 bits).
     """
+    res, ev = state.residual, state.evidence
+    rows, items, labels = events.rows, events.items, events.labels
+    X, z = cat.X, cat.z
     mine = _my_events(rows, part, parts)
     n, D = mine.shape[0], X.shape[1]
     dt_r, dt_e, q0 = res.dtype, ev.dtype, np.float32(q0)
@@ -210,8 +226,11 @@ def laplace_events(res, ev, rows, items, labels, X, z, q0, part, parts):
 
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)
-def iso_laplace_events(res, ev, rows, items, labels, X, z, q0, part, parts):
+def iso_laplace_events(state, events, cat, q0, part, parts):
     """Isotropic Laplace steps of events, in order, in place; ``ev``: (n_rows,) float32 evidence."""
+    res, ev = state.residual, state.evidence
+    rows, items, labels = events.rows, events.items, events.labels
+    X, z = cat.X, cat.z
     mine = _my_events(rows, part, parts)
     n, D = mine.shape[0], X.shape[1]
     dt_r, q0 = res.dtype, np.float32(q0)
@@ -235,7 +254,7 @@ def iso_laplace_events(res, ev, rows, items, labels, X, z, q0, part, parts):
 
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)
-def window_events(res, win, beta, gram, hw, rows, items, labels, X, z, pv, hv, steps, part, parts):
+def window_events(state, events, cat, params, part, parts):
     """WindowMAP solves of events ``(rows[e], items[e], labels[e])``, in order, in place.
 
     ``win``: (n_rows, B) int32 codes (item + 1, negated for a rejection, 0 empty, oldest
@@ -245,6 +264,10 @@ def window_events(res, win, beta, gram, hw, rows, items, labels, X, z, pv, hv, s
     update. The Newton system ``(I + W K) d = g`` is solved in its symmetric form
     ``d = g - S (I + S K S)⁻¹ S K g``, ``S = W^½``, by Cholesky.
     """
+    res, win, beta, gram, hw = state.residual, state.window, state.beta, state.gram, state.head_weight
+    rows, items, labels = events.rows, events.items, events.labels
+    X, z = cat.X, cat.z
+    pv, hv, steps = params.prior_var, params.head_var, params.newton_steps
     mine = _my_events(rows, part, parts)
     n_ev, D, B = mine.shape[0], X.shape[1], win.shape[1]
     dt_r = res.dtype
@@ -385,9 +408,62 @@ def window_events(res, win, beta, gram, hw, rows, items, labels, X, z, pv, hv, s
             hw[row] = v
 
 
+class Events(NamedTuple):
+    """A batch of events: ``rows`` (int64) index the state arrays, ``items`` (int64) the catalog's
+    rows, ``labels`` (bool) accepted."""
+
+    rows: np.ndarray
+    items: np.ndarray
+    labels: np.ndarray
+
+
+class Items(NamedTuple):
+    """The catalog as a kernel reads it: ``X`` (n_items, D) float32 features, ``z`` (n_items,)
+    float32 standardised head scores."""
+
+    X: np.ndarray
+    z: np.ndarray
+
+
+# Each kernel's typed state: the rule's fields (named as in its schema), float16 ones as their bits.
+class SGDState(NamedTuple):
+    residual: np.ndarray
+
+
+class PairwiseState(NamedTuple):
+    residual: np.ndarray
+    buffer: np.ndarray
+
+
+class LaplaceState(NamedTuple):
+    residual: np.ndarray
+    evidence: np.ndarray
+
+
+class WindowState(NamedTuple):
+    residual: np.ndarray
+    window: np.ndarray
+    beta: np.ndarray
+    gram: np.ndarray
+    head_weight: np.ndarray  # (1,) zeros when the rule keeps no head weight
+
+
+class SGDParams(NamedTuple):
+    lr: float
+    shrink: float
+    max_norm: float
+
+
+class WindowParams(NamedTuple):
+    prior_var: float
+    head_var: float
+    newton_steps: int
+
+
 _HALF = np.dtype(np.float16)
 
 
 def bits(a: np.ndarray) -> np.ndarray:
     """A state array as the kernels take it: float16 as its bits (uint16), anything else as it is."""
     return a.view(np.uint16) if a.dtype is _HALF or a.dtype == _HALF else a
+

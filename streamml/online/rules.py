@@ -147,8 +147,9 @@ class PointwiseSGD(_SGD):
         _cap(r, self.max_norm)
 
     def apply(self, cols, rows, items, labels, cat, threads=1) -> None:
-        _k.in_parts(_k.pointwise_events, len(rows), threads, _k.bits(cols["residual"]), rows, items, labels,
-                    cat.embeddings, cat.head, self.lr, self.shrink, self.max_norm)
+        _k.in_parts(_k.pointwise_events, len(rows), threads, _k.SGDState(_k.bits(cols["residual"])),
+                    _k.Events(rows, items, labels), _k.Items(cat.embeddings, cat.head),
+                    _k.SGDParams(self.lr, self.shrink, self.max_norm))
 
 
 class PairwiseSGD(_SGD):
@@ -213,8 +214,9 @@ class PairwiseSGD(_SGD):
             buf[y, 0] = item
 
     def apply(self, cols, rows, items, labels, cat, threads=1) -> None:
-        _k.in_parts(_k.pairwise_events, len(rows), threads, _k.bits(cols["residual"]), cols["buffer"], rows, items, labels,
-                    cat.embeddings, cat.head, self.lr, self.shrink, self.max_norm)
+        _k.in_parts(_k.pairwise_events, len(rows), threads, _k.PairwiseState(_k.bits(cols["residual"]), cols["buffer"]),
+                    _k.Events(rows, items, labels), _k.Items(cat.embeddings, cat.head),
+                    _k.SGDParams(self.lr, self.shrink, self.max_norm))
 
 
 class DiagonalLaplace(_Hyperparameters):
@@ -268,8 +270,8 @@ class DiagonalLaplace(_Hyperparameters):
         m += np.float32(float(label) - p) * x / (np.float32(1.0 / self.prior_var) + a)
 
     def apply(self, cols, rows, items, labels, cat, threads=1) -> None:
-        _k.in_parts(_k.laplace_events, len(rows), threads, _k.bits(cols["residual"]), _k.bits(cols["evidence"]), rows,
-                    items, labels, cat.embeddings, cat.head, 1.0 / self.prior_var)
+        _k.in_parts(_k.laplace_events, len(rows), threads, _k.LaplaceState(_k.bits(cols["residual"]), _k.bits(cols["evidence"])),
+                    _k.Events(rows, items, labels), _k.Items(cat.embeddings, cat.head), 1.0 / self.prior_var)
 
     def variance(self, state: dict[str, np.ndarray]) -> np.ndarray:
         """Posterior variance of each residual coordinate, ``1 / q``. (..., D) float32."""
@@ -322,8 +324,8 @@ class IsotropicLaplace(_Hyperparameters):
         m += np.float32(float(label) - p) * x / (np.float32(1.0 / self.prior_var) + a)
 
     def apply(self, cols, rows, items, labels, cat, threads=1) -> None:
-        _k.in_parts(_k.iso_laplace_events, len(rows), threads, _k.bits(cols["residual"]), cols["evidence"], rows, items,
-                    labels, cat.embeddings, cat.head, 1.0 / self.prior_var)
+        _k.in_parts(_k.iso_laplace_events, len(rows), threads, _k.LaplaceState(_k.bits(cols["residual"]), cols["evidence"]),
+                    _k.Events(rows, items, labels), _k.Items(cat.embeddings, cat.head), 1.0 / self.prior_var)
 
     def variance(self, state: dict[str, np.ndarray]) -> np.ndarray:
         """Posterior variance of each residual coordinate, ``1 / q``. (..., 1) float32, broadcasting over D."""
@@ -400,9 +402,9 @@ class WindowMAP(_Hyperparameters):
 
     def apply(self, cols, rows, items, labels, cat, threads=1) -> None:
         hw = cols["head_weight"] if self.head_var > 0 else np.zeros(1, np.float32)
-        _k.in_parts(_k.window_events, len(rows), threads, _k.bits(cols["residual"]), cols["window"], cols["beta"],
-                    cols["gram"], hw, rows, items, labels, cat.embeddings, cat.head, self.prior_var, self.head_var,
-                    self.newton_steps)
+        state = _k.WindowState(_k.bits(cols["residual"]), cols["window"], cols["beta"], cols["gram"], hw)
+        _k.in_parts(_k.window_events, len(rows), threads, state, _k.Events(rows, items, labels),
+                    _k.Items(cat.embeddings, cat.head), _k.WindowParams(self.prior_var, self.head_var, self.newton_steps))
 
     def reference(self, state, x, z, label, cat, item=-1) -> None:
         r, v = state["residual"], float(state.get("head_weight", 0.0))
