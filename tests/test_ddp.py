@@ -32,11 +32,16 @@ def test_two_processes_give_the_metrics_of_one(tmp_path):
                "final_fit=false", "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path / trainer}"]
         procs[trainer] = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                           env={**os.environ, "MLFLOW_TRACKING_URI": uri})
-    for trainer, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=600)
-        assert proc.returncode == 0, stderr[-3000:]
-        if trainer == "ddp":
-            assert "Starting with 2 processes" in stderr + stdout
+    try:
+        for trainer, proc in procs.items():
+            stdout, stderr = proc.communicate(timeout=600)
+            assert proc.returncode == 0, stderr[-3000:]
+            if trainer == "ddp":
+                assert "Starting with 2 processes" in stderr + stdout
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
     runs = mlflow.search_runs(experiment_names=["ddp"]).set_index("tags.mlflow.runName")
     assert sorted(runs.index) == ["cpu", "ddp"] and set(runs.status) == {"FINISHED"}  # no stray run per process
     assert runs.loc["ddp", "params.trainer.strategy"] == "ddp_spawn"

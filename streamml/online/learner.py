@@ -168,6 +168,10 @@ class ResidualLearner(CatalogChecks):
             missing = [m for m in ("fields", "reference", "apply") if not callable(getattr(self.rule, m, None))]
             raise TypeError(f"rule {type(self.rule).__name__} lacks {', '.join(missing)}: a rule needs fields, "
                             "reference and apply (streamml.online.rules.Rule)")
+        owner = {m: next(c for c in type(self.rule).__mro__ if m in vars(c)) for m in ("reference", "apply")}
+        if owner["reference"] is not owner["apply"]:  # its kernel would not be its reference's twin
+            raise TypeError(f"rule {type(self.rule).__name__} defines its own reference but runs "
+                            f"{owner['apply'].__name__}'s kernel: give it an apply of its own")
         self.key, self.standardize, self.features = key, standardize, features
         self.threads, self.chunk_size = int(threads), int(chunk_size)
         self.head_interaction = float(head_interaction)

@@ -118,6 +118,21 @@ def test_a_rule_without_a_kernel_call_is_refused_by_the_learner():
         ResidualLearner(X, np.zeros(3, np.int64), rule=Custom())
 
 
+def test_a_subclass_with_its_own_reference_but_the_parents_kernel_is_refused():
+    class Custom(PointwiseSGD):  # a new step, but PointwiseSGD.apply would run the old one
+        def reference(self, state, x, z, label, cat, item=-1):
+            state["residual"] += x
+
+    class Tuned(PointwiseSGD):  # other defaults only: reference and kernel stay twins
+        def __init__(self):
+            super().__init__(lr=0.5)
+
+    X = np.eye(3, dtype=np.float32)
+    with pytest.raises(TypeError, match="rule Custom defines its own reference but runs PointwiseSGD's kernel"):
+        ResidualLearner(X, np.zeros(3, np.int64), rule=Custom())
+    assert ResidualLearner(X, np.zeros(3, np.int64), rule=Tuned()).rule.lr == 0.5
+
+
 # ------------------------------------------------------------------ float16 in the kernels
 @numba.njit
 def _f16_round_trip(bits, x):

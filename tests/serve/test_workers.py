@@ -64,7 +64,7 @@ class Server:
 
 @pytest.fixture(scope="module", params=["sqlite", "redis"])
 def setup(request, served_models, tmp_path_factory):
-    """(the running service, backend for the test's own reads, service config), one per backend.
+    """(the running service, its config), one per backend.
 
     The two tests of a backend share the service (starting two workers takes about 10 s); each
     uses its own user. The SIGKILL test leaves it restarted and running."""
@@ -81,6 +81,15 @@ def setup(request, served_models, tmp_path_factory):
     service = Server(tmp_path / "serve.log", overrides).start()
     yield service, cfg
     service.kill(signal.SIGTERM)
+
+
+@pytest.fixture
+def running(setup):
+    """``setup``'s service, started again if an earlier test left it dead (so a failure stays its own)."""
+    service, cfg = setup
+    if service.proc is None or service.proc.poll() is not None:
+        service.start()
+    return service, cfg
 
 
 def replay_check(cfg, user, events):
@@ -111,8 +120,8 @@ def _rewards_applied(server) -> float:
     return 0.0
 
 
-def test_concurrent_rewards_for_one_user_apply_exactly_once_each(setup):
-    server, cfg = setup
+def test_concurrent_rewards_for_one_user_apply_exactly_once_each(running):
+    server, cfg = running
     user, n = f"u{uuid.uuid4().hex[:6]}", 40
     applied_before = _rewards_applied(server)
     with httpx.Client(base_url=server.url, timeout=30) as c:
@@ -137,8 +146,8 @@ def test_concurrent_rewards_for_one_user_apply_exactly_once_each(setup):
     replay_check(cfg, user, [(item, label) for _, item, label in rewards])
 
 
-def test_sigkill_under_load_loses_no_acknowledged_update(setup):
-    server, cfg = setup
+def test_sigkill_under_load_loses_no_acknowledged_update(running):
+    server, cfg = running
     user, n = f"k{uuid.uuid4().hex[:6]}", 240
     events = [(f"{user}-{i}", i % 40, int(i % 3 == 0)) for i in range(n)]
     acked: set[str] = set()
@@ -155,7 +164,9 @@ def test_sigkill_under_load_loses_no_acknowledged_update(setup):
             return r.json()["status"]
         return None
 
-    with ThreadPoolExecutor(6) as pool, httpx.Client(base_url=server.url) as client:
+    # no keep-alive under load: each request a new connection, spread over both workers as the kernel accepts them
+    no_keepalive = httpx.Limits(max_keepalive_connections=0)
+    with ThreadPoolExecutor(6) as pool, httpx.Client(base_url=server.url, limits=no_keepalive) as client:
         futures = [pool.submit(send, client, job) for job in events]
         wait_until(lambda: len(acked) >= n // 3, "a third of the updates acknowledged", 120, every_s=0.01)
         server.kill(signal.SIGKILL)
@@ -195,7 +206,7 @@ def test_redis_down_is_a_fast_503_without_partial_writes_and_the_service_recover
                             lambda: c.post(f"/v1/events/{ev['event_id']}/reward",
                                            json={"rewards": [{"item": ev["items"][0]["item"], "label": "accepted"}]}),
                             lambda: c.get(f"/v1/users/{user}")):
-                r = request()  # answered, not hung: no retry loop (tests/stores/test_redis.py counts the connects)
+                r = request()  # a 503 within the client's timeout; tests/stores/test_redis.py counts the store's connects
                 assert r.status_code == 503 and "backend is unavailable" in r.json()["detail"], r.text
             assert c.get("/readyz").status_code == 503 and c.get("/healthz").status_code == 200
             redis.start()  # same port, same data (AOF)
