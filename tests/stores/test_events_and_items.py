@@ -118,12 +118,27 @@ def test_client_event_ids_are_idempotent_per_user_until_they_expire(backend):
     assert not log.claim_client_event("alice", "c2", ttl_s=60)
 
 
-def _claim_all(log, n, barrier, out):
-    """One racer: its own SQLite connection (a connection must not cross a fork), and any error is
-    sent back, so the test fails with the cause rather than an empty queue."""
+def _spec(log) -> tuple:
+    """How a racer opens the same log in a fresh process: SQLite by its path, Redis by its URL and prefix."""
+    if isinstance(log, SQLiteEventLog):
+        return ("sqlite", str(log.db.path))
+    from redis.cluster import RedisCluster
+
+    if isinstance(log.client, RedisCluster):
+        return ("redis", f"redis-cluster://127.0.0.1:{log.client.get_default_node().port}", log.prefix)
+    return ("redis", f"redis://127.0.0.1:{log.client.connection_pool.connection_kwargs['port']}/0", log.prefix)
+
+
+def _claim_all(spec, n, barrier, out):
+    """One racer, in a spawned process with its own connection (nothing of the parent's threads or
+    sockets crosses into it), sending back its claims or its error, so the test fails with the cause."""
     try:
-        if isinstance(log, SQLiteEventLog):
-            log = SQLiteEventLog(log.db.path)
+        if spec[0] == "sqlite":
+            log = SQLiteEventLog(spec[1])
+        else:
+            from streamml.stores.redis import RedisEventLog
+
+            log = RedisEventLog(spec[1], prefix=spec[2])
         barrier.wait()
         out.put([log.claim("e1", i) for i in range(n)])
     except BaseException as err:  # noqa: BLE001  (reported to the parent)
@@ -136,14 +151,20 @@ def test_concurrent_claims_have_one_winner(backend):
     if isinstance(log, MemoryEventLog):
         pytest.skip("the memory event log lives in one process: there is no other process to race")
     log.create("e1", RECORD, ttl_s=60)
-    ctx = multiprocessing.get_context("fork")
+    # spawn, not fork: a forked child of this multi-threaded process (the SQLite log's checkpointer,
+    # numba's and torch's threads) can inherit a lock held by a thread that is not there to release it
+    ctx = multiprocessing.get_context("spawn")
     n, barrier, out = 100, ctx.Barrier(2), ctx.Queue()
-    procs = [ctx.Process(target=_claim_all, args=(log, n, barrier, out)) for _ in range(2)]
+    procs = [ctx.Process(target=_claim_all, args=(_spec(log), n, barrier, out)) for _ in range(2)]
     for p in procs:
         p.start()
-    wins = [out.get(timeout=120) for _ in procs]
-    for p in procs:
-        p.join(60)
+    try:
+        wins = [out.get(timeout=120) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(60)
+            if p.is_alive():
+                p.kill()
     assert not [w for w in wins if isinstance(w, str)], wins  # a racer failed: its error
     assert (np.array(wins).sum(0) == 1).all()  # each item claimed exactly once
 
