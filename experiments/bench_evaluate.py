@@ -22,7 +22,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -103,11 +102,8 @@ def truth(slates, head, catalog, data) -> float:
 
 def bench_cli_and_follow(data, weights, n: int) -> list[str]:
     import mlflow
-    import torch
 
     from streamml import tracking
-    from streamml.offline.heads import LinearHeads
-    from streamml.offline.losses import ranknet
     from streamml.offline.module import HeadLearner
     from streamml.register import register
 
@@ -118,12 +114,7 @@ def bench_cli_and_follow(data, weights, n: int) -> list[str]:
     mlflow.set_experiment("default")
     runs = {}
     for name, w in weights.items():
-        learner = HeadLearner(partial(LinearHeads, dim=w.shape[1]), ranknet, partial(torch.optim.Adam), None)
-        learner.groups_ = np.arange(len(w))
-        heads = LinearHeads(*w.shape)
-        with torch.no_grad():
-            heads.weight.copy_(torch.as_tensor(w, dtype=torch.float32))
-        learner.heads_ = heads.eval()
+        learner = HeadLearner.from_linear_weights(w)
         with mlflow.start_run() as run:
             tracking.log_model(learner, data.query_ids, w.shape[1])
         runs[name] = run.info.run_id

@@ -128,6 +128,27 @@ class HeadLearner:
         self.head, self.loss, self.optimizer, self.trainer = head, loss, optimizer, trainer
         self.batch_size, self.seed = batch_size, seed
 
+    @classmethod
+    def from_linear_weights(cls, weight: np.ndarray) -> HeadLearner:
+        """A learner as ``fit`` leaves it, with the given per-group linear weights ``(G, D)``: heads
+        whose scores are known, for tests and benchmarks of what consumes a trained head.
+
+        >>> HeadLearner.from_linear_weights(np.eye(2)).score_rows(np.eye(2, dtype="float32"), np.array([0, 1]))
+        array([1., 1.], dtype=float32)
+        """
+        from functools import partial
+
+        from streamml.offline.heads import LinearHeads
+        from streamml.offline.losses import ranknet
+
+        learner = cls(partial(LinearHeads, dim=weight.shape[1]), ranknet, partial(torch.optim.Adam), None)
+        learner.groups_ = np.arange(len(weight))
+        heads = LinearHeads(*weight.shape)
+        with torch.no_grad():
+            heads.weight.copy_(torch.as_tensor(weight, dtype=torch.float32))
+        learner.heads_ = heads.eval()
+        return learner
+
     def fit(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray, blocks: np.ndarray | None = None,
             callbacks: list | None = None) -> "HeadLearner":
         """Train one head per group; ``blocks`` (N,) says which groups a head may share parameters with."""

@@ -25,10 +25,10 @@ from streamml.loop.export import SQLiteSource, export  # noqa: E402
 from streamml.loop.migrate import run as migrate_run  # noqa: E402
 from streamml.loop.promote import promote  # noqa: E402
 from streamml.loop.retrain import retrain  # noqa: E402
+from streamml.offline.module import HeadLearner  # noqa: E402
 from streamml.register import register  # noqa: E402
 from streamml.serve.app import create_app  # noqa: E402
 from tests.helpers import wait_until  # noqa: E402
-from tests.serve.serve_fixtures import head_learner  # noqa: E402
 from tests.serve.serve_helpers import serve_cfg  # noqa: E402
 
 K, USERS = 4, 24
@@ -64,7 +64,7 @@ def test_log_to_retrained_promoted_champion_with_states_kept(tmp_path, mlflow_ur
     mlflow.set_tracking_uri(mlflow_uri)
     mlflow.set_experiment("loop_e2e")  # of this store: not an experiment id an earlier test left active
     with mlflow.start_run() as bad:  # the champion ranks the accepted items last
-        tracking.log_model(head_learner(-5 * direction / np.linalg.norm(direction, axis=1, keepdims=True)),
+        tracking.log_model(HeadLearner.from_linear_weights(-5 * direction / np.linalg.norm(direction, axis=1, keepdims=True)),
                            data.query_ids, data.X.shape[1])
     register(bad.info.run_id, "streamml", "champion", tracking_uri=mlflow_uri)
     cfg = serve_cfg(items_dir, mlflow_uri, ["model=models:/streamml@champion", "reload.follow_alias_s=0.05",

@@ -23,10 +23,10 @@ from streamml.loop.__main__ import main
 from streamml.loop.evaluate import evaluate
 from streamml.loop.export import SCHEMA, SCHEMA_VERSION
 from streamml.loop.promote import NOT_PROMOTED, decide, promote, rollback
+from streamml.offline.module import HeadLearner
 from streamml.online.policies import EpsilonSlots
 from streamml.register import register
 from tests.conftest import write_queries
-from tests.serve.serve_fixtures import head_learner
 
 K = 3
 
@@ -74,7 +74,7 @@ def world(tmp_path_factory):
     runs = {}
     for name, w in weights.items():
         with mlflow.start_run() as run:
-            tracking.log_model(head_learner(w), data.query_ids, data.X.shape[1])
+            tracking.log_model(HeadLearner.from_linear_weights(w), data.query_ids, data.X.shape[1])
         runs[name] = run.info.run_id
     return _export(root / "events", data), items_dir, uri, runs
 

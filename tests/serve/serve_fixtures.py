@@ -4,36 +4,20 @@ tests/conftest.py for ``from conftest import``."""
 
 from __future__ import annotations
 
-from functools import partial
-
 import mlflow
-import numpy as np
 import pytest
 import torch
 
 from streamml import tracking
 from streamml.data import load_queries
-from streamml.offline.heads import LinearHeads
-from streamml.offline.losses import ranknet
 from streamml.offline.module import HeadLearner
 from tests.serve.serve_helpers import serve_cfg, write_queries
-
-
-def head_learner(weight: np.ndarray) -> HeadLearner:
-    """A HeadLearner as ``fit`` leaves it, with the given per-query linear weights (Q, D)."""
-    learner = HeadLearner(partial(LinearHeads, dim=weight.shape[1]), ranknet, partial(torch.optim.Adam), None, seed=0)
-    learner.groups_ = np.arange(len(weight))
-    heads = LinearHeads(*weight.shape)
-    with torch.no_grad():
-        heads.weight.copy_(torch.as_tensor(weight, dtype=torch.float32))
-    learner.heads_ = heads.eval()
-    return learner
 
 
 def _fitted(data, seed: int) -> HeadLearner:
     """Random heads (training is not what is tested here)."""
     torch.manual_seed(seed)
-    return head_learner(torch.randn(len(data.query_ids), data.X.shape[1]).numpy())
+    return HeadLearner.from_linear_weights(torch.randn(len(data.query_ids), data.X.shape[1]).numpy())
 
 
 @pytest.fixture(scope="session")
