@@ -43,7 +43,7 @@ def experiment_setting(name: str):
 RULES = {"pointwise": PointwiseSGD, "pairwise": PairwiseSGD, "laplace": DiagonalLaplace, "laplace_iso": IsotropicLaplace,
          "window": WindowMAP, "window_head": lambda: WindowMAP(head_var=0.1),
          **{f"window@{e}": lambda e=e: experiment_setting(f"online_{e}") for e in ("personalize", "large_catalog", "coldstart")},
-         "mixed@replay": None}
+         "mixed@replay": None, "mixed@coldstart": None}
 N_QUERIES, PER_QUERY, DIM = 100, 100, 384
 
 
@@ -61,22 +61,23 @@ def events(rng, n: int, n_keys: int):
     return u, q, q * PER_QUERY + rng.integers(0, PER_QUERY, n), rng.integers(0, 2, n)
 
 
-def mixed_as_configured(X, item_query, head, capacity: int):
-    """The mixed learner exactly as ``+experiment=online_replay`` configures it (its factors and
-    trust factor set the state's size and the kernel's cost; a population fit changes only values)."""
+def mixed_as_configured(X, item_query, head, capacity: int, experiment: str = "online_replay"):
+    """The mixed learner exactly as ``+experiment=<experiment>`` configures it (its factors, trust
+    factor and covariance set the state's size and the kernel's cost; a population fit changes only values)."""
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
     with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "configs"), version_base="1.3"):
-        cfg = compose("train", overrides=["+experiment=online_replay"])
+        cfg = compose("train", overrides=[f"+experiment={experiment}"])
     return instantiate(cfg.online)(items=X, item_query=item_query, head_scores=head,
                                    store=lambda schema: InMemoryStore(schema, capacity=capacity))
 
 
 def bench_rule(name: str, args, progress) -> dict:
     X, item_query, head = catalog()
-    if name == "mixed@replay":
-        learner = mixed_as_configured(X, item_query, head, args.keys)
+    if name.startswith("mixed@"):
+        learner = mixed_as_configured(X, item_query, head, args.keys, {"replay": "online_replay",
+                                                                      "coldstart": "mixed_coldstart"}[name[6:]])
     else:
         rule = RULES[name]()
         rule, options = rule if isinstance(rule, tuple) else (rule, {})
@@ -143,7 +144,9 @@ and its hash table. `window` is WindowMAP's defaults ({WindowMAP().newton_steps}
 `window_head` the same with a head weight, and
 `window@<experiment>` the rule and the features (`features`, `head_interaction`) as `+experiment=online_<experiment>` configures them;
 `mixed@replay` is the mixed learner as `+experiment=online_replay` configures it (its state: mean, packed covariance,
-the bias-only model and the gain, float32; both thread columns split its batch by key over threads).
+the bias-only model and the gain, float32; both thread columns split its batch by key over threads), and
+`mixed@coldstart` as `+experiment=mixed_coldstart` does (48 factors, as many as this catalog's
+384-d items allow per query, with a diagonal covariance).
 Budget (issue 6): <= 1 KB per key (2 KB with a posterior whose gain is
 shown), `learn_one` <= 20 µs, `learn_many` >= 1M events/s on 2 cores.
 

@@ -28,17 +28,26 @@ only accepts more or less often" (a bias does not change a ranking). Scores are:
 so a key whose departures do not predict its own answers better keeps the population's
 ranking, and one whose departures do gets them in full, in proportion to the evidence.
 With no population fit yet the global model is the head alone, the factors are each query's
-top ``k`` principal directions of its items' embeddings, and ``Sigma`` is ``prior_var * I``.
+top ``k`` principal directions of its items' embeddings, and ``Sigma`` is ``prior_var * I``
+(``bias_var`` for the bias: in cold start a per-key bias costs ranking quality, so that
+scenario sets it to 0, see ``experiments/mixed_sim_tuning.md``).
 
-The update exists twice: :func:`adf_step`, the readable reference, and ``_events``, the
-compiled kernel that :meth:`MixedLearner.learn_many` runs; ``tests/online/test_mixed.py``
-checks that they agree.
+**A diagonal posterior** (``covariance="diagonal"``) keeps ``d`` variances in place of the
+``d (d + 1) / 2`` covariances, in the basis where the prior is diagonal. A query's principal
+directions are uncorrelated over its items, so after a few of them the posterior precision is
+nearly diagonal there: every direction of a small query (48 here) fits in 400 bytes, where the
+full covariance would take 5 KB.
+
+The update exists as :func:`adf_step`, the readable reference (full or diagonal), and its
+compiled kernels ``_events`` (full) and ``_events_diagonal`` that :meth:`MixedLearner.learn_many`
+runs; ``tests/online/test_mixed.py`` checks that they agree.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Hashable
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -52,7 +61,7 @@ from streamml.online.population import Population, embedding_factors, fit_popula
 from streamml.stores import Field, InMemoryStore, Schema, Store, as_key_list
 from streamml.stores.base import store_for
 
-__all__ = ["MixedLearner", "adf_step"]
+__all__ = ["MixedLearner", "adf_step", "diagonalized"]
 
 _PROBIT = math.pi / 8  # the probit approximation of the logistic-Gaussian integral
 
@@ -68,22 +77,24 @@ def _log_sigmoid(x):
 def adf_step(mean, cov, bias, gain, f, o, label, prior, prior_b) -> float:
     """One event on one key's state, in place (reference). Returns the new gain.
 
-    ``mean`` (d,), ``cov`` (d, d) the *difference* from ``prior`` (d, d); ``bias`` (2,) the
-    bias-only model's mean and variance difference from ``prior_b``; ``f`` (d,) the item's
-    ``[1, v_i]``; ``o`` its global log-odds; ``label`` 1 or 0.
+    ``mean`` (d,), ``cov`` (d, d) the *difference* from ``prior`` (d, d), or (d,) the difference
+    from its diagonal for a diagonal posterior; ``bias`` (2,) the bias-only model's mean and
+    variance difference from ``prior_b``; ``f`` (d,) the item's ``[1, v_i]``; ``o`` its global
+    log-odds; ``label`` 1 or 0.
     """
-    S = prior + cov
-    mu, s = o + f @ mean, f @ S @ f
+    diagonal = cov.ndim == 1
+    S = np.diag(prior) + cov if diagonal else prior + cov
+    Sf = S * f if diagonal else S @ f
+    mu, s = o + f @ mean, f @ Sf
     mu_b, s_b = o + bias[0], prior_b + bias[1]
     y = float(label)
     sign = 1.0 if y else -1.0  # predictive log-likelihoods, the probit-moderated logits
     gain += _log_sigmoid(sign * mu / math.sqrt(1 + _PROBIT * s)) - _log_sigmoid(sign * mu_b / math.sqrt(1 + _PROBIT * s_b))
     p = 1 / (1 + math.exp(-mu))
     lam = p * (1 - p)
-    Sf = S @ f
     denom = 1 + lam * s
     mean += Sf * (y - p) / denom
-    cov -= np.outer(Sf, Sf) * (lam / denom)
+    cov -= (Sf * Sf if diagonal else np.outer(Sf, Sf)) * (lam / denom)
     p_b = 1 / (1 + math.exp(-mu_b))
     lam_b = p_b * (1 - p_b)
     bias[0] += s_b * (y - p_b) / (1 + lam_b * s_b)
@@ -143,6 +154,53 @@ def _events(mean, cov, bias, gain, rows, items, labels, F, PF, o, prior_b, part,
         bias[r, 1] -= s_b * s_b * lam_b / (1.0 + lam_b * s_b)
 
 
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def _events_diagonal(mean, cov, bias, gain, rows, items, labels, F, prior, o, prior_b, part, parts):
+    """The kernel of :func:`adf_step` for a diagonal posterior: ``cov`` rows hold each key's
+    difference from the prior's diagonal ``prior`` (d,); otherwise as :func:`_events`."""
+    d = F.shape[1]
+    Sf = np.empty(d)
+    for e in _my_events(rows, part, parts):
+        r, i = rows[e], items[e]
+        y = 1.0 if labels[e] else 0.0
+        mu = o[i]
+        s = 0.0
+        for a in range(d):
+            Sf[a] = (prior[a] + cov[r, a]) * F[i, a]
+            mu += F[i, a] * mean[r, a]
+            s += F[i, a] * Sf[a]
+        mu_b = o[i] + bias[r, 0]
+        s_b = prior_b + bias[r, 1]
+        sign = 1.0 if y > 0 else -1.0
+        gain[r] += (_log_sigmoid(sign * mu / math.sqrt(1.0 + _PROBIT * s))
+                    - _log_sigmoid(sign * mu_b / math.sqrt(1.0 + _PROBIT * s_b)))
+        p = 1.0 / (1.0 + math.exp(-mu))
+        lam = p * (1.0 - p)
+        denom = 1.0 + lam * s
+        step = (y - p) / denom
+        shrink = lam / denom
+        for a in range(d):
+            mean[r, a] += Sf[a] * step
+            cov[r, a] -= Sf[a] * Sf[a] * shrink
+        p_b = 1.0 / (1.0 + math.exp(-mu_b))
+        lam_b = p_b * (1.0 - p_b)
+        bias[r, 0] += s_b * (y - p_b) / (1.0 + lam_b * s_b)
+        bias[r, 1] -= s_b * s_b * lam_b / (1.0 + lam_b * s_b)
+
+
+def diagonalized(pop: Population) -> Population:
+    """``pop`` with its factors turned to the eigenbasis of their prior covariance, so that the
+    prior is diagonal (a diagonal posterior starts from it). Scores do not change: ``w · v`` is
+    the same in any basis. The bias's covariance with the factors is dropped. A population whose
+    prior is already diagonal is returned as it is (so turning twice changes nothing)."""
+    P = np.asarray(pop.prior_cov, np.float64)
+    if np.count_nonzero(P - np.diag(np.diag(P))) == 0:
+        return pop
+    eigvals, U = np.linalg.eigh(P[1:, 1:])
+    prior = np.diag(np.concatenate([[P[0, 0]], np.clip(eigvals, 0.0, None)]))
+    return replace(pop, factors=(pop.factors.astype(np.float64) @ U).astype(np.float32), prior_cov=prior)
+
+
 class MixedLearner(CatalogChecks):
     """Per-(user, query) random effects over a population model, with a no-harm gate.
 
@@ -171,6 +229,15 @@ class MixedLearner(CatalogChecks):
         ``False``: never learn (the population model alone, an ablation).
     threads
         Threads over which :meth:`learn_many` splits a big batch on an in-memory store (by key).
+    covariance
+        ``"full"``: the posterior's full covariance (``d (d + 1) / 2`` numbers per key);
+        ``"diagonal"``: its diagonal in the factors' basis (``d`` numbers), turned so that the
+        prior is diagonal there (:func:`diagonalized`). A query's principal directions are
+        uncorrelated over its items, so the diagonal can afford every direction of a small query
+        within the state budget (``experiments/mixed_sim_tuning.md``).
+    bias_var
+        The prior variance of the per-key bias until :meth:`fit_population` estimates it
+        (``None``: ``prior_var``; ``0``: no per-key bias).
 
     Examples
     --------
@@ -189,7 +256,8 @@ class MixedLearner(CatalogChecks):
 
     def __init__(self, items, item_query, head_scores=None, k: int = 8, prior_var: float = 0.3,
                  gate: bool = True, store: Store | Callable[[Schema], Store] | None = None, seed: int = 0,
-                 factors: str = "svd", trust: bool = False, adapt: bool = True, threads: int = 1):
+                 factors: str = "svd", trust: bool = False, adapt: bool = True, threads: int = 1,
+                 covariance: str = "full", bias_var: float | None = None):
         X = np.ascontiguousarray(items, np.float32)
         if X.ndim != 2:
             raise ValueError(f"items must be (n_items, D), got shape {X.shape}")
@@ -198,6 +266,12 @@ class MixedLearner(CatalogChecks):
             raise ValueError(f"item_query must have shape ({len(X)},), got {self.item_query.shape}")
         if int(k) < 1 or not prior_var > 0:
             raise ValueError(f"k must be >= 1 and prior_var > 0, got k={k}, prior_var={prior_var}")
+        if covariance not in ("full", "diagonal"):
+            raise ValueError(f"covariance must be 'full' or 'diagonal', got {covariance!r}")
+        bias_var = prior_var if bias_var is None else bias_var
+        if not 0 <= bias_var < math.inf:
+            raise ValueError(f"bias_var must be finite and >= 0, got {bias_var}")
+        self.covariance, self.bias_var = covariance, float(bias_var)
         if factors not in ("svd", "als", "embedding"):
             raise ValueError(f"factors must be 'svd', 'als' or 'embedding', got {factors!r}")
         self.X, self.k, self.gate, self.seed = X, int(k), bool(gate), int(seed)
@@ -214,24 +288,30 @@ class MixedLearner(CatalogChecks):
         V = embedding_factors(X, self._q_code, min(self.k, X.shape[1])).astype(np.float32)
         if self.trust:  # the head's log-odds as the first factor, as fit_population puts the global model's
             V = np.hstack([((self.z - self.z.mean()) / max(self.z.std(), 1e-12))[:, None], V]).astype(np.float32)
-        self.population = Population(1.0, 0.0, np.zeros(len(X)), V, np.eye(1 + V.shape[1]) * prior_var, 0, "none")
+        prior = np.diag([self.bias_var] + [float(prior_var)] * V.shape[1])
+        self.population = Population(1.0, 0.0, np.zeros(len(X)), V, prior, 0, "none")
         self._set_population(self.population)
         d = 1 + self.population.k
-        self.schema: dict[str, Field] = {"mean": Field((d,), np.float32), "cov": Field((d * (d + 1) // 2,), np.float32),
+        cov = (d,) if covariance == "diagonal" else (d * (d + 1) // 2,)
+        self.schema: dict[str, Field] = {"mean": Field((d,), np.float32), "cov": Field(cov, np.float32),
                                          "bias": Field((2,), np.float32), "gain": Field((), np.float32)}
         self.store = store_for(store, self.schema)
 
     def __repr__(self) -> str:
         return (f"MixedLearner(k={self.k}, factors={self.factors!r}, trust={self.trust}, gate={self.gate}, "
+                f"covariance={self.covariance!r}, "
                 f"population={self.population.fingerprint!r}, "
                 f"n_items={len(self.X)}, store={type(self.store).__name__})")
 
     def _set_population(self, pop: Population) -> None:
+        if self.covariance == "diagonal":
+            pop = diagonalized(pop)
         self.population = pop
         self._offset = pop.offset(self.z).astype(np.float64)
         self._F = np.ascontiguousarray(np.hstack([np.ones((len(self.X), 1)), pop.factors]), np.float64)
         self._prior = np.ascontiguousarray(pop.prior_cov, np.float64)
         self._PF = np.ascontiguousarray(self._F @ self._prior)
+        self._prior_diag = np.ascontiguousarray(np.diag(self._prior))
 
     def fit_population(self, events: pd.DataFrame) -> MixedLearner:
         """Fit the global model, the factors and the prior from ``events`` (columns ``user,
@@ -286,8 +366,9 @@ class MixedLearner(CatalogChecks):
     def _apply(self, cols, rows, items, labels):
         if not self.adapt:
             return cols
-        _in_parts(_events, len(rows), self.threads, cols["mean"], cols["cov"], cols["bias"], cols["gain"], rows, items,
-                  labels, self._F, self._PF, self._offset, float(self._prior[0, 0]))
+        kernel, prior = (_events_diagonal, self._prior_diag) if self.covariance == "diagonal" else (_events, self._PF)
+        _in_parts(kernel, len(rows), self.threads, cols["mean"], cols["cov"], cols["bias"], cols["gain"], rows, items,
+                  labels, self._F, prior, self._offset, float(self._prior[0, 0]))
         return cols
 
     def learn_one(self, user: Hashable, query: Hashable, item: int, label: int) -> None:

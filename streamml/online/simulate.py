@@ -249,7 +249,10 @@ def _run_name(cfg) -> str:
         policy = ""
     learner = cfg.online._target_.rsplit(".", 1)[-1]
     if learner != "ResidualLearner":  # a learner without a rule: its own settings
-        settings = "-".join(f"{k}{v}" for k, v in cfg.online.items() if k in ("k", "factors", "trust", "gate", "prior_var"))
+        shown = ["k", "factors", "trust", "gate", "prior_var"]
+        shown += ["covariance"] * (cfg.online.get("covariance", "full") != "full")  # only where they differ from the default
+        shown += ["bias_var"] * (cfg.online.get("bias_var") is not None)
+        settings = "-".join(f"{k}{v}" for k, v in cfg.online.items() if k in shown)
         return "-".join(p for p in (cfg.scenario.kind, cfg.scenario.streams, learner, settings, policy) if p)
     rule = cfg.rule._target_.rsplit(".", 1)[-1]
     named = ("lr", "prior_var", "decay", "window", "newton_steps", "head_var")

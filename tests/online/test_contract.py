@@ -41,6 +41,7 @@ CASES = {
     "sklearn_refit": Case(SklearnRefitOnline, has_head=False),
     "mixed": Case(lambda X, q, h: MixedLearner(X, q, h, k=3)),
     "mixed-ungated": Case(lambda X, q, h: MixedLearner(X, q, h, k=3, gate=False)),
+    "mixed-diagonal": Case(lambda X, q, h: MixedLearner(X, q, h, k=3, covariance="diagonal", bias_var=0.0)),
     "sklearn_refit_head": Case(SklearnRefitHead),
     "reference": Case(lambda X, q, h: ReferenceBayes(X, q, h, k=2).fit_population(population())),
     "vw": Case(lambda X, q, h: VowpalWabbitOnline(X, q, h, bits=18)),

@@ -7,7 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from streamml.online.mixed import MixedLearner, _events, adf_step
+from streamml.online.mixed import MixedLearner, _events, _events_diagonal, adf_step, diagonalized
+from streamml.online.population import Population
 from streamml.stores import Field, SQLiteStore
 
 
@@ -23,25 +24,31 @@ def unpack(packed: np.ndarray, d: int) -> np.ndarray:
     return S + np.tril(S, -1).T
 
 
-def test_kernel_agrees_with_the_reference_step():
+@pytest.mark.parametrize("covariance", ["full", "diagonal"])
+def test_kernel_agrees_with_the_reference_step(covariance):
     rng = np.random.default_rng(1)
     d, n_items, n_keys, n_events = 5, 30, 4, 300
     F = np.hstack([np.ones((n_items, 1)), rng.standard_normal((n_items, d - 1))])
     o = rng.standard_normal(n_items)
     A = rng.standard_normal((d, d))
     prior = A @ A.T / d + 0.1 * np.eye(d)
+    diagonal = covariance == "diagonal"
+    if diagonal:
+        prior = np.diag(np.diag(prior))
     rows, items = rng.integers(0, n_keys, n_events), rng.integers(0, n_items, n_events)
     labels = rng.random(n_events) < 0.5
-    mean, cov = np.zeros((n_keys, d), np.float32), np.zeros((n_keys, d * (d + 1) // 2), np.float32)
+    mean, cov = np.zeros((n_keys, d), np.float32), np.zeros((n_keys, d if diagonal else d * (d + 1) // 2), np.float32)
     bias, gain = np.zeros((n_keys, 2), np.float32), np.zeros(n_keys, np.float32)
-    _events(mean, cov, bias, gain, rows, items, labels, F, F @ prior, o, float(prior[0, 0]), 0, 1)
-    ref = [dict(mean=np.zeros(d), cov=np.zeros((d, d)), bias=np.zeros(2), gain=0.0) for _ in range(n_keys)]
+    kernel, prior_arg = (_events_diagonal, np.diag(prior).copy()) if diagonal else (_events, F @ prior)
+    kernel(mean, cov, bias, gain, rows, items, labels, F, prior_arg, o, float(prior[0, 0]), 0, 1)
+    ref = [dict(mean=np.zeros(d), cov=np.zeros(d if diagonal else (d, d)), bias=np.zeros(2), gain=0.0)
+           for _ in range(n_keys)]
     for r, i, y in zip(rows, items, labels):
         s = ref[r]
         s["gain"] = adf_step(s["mean"], s["cov"], s["bias"], s["gain"], F[i], o[i], y, prior, prior[0, 0])
     for r in range(n_keys):
         np.testing.assert_allclose(mean[r], ref[r]["mean"], rtol=1e-4, atol=1e-5)
-        np.testing.assert_allclose(unpack(cov[r], d), ref[r]["cov"], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(cov[r] if diagonal else unpack(cov[r], d), ref[r]["cov"], rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(bias[r], ref[r]["bias"], rtol=1e-4, atol=1e-5)
         assert gain[r] == pytest.approx(ref[r]["gain"], rel=1e-4, abs=1e-4)
 
@@ -55,20 +62,23 @@ def map_estimate(F, y, o, prior):
     return w
 
 
-def test_evidence_accumulates_to_the_exact_posterior():
+@pytest.mark.parametrize("covariance", ["full", "diagonal"])
+def test_evidence_accumulates_to_the_exact_posterior(covariance):
     """Many events of one key: the filtered mean approaches the batch MAP (and the truth), and the
-    posterior variance only shrinks: no event's pull is frozen or lost."""
+    posterior variance only shrinks: no event's pull is frozen or lost. With uncorrelated factors
+    (as a query's principal directions are) the diagonal posterior gets there too."""
     rng = np.random.default_rng(2)
     d, n = 4, 2000
     F = np.hstack([np.ones((n, 1)), rng.standard_normal((n, d - 1))])
     truth = np.array([0.3, 1.0, -0.8, 0.5])
     y = (rng.random(n) < 1 / (1 + np.exp(-(F @ truth)))).astype(float)
     prior = np.eye(d)
-    state = dict(mean=np.zeros(d), cov=np.zeros((d, d)), bias=np.zeros(2), gain=0.0)
+    cov = np.zeros(d) if covariance == "diagonal" else np.zeros((d, d))
+    state = dict(mean=np.zeros(d), cov=cov, bias=np.zeros(2), gain=0.0)
     traces = []
     for t in range(n):
         state["gain"] = adf_step(state["mean"], state["cov"], state["bias"], state["gain"], F[t], 0.0, y[t], prior, 1.0)
-        traces.append(np.trace(prior + state["cov"]))
+        traces.append(np.trace(prior) + state["cov"].sum() if covariance == "diagonal" else np.trace(prior + state["cov"]))
     assert np.all(np.diff(traces) <= 1e-12)
     exact = map_estimate(F, y, np.zeros(n), prior)
     np.testing.assert_allclose(state["mean"], exact, atol=0.05)
@@ -105,8 +115,80 @@ def test_the_state_fits_the_budget():
     assert per_key == 4 * (18 + 18 * 19 // 2 + 2 + 1) <= 1024
 
 
+def test_a_diagonal_posterior_fits_every_direction_of_a_small_query_in_the_budget():
+    X, q, head = world(dim=64)
+    learner = MixedLearner(X, q, None, k=48, covariance="diagonal", bias_var=0.0)
+    assert sum(f.nbytes for f in learner.schema.values()) == 4 * (49 + 49 + 2 + 1) <= 1024
+
+
+def test_the_diagonal_posterior_takes_the_full_posteriors_first_step():
+    """From a diagonal prior the two agree on the first event of a key (the covariance is still the
+    prior's), and differ after more: the diagonal drops what the events correlate."""
+    X, q, head = world()
+    full, diag = (MixedLearner(X, q, head, k=4, covariance=c) for c in ("full", "diagonal"))
+    for learner in (full, diag):
+        learner.learn_one("ann", 0, item=3, label=1)
+    np.testing.assert_allclose(diag.score("ann", 0, np.arange(30)), full.score("ann", 0, np.arange(30)), rtol=1e-5)
+    for learner in (full, diag):
+        learner.learn_many(["ann"] * 6, [0] * 6, [4, 5, 6, 7, 8, 9], [1, 0, 1, 0, 0, 1])
+    assert np.abs(diag.score("ann", 0, np.arange(30)) - full.score("ann", 0, np.arange(30))).max() > 1e-3
+
+
+def test_bias_var_zero_keeps_no_per_key_bias():
+    X, q, head = world()
+    learner = MixedLearner(X, q, head, k=4, bias_var=0.0, covariance="diagonal")
+    learner.learn_many(["ann"] * 8, [0] * 8, np.arange(8), [1] * 8)  # all accepted: a bias would take it
+    state = learner._state("ann", 0)
+    assert state["mean"][0] == 0 and state["bias"][0] == 0 and state["mean"][1:].any()
+
+
+def test_with_no_head_the_gate_changes_no_ranking():
+    """What ``mixed_coldstart`` relies on to turn the gate off: with no head and no population every
+    item ties under the global model, and the gate's weight scales a key's whole factor term."""
+    X, q, _ = world()
+    gated, ungated = (MixedLearner(X, q, None, k=4, gate=g) for g in (True, False))
+    rng = np.random.default_rng(8)
+    for item, label in zip(rng.integers(0, 30, 12), rng.integers(0, 2, 12)):
+        for learner in (gated, ungated):
+            learner.learn_one("ann", 0, int(item), int(label))
+        np.testing.assert_array_equal(gated.rank("ann", 0, np.arange(30)), ungated.rank("ann", 0, np.arange(30)))
+    assert not np.allclose(gated.score("ann", 0, np.arange(30)), ungated.score("ann", 0, np.arange(30)))
+
+
+def test_diagonalized_turns_the_factors_so_the_prior_is_diagonal_and_scores_stay():
+    rng = np.random.default_rng(6)
+    A = rng.standard_normal((4, 4))
+    prior = A @ A.T + np.eye(4)
+    pop = Population(1.0, 0.0, np.zeros(20), rng.standard_normal((20, 3)).astype(np.float32), prior, 0, "x")
+    turned = diagonalized(pop)
+    P = turned.prior_cov
+    np.testing.assert_array_equal(P, np.diag(np.diag(P)))
+    assert P[0, 0] == prior[0, 0]
+    # the factor term's prior predictive covariance over items is the same in both bases
+    np.testing.assert_allclose(turned.factors @ P[1:, 1:] @ turned.factors.T, pop.factors @ prior[1:, 1:] @ pop.factors.T,
+                               rtol=1e-4, atol=1e-4)
+    assert diagonalized(turned) is turned
+
+
+def test_a_diagonal_learner_takes_a_fitted_population():
+    X, q, head = world()
+    rng = np.random.default_rng(7)
+    users, items = rng.integers(100, 140, 800), rng.integers(0, 30, 800)
+    events = pd.DataFrame({"user": users, "query": 0, "item": items, "label": (head[items] > 0).astype(int),
+                           "time": np.arange(800)})
+    full = MixedLearner(X, q, head, k=2, factors="svd").fit_population(events)
+    diag = MixedLearner(X, q, head, k=2, factors="svd", covariance="diagonal").fit_population(events)
+    P = diag.population.prior_cov
+    np.testing.assert_array_equal(P, np.diag(np.diag(P)))
+    np.testing.assert_allclose(diag.score("ann", 0, np.arange(30)), full.score("ann", 0, np.arange(30)), rtol=1e-5)
+    diag.learn_many(["ann"] * 10, [0] * 10, np.arange(10), [0, 1] * 5)
+    assert np.isfinite(diag.score("ann", 0, np.arange(30))).all()
+
+
 @pytest.mark.parametrize("kw, message", [(dict(k=0), "k must be >= 1"), (dict(prior_var=0), "prior_var > 0"),
                                          (dict(factors="pca"), "factors must be 'svd', 'als' or 'embedding'"),
+                                         (dict(covariance="low-rank"), "covariance must be 'full' or 'diagonal'"),
+                                         (dict(bias_var=-1.0), "bias_var must be finite and >= 0"),
                                          (dict(threads=0), "threads must be >= 1")])
 def test_bad_settings_are_named(kw, message):
     X, q, head = world()

@@ -195,6 +195,9 @@ def test_run_names_carry_the_rule_settings_features_and_a_policy_other_than_the_
     assert "head_interaction" not in simulate._run_name(compose_cfg(["+experiment=online_personalize", "online.head_interaction=0"]))
     assert simulate._run_name(compose_cfg(["+experiment=online_coldstart"])).endswith("window8-newton_steps1-centered")
     assert simulate._run_name(compose_cfg(["+experiment=online_large_catalog"])).endswith("head_var1.0-head_interaction4.0")
+    assert simulate._run_name(compose_cfg(["+experiment=mixed_coldstart"])) == (
+        "coldstart-test-MixedLearner-k48-factorsals-trustTrue-gateFalse-prior_var5.0-covariancediagonal-bias_var0.0")
+    assert simulate._run_name(compose_cfg(["+experiment=mixed_large_catalog"])).endswith("gateTrue-prior_var3.0")
 
 
 def test_test_scale_multiplies_the_test_streams_only():
