@@ -30,6 +30,7 @@ import os
 import re
 import shlex
 import sys
+import textwrap
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -262,7 +263,8 @@ def online_plot(run: pd.Series, tracking_uri: str, ours: str = "residual") -> Fi
         ax.set(title=title, xlabel="events (answers per user)", ylabel=title.split(",")[0])
         ax.grid(alpha=0.3)
     fig.axes[0].legend()
-    fig.suptitle(str(run.get("tags.mlflow.runName", "")))
+    name = str(run.get("tags.mlflow.runName", ""))  # run names run long: wrapped to the figure's width, not cut
+    fig.suptitle(textwrap.fill(name, width=50 * len(panels), break_on_hyphens=True), fontsize=9)
     fig.tight_layout()
     return fig
 

@@ -166,3 +166,21 @@ def test_an_online_report_gets_a_png_of_auc_against_events_per_kind_of_user(stor
     assert panels == {"probe_auc, all users": {"residual": [[0, 0.7], [5, 0.8], [10, 0.85]],
                                                "river": [[0, pytest.approx(0.6)], [5, pytest.approx(0.7)], [10, pytest.approx(0.75)]]},
                       "probe_auc, users: none": {"residual": [[5, 0.9], [10, 0.88]], "river": [[5, 0.6]]}}
+
+
+def test_a_long_run_name_is_wrapped_over_the_online_plot_not_cut(store, tmp_path):
+    client = mlflow.MlflowClient(store)
+    eid = client.create_experiment("online_long", artifact_location=str(tmp_path / "artifacts"))
+    name = "coldstart-test-MixedLearner-k48-factorsals-trustTrue-gateFalse-prior_var5.0-covariancediagonal-bias_var0.0"
+    rid = client.create_run(eid, tags={"mlflow.runName": name}).info.run_id
+    for step, value in [(10, 0.8), (15, 0.85)]:
+        client.log_metric(rid, "curve.prequential_auc.mixed", value, step=step)
+    client.set_terminated(rid)
+    from streamml.report import load_runs, online_plot
+
+    fig = online_plot(load_runs("online_long", store).iloc[0], store)
+    title = fig._suptitle.get_text()
+    assert title.replace("\n", "") == name and "\n" in title
+    fig.canvas.draw()  # every line of the title lies within the figure
+    box = fig._suptitle.get_window_extent()
+    assert box.x0 >= 0 and box.x1 <= fig.bbox.width and box.y1 <= fig.bbox.height
