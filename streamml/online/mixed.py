@@ -103,6 +103,26 @@ def adf_step(mean, cov, bias, gain, f, o, label, prior, prior_b) -> float:
 
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def _gain_and_bias_only(bias, gain, r, o_i, mu, s, y, prior_b):
+    """The part both kernels share: key ``r``'s gain takes the event's log predictive of the full
+    model (mean ``mu``, variance ``s``) minus the bias-only model's, then the bias-only model
+    learns the event. Returns the full model's Laplace step ``(y - p) / denom`` and ``lam / denom``."""
+    mu_b = o_i + bias[r, 0]
+    s_b = prior_b + bias[r, 1]
+    sign = 1.0 if y > 0 else -1.0
+    gain[r] += (_log_sigmoid(sign * mu / math.sqrt(1.0 + _PROBIT * s))
+                - _log_sigmoid(sign * mu_b / math.sqrt(1.0 + _PROBIT * s_b)))
+    p_b = 1.0 / (1.0 + math.exp(-mu_b))
+    lam_b = p_b * (1.0 - p_b)
+    bias[r, 0] += s_b * (y - p_b) / (1.0 + lam_b * s_b)
+    bias[r, 1] -= s_b * s_b * lam_b / (1.0 + lam_b * s_b)
+    p = 1.0 / (1.0 + math.exp(-mu))
+    lam = p * (1.0 - p)
+    denom = 1.0 + lam * s
+    return (y - p) / denom, lam / denom
+
+
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)
 def _events(mean, cov, bias, gain, rows, items, labels, F, PF, o, prior_b, part, parts):
     """The kernel of :func:`adf_step` over events ``(rows[e], items[e], labels[e])`` in order;
     ``cov`` rows hold the packed lower triangle (row-major) of each key's covariance difference
@@ -131,16 +151,7 @@ def _events(mean, cov, bias, gain, rows, items, labels, F, PF, o, prior_b, part,
         for a in range(d):
             mu += F[i, a] * mean[r, a]
             s += F[i, a] * Sf[a]
-        mu_b = o[i] + bias[r, 0]
-        s_b = prior_b + bias[r, 1]
-        sign = 1.0 if y > 0 else -1.0
-        gain[r] += (_log_sigmoid(sign * mu / math.sqrt(1.0 + _PROBIT * s))
-                    - _log_sigmoid(sign * mu_b / math.sqrt(1.0 + _PROBIT * s_b)))
-        p = 1.0 / (1.0 + math.exp(-mu))
-        lam = p * (1.0 - p)
-        denom = 1.0 + lam * s
-        step = (y - p) / denom
-        shrink = lam / denom
+        step, shrink = _gain_and_bias_only(bias, gain, r, o[i], mu, s, y, prior_b)
         t = 0
         for a in range(d):
             mean[r, a] += Sf[a] * step
@@ -148,10 +159,6 @@ def _events(mean, cov, bias, gain, rows, items, labels, F, PF, o, prior_b, part,
             for b in range(a + 1):
                 cov[r, t] -= sa * Sf[b]
                 t += 1
-        p_b = 1.0 / (1.0 + math.exp(-mu_b))
-        lam_b = p_b * (1.0 - p_b)
-        bias[r, 0] += s_b * (y - p_b) / (1.0 + lam_b * s_b)
-        bias[r, 1] -= s_b * s_b * lam_b / (1.0 + lam_b * s_b)
 
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)
@@ -169,23 +176,10 @@ def _events_diagonal(mean, cov, bias, gain, rows, items, labels, F, prior, o, pr
             Sf[a] = (prior[a] + cov[r, a]) * F[i, a]
             mu += F[i, a] * mean[r, a]
             s += F[i, a] * Sf[a]
-        mu_b = o[i] + bias[r, 0]
-        s_b = prior_b + bias[r, 1]
-        sign = 1.0 if y > 0 else -1.0
-        gain[r] += (_log_sigmoid(sign * mu / math.sqrt(1.0 + _PROBIT * s))
-                    - _log_sigmoid(sign * mu_b / math.sqrt(1.0 + _PROBIT * s_b)))
-        p = 1.0 / (1.0 + math.exp(-mu))
-        lam = p * (1.0 - p)
-        denom = 1.0 + lam * s
-        step = (y - p) / denom
-        shrink = lam / denom
+        step, shrink = _gain_and_bias_only(bias, gain, r, o[i], mu, s, y, prior_b)
         for a in range(d):
             mean[r, a] += Sf[a] * step
             cov[r, a] -= Sf[a] * Sf[a] * shrink
-        p_b = 1.0 / (1.0 + math.exp(-mu_b))
-        lam_b = p_b * (1.0 - p_b)
-        bias[r, 0] += s_b * (y - p_b) / (1.0 + lam_b * s_b)
-        bias[r, 1] -= s_b * s_b * lam_b / (1.0 + lam_b * s_b)
 
 
 def diagonalized(pop: Population) -> Population:
