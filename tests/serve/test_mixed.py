@@ -112,17 +112,19 @@ def send(client, events) -> None:
             assert r.status_code == 200 and r.json()["status"] == "applied", r.text
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "redis"])
-def test_the_service_and_the_replay_compute_the_same_scores(backend, served_models, catalog, population_log, tmp_path,
-                                                            request):
+@pytest.mark.parametrize("backend, covariance", [("sqlite", "full"), ("redis", "full"), ("sqlite", "diagonal")])
+def test_the_service_and_the_replay_compute_the_same_scores(backend, covariance, served_models, catalog, population_log,
+                                                            tmp_path, request):
     items_dir, tracking_uri, uris = served_models
     cfg = mixed_cfg(served_models, population_log, backend, tmp_path, request)
+    cfg.online.covariance = covariance  # the diagonal posterior: a stored population is turned to its prior's basis
     ref = reference(cfg, catalog, uris[1], tracking_uri, population_log)  # the newest run is served
     users = [f"t{uuid.uuid4().hex[:6]}", f"t{uuid.uuid4().hex[:6]}"]
     events = stream(catalog, users)
     with TestClient(create_app(cfg)) as c:
         served = c.app.state.lifecycle.current
         assert type(served.learner) is MixedLearner and served.learner.k == 16 and served.learner.factors == "als"
+        assert served.learner.covariance == covariance
         assert served.row_of == {i: i for i in catalog.ids.tolist()}  # service rows are catalog ids, as here
         np.testing.assert_allclose(served.learner.population.prior_cov, ref.population.prior_cov, rtol=1e-6, atol=1e-9)
         np.testing.assert_allclose(served.learner.population.factors, ref.population.factors, rtol=1e-5, atol=1e-6)
