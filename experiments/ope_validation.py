@@ -26,7 +26,12 @@ Reported over seeds: bias (mean of estimate - truth), RMSE, coverage of the trut
 the mean interval width, and ``off-support``: the share of a target's mass on (item, position)
 pairs that the logging policy never shows (IPS, SNIPS and PI cannot see that mass; DR only
 through its reward model; epsilon slots keeps its greedy items within ``n_explore`` positions
-of their rank). DR's reward model is the logging learner's own ``sigmoid(score)`` at that slate.
+of their rank). DR's reward model is the logging learner's own ``sigmoid(score)`` at that slate
+(``dr``); ``dr_fitted`` calibrates those scores on the log (:class:`streamml.loop.reward_model.PlattRewardModel`,
+cross-fitted: each half of the users gets the model fitted on the other half's slates), as
+``python -m streamml.loop evaluate`` does on its training slice; ``dr_miscalibrated`` feeds DR
+``sigmoid(0.3 score - 1)``, a link as wrong as a ranking head's raw scale can be (Platt scaling
+does not see an affine change of the scores, so ``dr_fitted`` is also what that head would get).
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ import pandas as pd
 
 from streamml.data import load_queries
 from streamml.loop.ope import SlateLog, bootstrap_ci, doubly_robust, ips, logging_moments, pi_weights, pseudo_inverse, snips
+from streamml.loop.reward_model import PlattRewardModel
 from streamml.offline.baselines import SklearnLR
 from streamml.online import ResidualLearner
 from streamml.online.policies import EpsilonSlots, Greedy, PlackettLuce, Thompson
@@ -56,7 +62,7 @@ from streamml.provenance import git_commit, machine
 
 REPO = Path(__file__).resolve().parents[1]
 K = 5
-ESTIMATORS = ("ips", "snips", "dr", "pi")
+ESTIMATORS = ("ips", "snips", "dr", "dr_fitted", "dr_miscalibrated", "pi")
 LOGGING = {"epsilon_slots": EpsilonSlots(n_explore=2), "plackett_luce": PlackettLuce(temperature=1.0)}
 SWEEP = {"epsilon_slots": {f"epsilon_slots(e={e})": EpsilonSlots(n_explore=e) for e in (2, 1, 0)},
          "plackett_luce": {f"plackett_luce(T={t:g})": PlackettLuce(temperature=t) for t in (1.0, 0.5, 0.25, 0.1)}}
@@ -74,7 +80,8 @@ def log_world(world, logging, seed: int, n_thompson: int = 200, pi_draws: int = 
     head_only = ResidualLearner(world.items, world.item_query, rule=DiagonalLaplace(prior_var=3.0),
                                 head_scores=world.head_scores)  # never learns: the head's standardised score
     root = stream_seed("test", seed)
-    out = {"shown": [], "rewards": [], "props": [], "users": [], "answers": [], "rhat": [], "pi_w": [],
+    out = {"shown": [], "rewards": [], "props": [], "users": [], "answers": [], "rhat": [], "pi_w": [], "scores": [],
+           "queries": [],
            "logging_marg": [], "targets": {}}
     targets = out["targets"]
     for index, u in enumerate(world.users):
@@ -103,6 +110,8 @@ def log_world(world, logging, seed: int, n_thompson: int = 200, pi_draws: int = 
             out["users"].append(u.name)
             out["answers"].append(labels.astype(float))
             out["rhat"].append(_sigmoid(scores))
+            out["scores"].append(np.asarray(scores, np.float64))
+            out["queries"].append(u.query)
             out["pi_w"].append(pi_weights(gamma, items))
             out["logging_marg"].append(policy_marginals(logging, scores, marg))
             shown_yet[avail[items]] = True
@@ -119,15 +128,34 @@ def _name(policy) -> str:
     return next(name for name, p in LOGGING.items() if p is policy)
 
 
+def cross_fitted(logged: dict, seed: int, folds: int = 2) -> list[np.ndarray]:
+    """DR's reward model fitted to the log: each fold of users gets the model of the others' slates."""
+    users = np.array(logged["users"])
+    names = np.unique(users)
+    fold = dict(zip(names.tolist(), (np.random.default_rng(seed).permutation(len(names)) % folds).tolist()))
+    of = np.array([fold[u] for u in users.tolist()])
+    out: list = [None] * len(users)
+    for f in range(folds):
+        train = np.flatnonzero(of != f)
+        model = PlattRewardModel().fit([logged["scores"][i][logged["shown"][i]] for i in train],
+                                       [logged["queries"][i] for i in train], [logged["rewards"][i] for i in train])
+        for i in np.flatnonzero(of == f):
+            out[i] = model.predict(logged["scores"][i], logged["queries"][i])
+    return out
+
+
 def evaluate(logged: dict, seed: int) -> list[dict]:
     """Every estimator on every target of one logged world, against the truth."""
     log = SlateLog(logged["shown"], logged["rewards"], logged["props"], groups=np.array(logged["users"]))
+    fitted = cross_fitted(logged, seed)
+    miscalibrated = [_sigmoid(0.3 * s - 1.0) for s in logged["scores"]]
     rows = []
     for target, q in logged["targets"].items():
         truth = float(np.mean([(m * a[:, None]).sum() for m, a in zip(q, logged["answers"])]))
         off = float(np.mean([(m * (mu <= 0)).sum() / m.sum() for m, mu in zip(q, logged["logging_marg"])]))
         tv = float(np.mean([0.5 * np.abs(m - mu).sum() / m.shape[1] for m, mu in zip(q, logged["logging_marg"])]))
         terms = {"ips": ips(log, q), "snips": snips(log, q), "dr": doubly_robust(log, q, logged["rhat"]),
+                 "dr_fitted": doubly_robust(log, q, fitted), "dr_miscalibrated": doubly_robust(log, q, miscalibrated),
                  "pi": pseudo_inverse(log, q, weights=logged["pi_w"])}
         for name, t in terms.items():
             est, lo, hi = bootstrap_ci(t, log.groups, n_boot=1000, rng=seed)
@@ -162,7 +190,7 @@ def main(argv=None) -> pd.DataFrame:
     ap.add_argument("--data", default=str(REPO / "data" / "queries"))
     ap.add_argument("--out", default=str(REPO / "experiments" / "ope_validation.md"))
     ap.add_argument("--users", default="none=3,flip_cluster=1,shift=1", help="user model=count per query half")
-    ap.add_argument("--chosen", default="dr", choices=ESTIMATORS)
+    ap.add_argument("--chosen", default="dr_fitted", choices=ESTIMATORS)  # what `streamml.loop evaluate` runs
     args = ap.parse_args(argv)
     users = {k: int(v) for k, v in (p.split("=") for p in args.users.split(","))}
     at_commit, start = git_commit(short=True, cwd=REPO), time.time()

@@ -41,7 +41,7 @@ def export(cfg: DictConfig) -> dict:
 def _evaluate_kwargs(cfg: DictConfig) -> dict:
     return dict(items_dir=cfg.items_dir, holdout=cfg.holdout, estimator=cfg.estimator, estimators=list(cfg.estimators),
                 policy=instantiate(cfg.policy), level=cfg.level, n_boot=cfg.n_boot, seed=cfg.seed,
-                experiment=cfg.mlflow_experiment, out=cfg.out)
+                experiment=cfg.mlflow_experiment, out=cfg.out, reward_model=cfg.reward_model)
 
 
 def evaluate(cfg: DictConfig):

@@ -22,9 +22,13 @@ on traffic after the data it learned from, as it would be once promoted.
 
 **Estimators.** :mod:`streamml.loop.ope`; the decision uses ``estimator`` (``dr``, the one the
 validation chose: its 95% interval covered the truth in >= 90% of seeds for every target).
-DR's reward model is the champion's ``sigmoid(head score)`` for both targets (``reward_model``):
-the validated setup used the logging learner's own scores, and one reward model for both means
-a challenger is not graded by its own beliefs. PI is not offered: it needs the logging
+DR's reward model is the champion's scores calibrated on the log's training slice
+(``reward_model="fitted"``, :class:`streamml.loop.reward_model.PlattRewardModel`), the same for
+both targets, so a challenger is not graded by its own beliefs. The slice lies before the
+held-out one in time, so the calibration never sees a slate it then estimates on. A ranking
+head's raw scale is not a probability, and a confidently wrong champion's ``sigmoid(score)``
+would hand DR that champion's self-belief. ``reward_model="champion"`` keeps
+``sigmoid(champion score)``, the earlier behaviour. PI is not offered: it needs the logging
 policy's joint law over each slate's candidates, which the log does not keep. Intervals are
 the bootstrap over users (:func:`streamml.loop.ope.bootstrap_ci`).
 
@@ -46,11 +50,13 @@ import pandas as pd
 
 from streamml.loop import ope
 from streamml.loop.logs import fingerprint, read_slates, split_by_time
+from streamml.loop.reward_model import PlattRewardModel
 
-__all__ = ["Evaluation", "model_uri", "evaluate", "estimate_targets"]
+__all__ = ["Evaluation", "model_uri", "evaluate", "estimate_targets", "fit_reward_model"]
 
 CHAMPION = "models:/streamml@champion"
 ESTIMATORS = ("dr", "snips", "ips")
+REWARD_MODELS = ("fitted", "champion")
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -134,13 +140,14 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 
 def estimate_targets(slates: pd.DataFrame, heads: dict, catalog: dict, policy=None, estimators=ESTIMATORS,
-                     reward_model: str | None = None, level: float = 0.95, n_boot: int = 2000, seed: int = 0,
-                     source: str = "the log") -> pd.DataFrame:
+                     reward_model: str | PlattRewardModel | None = None, level: float = 0.95, n_boot: int = 2000,
+                     seed: int = 0, source: str = "the log", reward_head: str = "champion") -> pd.DataFrame:
     """Accepts per slate of each target ``heads[name]`` (a :class:`~streamml.serve.model.Head`) under ``policy``.
 
     ``slates``: export rows over catalog items; ``catalog``: query -> (ids, X). Returns one row
-    per (target, estimator): ``target, estimator, estimate, low, high, n_slates``. ``reward_model``
-    names the head whose ``sigmoid(score)`` is DR's reward model (None: each target its own).
+    per (target, estimator): ``target, estimator, estimate, low, high, n_slates``. DR's reward
+    model: a fitted :class:`PlattRewardModel` of ``heads[reward_head]``'s scores, or the name of
+    the head whose ``sigmoid(score)`` it is (None: each target its own).
     """
     from streamml.online.policies import Greedy
 
@@ -162,8 +169,12 @@ def estimate_targets(slates: pd.DataFrame, heads: dict, catalog: dict, policy=No
     for name in heads:
         cache: dict = {}  # one marginal matrix per (query, k), shared by its slates
         target = [cache.setdefault((q, len(s)), policy.marginals(scores[name][q], len(s))) for q, s in zip(queries, log.shown)]
-        rm = scores[reward_model or name]
-        rhat = [_sigmoid(rm[q]) for q in queries]
+        if isinstance(reward_model, PlattRewardModel):
+            fitted = {q: reward_model.predict(scores[reward_head][q], q) for q in set(queries)}
+            rhat = [fitted[q] for q in queries]
+        else:
+            rm = scores[reward_model or name]
+            rhat = [_sigmoid(rm[q]) for q in queries]
         for est in estimators:
             if est not in ("dr", "snips", "ips"):
                 raise ValueError(f"estimator {est!r}: one of dr, snips, ips (PI needs the logging policy's joint law)")
@@ -174,14 +185,34 @@ def estimate_targets(slates: pd.DataFrame, heads: dict, catalog: dict, policy=No
     return pd.DataFrame(rows)
 
 
+def fit_reward_model(slates: pd.DataFrame, head, catalog: dict, source: str = "the log") -> PlattRewardModel:
+    """DR's reward model: ``head``'s scores of the shown items of ``slates`` (export rows; those
+    over raw candidates or queries outside ``catalog`` are left out) calibrated on their answers."""
+    slates = slates[~slates["raw_candidates"].to_numpy(bool) & slates["query"].isin(list(catalog))]
+    slates = slates[[head.has(q) for q in slates["query"]]].reset_index(drop=True)
+    if not len(slates):
+        raise ValueError(f"{source}: no slate over catalog items to fit DR's reward model on; "
+                         "use reward_model=champion, or a smaller holdout")
+    queries = slates["query"].tolist()
+    log = ope.slate_log_from_export(slates, candidates=[catalog[q][0] for q in queries], source=source)
+    scores = {q: head.score(q, catalog[q][1]).astype(np.float64) for q in set(queries)}
+    try:
+        return PlattRewardModel().fit([scores[q][s] for q, s in zip(queries, log.shown)], queries, log.rewards)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}; use reward_model=champion") from None
+
+
 def evaluate(log: str | Path, challenger: str, champion: str = CHAMPION, *, items_dir: str | Path = "data/queries",
              holdout: float = 0.3, estimator: str = "dr", estimators=ESTIMATORS, policy=None,
              level: float = 0.95, n_boot: int = 2000, seed: int = 0, tracking_uri: str | None = None,
-             experiment: str | None = "loop", out: str | Path | None = None) -> Evaluation:
+             experiment: str | None = "loop", out: str | Path | None = None, reward_model: str = "fitted") -> Evaluation:
     """OPE of ``challenger`` (run id or model URI) against ``champion`` on the held-out slice of ``log``.
 
     ``experiment`` None: no MLflow run. ``out``: a folder for ``evaluation.json`` and ``evaluation.md``.
+    ``reward_model``: ``fitted`` (the champion's scores calibrated on the training slice) or ``champion``.
     """
+    if reward_model not in REWARD_MODELS:
+        raise ValueError(f"reward_model must be one of {', '.join(REWARD_MODELS)}, got {reward_model!r}")
     from streamml.register import _check_store, tracking_uri_default
     from streamml.serve.model import load_head
 
@@ -192,15 +223,17 @@ def evaluate(log: str | Path, challenger: str, champion: str = CHAMPION, *, item
     champion_uri = resolve_version(champion, tracking_uri)
     challenger_uri = resolve_version(challenger_uri, tracking_uri)  # an alias: the version measured
     slates = read_slates(log)
-    held = split_by_time(slates, holdout)[1]
+    train, held = split_by_time(slates, holdout)
     raw = held["raw_candidates"].to_numpy(bool)
     held = held[~raw].reset_index(drop=True)
     if not len(held):
         raise ValueError(f"{log}: no held-out slate over catalog items to evaluate on ({len(slates)} slates, "
                          f"holdout={holdout}, {int(raw.sum())} over raw candidates)")
     heads = {"champion": load_head(champion_uri, tracking_uri), "challenger": load_head(challenger_uri, tracking_uri)}
-    est = estimate_targets(held, heads, _catalog(items_dir), policy, estimators, "champion", level, n_boot, seed,
-                           source=str(log))
+    catalog = _catalog(items_dir)
+    rm = fit_reward_model(train, heads["champion"], catalog, source=f"{log} (training slice)") \
+        if reward_model == "fitted" else "champion"
+    est = estimate_targets(held, heads, catalog, policy, estimators, rm, level, n_boot, seed, source=str(log))
     wide = est.pivot(index="estimator", columns="target", values=["estimate", "low", "high"])
     table = pd.DataFrame({"estimator": estimators, **{
         f"{t}{'' if k == 'estimate' else '_' + k}": [float(wide.loc[e, (k, t)]) for e in estimators]
@@ -208,7 +241,7 @@ def evaluate(log: str | Path, challenger: str, champion: str = CHAMPION, *, item
     result = Evaluation(champion_uri, challenger_uri, estimator, level, len(held), int(raw.sum()),
                         int(held["user"].nunique()), fingerprint(log), table)
     if experiment:
-        result.run_id = _log_run(result, tracking_uri, experiment, log, holdout, policy, n_boot, seed)
+        result.run_id = _log_run(result, tracking_uri, experiment, log, holdout, policy, n_boot, seed, reward_model)
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
@@ -217,7 +250,8 @@ def evaluate(log: str | Path, challenger: str, champion: str = CHAMPION, *, item
     return result
 
 
-def _log_run(result: Evaluation, tracking_uri: str, experiment: str, log, holdout, policy, n_boot, seed) -> str:
+def _log_run(result: Evaluation, tracking_uri: str, experiment: str, log, holdout, policy, n_boot, seed,
+             reward_model: str) -> str:
     """An MLflow run of ``experiment``: params, the estimates as metrics, the table; tagged with the log's fingerprint."""
     import mlflow
 
@@ -231,7 +265,7 @@ def _log_run(result: Evaluation, tracking_uri: str, experiment: str, log, holdou
     run = client.create_run(exp_id, run_name="evaluate", tags=tags)
     rid = run.info.run_id
     params = {"holdout": holdout, "estimator": result.estimator, "policy": repr(policy) if policy else "Greedy()",
-              "reward_model": "champion", "level": result.level, "n_boot": n_boot, "seed": seed}
+              "reward_model": reward_model, "level": result.level, "n_boot": n_boot, "seed": seed}
     for key, value in params.items():
         client.log_param(rid, key, str(value))
     for r in result.table.itertuples(index=False):

@@ -92,12 +92,13 @@ def test_log_to_retrained_promoted_champion_with_states_kept(tmp_path, mlflow_ur
         moved = migrate_run(mcfg)
         assert (moved["users"], moved["events"]) == (USERS + 48, (12 * USERS + 48) * K)
 
-        # 5. OPE on the held-out slice prefers the challenger; 6b. promote moves the alias. SNIPS, not the
-        # default DR: DR's reward model is the champion head's own score, and this champion is confidently
-        # wrong (it scores the rejected items highest), while its greedy slates match almost no
-        # logged (item, position) of 100 held-out slates, so DR would return the champion's self-belief.
+        # 5. OPE on the held-out slice prefers the challenger; 6b. promote moves the alias. The default DR:
+        # this champion is confidently wrong (it scores the rejected items highest) and its greedy slates
+        # match almost no logged (item, position) of 100 held-out slates, so DR leans on its reward model:
+        # the champion's scores calibrated on the training slice, which learns that they point the wrong way.
         decision = promote(tmp_path / "export", challenger, tracking_uri=mlflow_uri, items_dir=str(items_dir),
-                           holdout=0.3, experiment=None, estimator="snips")
+                           holdout=0.3, experiment=None)
+        assert decision.evaluation.estimator == "dr"
         assert decision.promoted, decision.message
         table = decision.evaluation.table.set_index("estimator")
         est = table.loc[decision.evaluation.estimator]

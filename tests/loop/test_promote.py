@@ -110,6 +110,27 @@ def test_evaluate_prefers_the_head_that_ranks_accepted_items_first(world, tmp_pa
     assert decide(good)[0] and not decide(bad)[0]
 
 
+def test_dr_reward_model_is_the_champion_calibrated_on_the_training_slice(world):
+    """The "bad" head scores accepted items lowest; fitted on the log, its reward model says so."""
+    from streamml.loop.evaluate import _catalog, fit_reward_model
+    from streamml.loop.logs import read_slates, split_by_time
+    from streamml.serve.model import load_head
+
+    log, items_dir, uri, runs = world
+    train, _ = split_by_time(read_slates(log), 0.3)
+    head, catalog = load_head(f"runs:/{runs['bad']}/model", uri), _catalog(items_dir)
+    model = fit_reward_model(train, head, catalog)
+    data = load_queries(items_dir, min_per_class=0)
+    for q, (ids, X) in catalog.items():
+        scores, accepted = head.score(q, X), data.y[ids] == 1
+        p = model.predict(scores, q)
+        assert np.corrcoef(p, scores)[0, 1] < -0.9 and p[accepted].mean() > p[~accepted].mean() + 0.3
+    with pytest.raises(ValueError, match=r"training slice\): no slate over catalog items .* reward_model=champion"):
+        fit_reward_model(train.iloc[:0], head, catalog, source="log (training slice)")
+    with pytest.raises(ValueError, match="reward_model must be one of fitted, champion, got 'own'"):
+        evaluate(log, runs["good"], "models:/eval@champion", items_dir=items_dir, tracking_uri=uri, reward_model="own")
+
+
 def test_promote_moves_the_alias_registers_the_run_and_rollback_undoes_it(world):
     log, items_dir, uri, runs = world
     client = _champion(world, "prom")
