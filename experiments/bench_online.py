@@ -145,8 +145,8 @@ and its hash table. `window` is WindowMAP's defaults ({WindowMAP().newton_steps}
 `window@<experiment>` the rule and the features (`features`, `head_interaction`) as `+experiment=online_<experiment>` configures them;
 `mixed@replay` is the mixed learner as `+experiment=online_replay` configures it (its state: mean, packed covariance,
 the bias-only model and the gain, float32; both thread columns split its batch by key over threads), and
-`mixed@coldstart` as `+experiment=mixed_coldstart` does (48 factors, as many as this catalog's
-384-d items allow per query, with a diagonal covariance).
+`mixed@coldstart` as `+experiment=mixed_coldstart` does (its 48 factors, with the trust factor
+and a diagonal covariance; this catalog's 100-item queries would allow up to 99).
 Budget (issue 6): <= 1 KB per key (2 KB with a posterior whose gain is
 shown), `learn_one` <= 20 µs, `learn_many` >= 1M events/s on 2 cores.
 

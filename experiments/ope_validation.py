@@ -28,8 +28,9 @@ pairs that the logging policy never shows (IPS, SNIPS and PI cannot see that mas
 through its reward model; epsilon slots keeps its greedy items within ``n_explore`` positions
 of their rank). DR's reward model is the logging learner's own ``sigmoid(score)`` at that slate
 (``dr``); ``dr_fitted`` calibrates those scores on the log (:class:`streamml.loop.reward_model.PlattRewardModel`,
-cross-fitted: each half of the users gets the model fitted on the other half's slates), as
-``python -m streamml.loop evaluate`` does on its training slice; ``dr_miscalibrated`` feeds DR
+cross-fitted: each half of the users gets the model fitted on the other half's slates), the
+analogue of ``python -m streamml.loop evaluate``, which calibrates the champion head's scores on
+the slates before its held-out slice in time; ``dr_miscalibrated`` feeds DR
 ``sigmoid(0.3 score - 1)``, a link as wrong as a ranking head's raw scale can be (Platt scaling
 does not see an affine change of the scores, so ``dr_fitted`` is also what that head would get).
 """
@@ -190,7 +191,7 @@ def main(argv=None) -> pd.DataFrame:
     ap.add_argument("--data", default=str(REPO / "data" / "queries"))
     ap.add_argument("--out", default=str(REPO / "experiments" / "ope_validation.md"))
     ap.add_argument("--users", default="none=3,flip_cluster=1,shift=1", help="user model=count per query half")
-    ap.add_argument("--chosen", default="dr_fitted", choices=ESTIMATORS)  # what `streamml.loop evaluate` runs
+    ap.add_argument("--chosen", default="dr_fitted", choices=ESTIMATORS)  # the analogue of `streamml.loop evaluate`'s DR
     args = ap.parse_args(argv)
     users = {k: int(v) for k, v in (p.split("=") for p in args.users.split(","))}
     at_commit, start = git_commit(short=True, cwd=REPO), time.time()

@@ -105,6 +105,7 @@ class Evaluation:
     fingerprint: str
     table: pd.DataFrame = field(repr=False)
     run_id: str | None = None
+    reward_model: str = "fitted"  # DR's: fitted on the training slice, or the champion's sigmoid(score)
 
     def row(self, estimator: str | None = None) -> dict:
         t = self.table.set_index("estimator")
@@ -122,7 +123,8 @@ class Evaluation:
                          f"{r.champion:.3f} [{r.champion_low:.3f}, {r.champion_high:.3f}] | "
                          f"{r.challenger:.3f} [{r.challenger_low:.3f}, {r.challenger_high:.3f}] | {r.n_slates} |")
         return (f"Accepts per slate, held-out slice of {self.n_slates} slates from {self.n_users} users "
-                f"(log {self.fingerprint}; {self.n_skipped} raw-candidate slates skipped)\n"
+                f"(log {self.fingerprint}; {self.n_skipped} raw-candidate slates skipped; DR's reward model: "
+                f"{self.reward_model})\n"
                 f"champion: {self.champion}\nchallenger: {self.challenger}\n\n" + "\n".join(lines))
 
 
@@ -239,9 +241,9 @@ def evaluate(log: str | Path, challenger: str, champion: str = CHAMPION, *, item
         f"{t}{'' if k == 'estimate' else '_' + k}": [float(wide.loc[e, (k, t)]) for e in estimators]
         for t in ("champion", "challenger") for k in ("estimate", "low", "high")}, "n_slates": len(held)})
     result = Evaluation(champion_uri, challenger_uri, estimator, level, len(held), int(raw.sum()),
-                        int(held["user"].nunique()), fingerprint(log), table)
+                        int(held["user"].nunique()), fingerprint(log), table, reward_model=reward_model)
     if experiment:
-        result.run_id = _log_run(result, tracking_uri, experiment, log, holdout, policy, n_boot, seed, reward_model)
+        result.run_id = _log_run(result, tracking_uri, experiment, log, holdout, policy, n_boot, seed)
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
@@ -250,8 +252,7 @@ def evaluate(log: str | Path, challenger: str, champion: str = CHAMPION, *, item
     return result
 
 
-def _log_run(result: Evaluation, tracking_uri: str, experiment: str, log, holdout, policy, n_boot, seed,
-             reward_model: str) -> str:
+def _log_run(result: Evaluation, tracking_uri: str, experiment: str, log, holdout, policy, n_boot, seed) -> str:
     """An MLflow run of ``experiment``: params, the estimates as metrics, the table; tagged with the log's fingerprint."""
     import mlflow
 
@@ -265,7 +266,7 @@ def _log_run(result: Evaluation, tracking_uri: str, experiment: str, log, holdou
     run = client.create_run(exp_id, run_name="evaluate", tags=tags)
     rid = run.info.run_id
     params = {"holdout": holdout, "estimator": result.estimator, "policy": repr(policy) if policy else "Greedy()",
-              "reward_model": reward_model, "level": result.level, "n_boot": n_boot, "seed": seed}
+              "reward_model": result.reward_model, "level": result.level, "n_boot": n_boot, "seed": seed}
     for key, value in params.items():
         client.log_param(rid, key, str(value))
     for r in result.table.itertuples(index=False):

@@ -37,8 +37,8 @@ class PlattRewardModel:
     Parameters
     ----------
     C
-        Inverse strength of the L2 prior on the slope, the intercept's per-query deviations and the
-        global slope (sklearn's ``C``; the global intercept is not penalised).
+        Inverse strength of the L2 prior on the global slope and on the per-query deviations of the
+        slope and the intercept (sklearn's ``C``; the global intercept is not penalised).
 
     Examples
     --------

@@ -35,8 +35,8 @@ scenario sets it to 0, see ``experiments/mixed_sim_tuning.md``).
 **A diagonal posterior** (``covariance="diagonal"``) keeps ``d`` variances in place of the
 ``d (d + 1) / 2`` covariances, in the basis where the prior is diagonal. A query's principal
 directions are uncorrelated over its items, so after a few of them the posterior precision is
-nearly diagonal there: every direction of a small query (48 here) fits in 400 bytes, where the
-full covariance would take 5 KB.
+nearly diagonal there: 48 directions (all of most of our queries) fit in about 400 bytes, where
+the full covariance would take over 5 KB.
 
 The update exists as :func:`adf_step`, the readable reference (full or diagonal), and its
 compiled kernels ``_events`` (full) and ``_events_diagonal`` that :meth:`MixedLearner.learn_many`
@@ -184,8 +184,10 @@ def _events_diagonal(mean, cov, bias, gain, rows, items, labels, F, prior, o, pr
 
 def diagonalized(pop: Population) -> Population:
     """``pop`` with its factors turned to the eigenbasis of their prior covariance, so that the
-    prior is diagonal (a diagonal posterior starts from it). Scores do not change: ``w · v`` is
-    the same in any basis. The bias's covariance with the factors is dropped. A population whose
+    prior is diagonal (a diagonal posterior starts from it). The factor term's prior is the same
+    in any basis (``w · v`` does not change), so a learner with a full covariance learns the same
+    scores from either. The one approximation: the bias's covariance with the factors is dropped
+    (an EM prior can have some; a learner then learns somewhat differently). A population whose
     prior is already diagonal is returned as it is (so turning twice changes nothing)."""
     P = np.asarray(pop.prior_cov, np.float64)
     if np.count_nonzero(P - np.diag(np.diag(P))) == 0:

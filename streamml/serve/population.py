@@ -45,7 +45,8 @@ from streamml.online.replay import LogError, read_log
 
 __all__ = ["population_events", "population_key", "dumps", "loads", "RawScorer", "attach_population"]
 
-FIT_SETTINGS = ("k", "factors", "trust", "seed")  # the learner's settings that change fit_population's result
+FIT_SETTINGS = ("k", "factors", "trust", "seed", "covariance")  # the settings that change fit_population's result
+# (a diagonal learner keeps its population turned to the prior's eigenbasis, so the two never share one)
 
 
 def population_events(path: str | Path, queries: dict, row_of: dict[int, int]) -> pd.DataFrame:

@@ -104,6 +104,7 @@ def test_evaluate_prefers_the_head_that_ranks_accepted_items_first(world, tmp_pa
     written = json.loads((tmp_path / "evaluation.json").read_text())
     assert written["table"][0]["challenger"] == pytest.approx(row["challenger"])
     assert "| dr (decides) |" in (tmp_path / "evaluation.md").read_text()
+    assert written["reward_model"] == "fitted" and "DR's reward model: fitted" in (tmp_path / "evaluation.md").read_text()
     run = mlflow.MlflowClient(uri).get_run(good.run_id)  # logged like a training run: the data's fingerprint as tag
     assert run.data.tags["data_fingerprint"] == good.fingerprint and run.data.tags["challenger"] == good.challenger
     assert run.data.metrics["dr.challenger_low"] == pytest.approx(row["challenger_low"])

@@ -253,6 +253,15 @@ def test_blobs_keep_the_first_value_written(kind, tmp_path, request):
         backend.close()
 
 
+def test_full_and_diagonal_learners_store_their_populations_apart():
+    from streamml.serve.population import population_key
+
+    X, q = np.random.default_rng(0).standard_normal((20, 4)).astype(np.float32), np.repeat([0, 1], 10)
+    events = pd.DataFrame({"user": ["a"], "query": [0], "item": [1], "label": [1], "time": [0.0]})
+    keys = {c: population_key("f" * 16, events, MixedLearner(X, q, None, k=2, covariance=c)) for c in ("full", "diagonal")}
+    assert keys["full"] != keys["diagonal"] and keys["full"][:16] == keys["diagonal"][:16] == "f" * 16
+
+
 def test_a_population_round_trips_and_set_population_checks_its_shape(catalog):
     X, q = catalog.X, np.asarray(catalog.queries)
     learner = MixedLearner(X, q, head_scores=np.arange(len(X), dtype=float), k=3, factors="svd")
