@@ -4,6 +4,8 @@ tests/conftest.py for ``from conftest import``."""
 
 from __future__ import annotations
 
+import uuid
+
 import mlflow
 import pytest
 import torch
@@ -11,7 +13,7 @@ import torch
 from streamml import tracking
 from streamml.data import load_queries
 from streamml.offline.module import HeadLearner
-from tests.serve.serve_helpers import serve_cfg, write_queries
+from tests.serve.serve_helpers import app_client, serve_cfg, write_queries
 
 
 def _fitted(data, seed: int) -> HeadLearner:
@@ -44,3 +46,15 @@ def cfg(served_models):
     items_dir, tracking_uri, _ = served_models
     return serve_cfg(items_dir, tracking_uri)
 
+
+@pytest.fixture
+def fresh(served_models, tmp_path):
+    """An app of this test alone on SQLite (it changes the served model)."""
+    with app_client("sqlite", served_models, tmp_path) as c:
+        yield c
+
+
+@pytest.fixture
+def user():
+    """A user id of this test alone (the apps are shared within a module)."""
+    return uuid.uuid4().hex
