@@ -81,7 +81,7 @@ def log_world(world, logging, seed: int, n_thompson: int = 200, pi_draws: int = 
     head_only = ResidualLearner(world.items, world.item_query, rule=DiagonalLaplace(prior_var=3.0),
                                 head_scores=world.head_scores)  # never learns: the head's standardised score
     root = stream_seed("test", seed)
-    out = {"shown": [], "rewards": [], "props": [], "users": [], "answers": [], "rhat": [], "pi_w": [], "scores": [],
+    out = {"shown": [], "rewards": [], "props": [], "users": [], "answers": [], "pi_w": [], "scores": [],
            "queries": [],
            "logging_marg": [], "targets": {}}
     targets = out["targets"]
@@ -110,7 +110,6 @@ def log_world(world, logging, seed: int, n_thompson: int = 200, pi_draws: int = 
             out["props"].append(np.asarray(slate.propensities))
             out["users"].append(u.name)
             out["answers"].append(labels.astype(float))
-            out["rhat"].append(_sigmoid(scores))
             out["scores"].append(np.asarray(scores, np.float64))
             out["queries"].append(u.query)
             out["pi_w"].append(pi_weights(gamma, items))
@@ -149,13 +148,14 @@ def evaluate(logged: dict, seed: int) -> list[dict]:
     """Every estimator on every target of one logged world, against the truth."""
     log = SlateLog(logged["shown"], logged["rewards"], logged["props"], groups=np.array(logged["users"]))
     fitted = cross_fitted(logged, seed)
+    own = [_sigmoid(s) for s in logged["scores"]]  # the logging learner's own sigmoid(score)
     miscalibrated = [_sigmoid(0.3 * s - 1.0) for s in logged["scores"]]
     rows = []
     for target, q in logged["targets"].items():
         truth = float(np.mean([(m * a[:, None]).sum() for m, a in zip(q, logged["answers"])]))
         off = float(np.mean([(m * (mu <= 0)).sum() / m.sum() for m, mu in zip(q, logged["logging_marg"])]))
         tv = float(np.mean([0.5 * np.abs(m - mu).sum() / m.shape[1] for m, mu in zip(q, logged["logging_marg"])]))
-        terms = {"ips": ips(log, q), "snips": snips(log, q), "dr": doubly_robust(log, q, logged["rhat"]),
+        terms = {"ips": ips(log, q), "snips": snips(log, q), "dr": doubly_robust(log, q, own),
                  "dr_fitted": doubly_robust(log, q, fitted), "dr_miscalibrated": doubly_robust(log, q, miscalibrated),
                  "pi": pseudo_inverse(log, q, weights=logged["pi_w"])}
         for name, t in terms.items():

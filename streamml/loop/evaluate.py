@@ -167,16 +167,15 @@ def estimate_targets(slates: pd.DataFrame, heads: dict, catalog: dict, policy=No
     log = ope.slate_log_from_export(slates, candidates=[catalog[q][0] for q in queries], source=source)
     scores = {name: {q: head.score(q, catalog[q][1]).astype(np.float64) for q in set(queries)}
               for name, head in heads.items()}
+    fitted = None  # a fitted reward model's predictions are the same for every target: made once
+    if isinstance(reward_model, PlattRewardModel):
+        by_query = {q: reward_model.predict(scores[reward_head][q], q) for q in set(queries)}
+        fitted = [by_query[q] for q in queries]
     rows = []
     for name in heads:
         cache: dict = {}  # one marginal matrix per (query, k), shared by its slates
         target = [cache.setdefault((q, len(s)), policy.marginals(scores[name][q], len(s))) for q, s in zip(queries, log.shown)]
-        if isinstance(reward_model, PlattRewardModel):
-            fitted = {q: reward_model.predict(scores[reward_head][q], q) for q in set(queries)}
-            rhat = [fitted[q] for q in queries]
-        else:
-            rm = scores[reward_model or name]
-            rhat = [_sigmoid(rm[q]) for q in queries]
+        rhat = fitted if fitted is not None else [_sigmoid(scores[reward_model or name][q]) for q in queries]
         for est in estimators:
             if est not in ("dr", "snips", "ips"):
                 raise ValueError(f"estimator {est!r}: one of dr, snips, ips (PI needs the logging policy's joint law)")
